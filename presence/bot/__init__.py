@@ -1,0 +1,1 @@
+"""Sessions, the micro-turn engine, the floor policy, backends and background jobs."""

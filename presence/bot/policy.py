@@ -1,0 +1,102 @@
+"""Floor control: who has the floor, decided once per micro-turn, with a per-frame hold reflex.
+
+``RuleBasedPolicy`` is the baseline: end of turn after a silence threshold, a barge-in when the
+caller keeps talking over the bot (with a real word, or for long), backchannel words that never
+stop the bot, and a resume after a false interruption. A held bot is silent at once (so a real barge-in stops it within a frame
+of the onset) but keeps its place, so a "mm-hm" costs a short pause, not the reply.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from presence.config import Settings
+from presence.seams import Action, Floor, FloorState, MicroTurn
+
+_WORD = re.compile(r"[a-z']+(?:-[a-z']+)?")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleParams:
+    eot_silence_ms: float = 400
+    min_turn_speech_ms: float = 200
+    hold_onset_ms: float = 60
+    barge_in_ms: float = 500
+    barge_in_max_ms: float = 1000
+    resume_silence_ms: float = 300
+    backchannel_words: frozenset[str] = field(default_factory=frozenset)
+    bot_backchannels: bool = True
+    backchannel_after_ms: float = 3000
+    backchannel_gap_ms: float = 4000  # never backchannel more often than this
+    backchannel_text: str = "mm-hm"
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RuleParams:
+        return cls(
+            eot_silence_ms=s.eot_silence_ms,
+            min_turn_speech_ms=s.min_turn_speech_ms,
+            hold_onset_ms=s.hold_onset_ms,
+            barge_in_ms=s.barge_in_ms,
+            barge_in_max_ms=s.barge_in_max_ms,
+            resume_silence_ms=s.resume_silence_ms,
+            backchannel_words=frozenset(w.lower() for w in s.backchannel_words),
+            bot_backchannels=s.bot_backchannels,
+            backchannel_after_ms=s.backchannel_after_ms,
+        )
+
+
+def is_backchannel(text: str, vocabulary: frozenset[str]) -> bool:
+    """True when every word of a non-empty text is a backchannel word ("yeah", "mm-hm")."""
+    words = _WORD.findall(text.lower())
+    return bool(words) and all(w in vocabulary for w in words)
+
+
+class RuleBasedPolicy:
+    name = "rules"
+
+    def __init__(self, params: RuleParams) -> None:
+        self.p = params
+
+    def on_frame(self, vad_prob: float, state: FloorState) -> Action | None:
+        # The reflex: a voice onset over the bot pauses it now; step() settles what it was.
+        if state.bot_speaking and not state.bot_held and state.overlap_speech_ms >= self.p.hold_onset_ms:
+            return Action(Floor.HOLD, reason="caller onset over bot")
+        return None
+
+    def step(self, turn: MicroTurn, state: FloorState) -> Action:
+        p = self.p
+        if state.bot_speaking:
+            # The hold already silenced the bot, so confirming can wait for the ASR's words:
+            # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
+            overlap = state.overlap_speech_ms
+            words = state.partial_text.strip()
+            if overlap >= p.barge_in_max_ms or (
+                overlap >= p.barge_in_ms and words and not is_backchannel(words, p.backchannel_words)
+            ):
+                return Action(Floor.YIELD, reason="barge-in")
+            if state.bot_held:
+                if state.caller_silence_ms >= p.resume_silence_ms:
+                    return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
+                return Action(Floor.HOLD)
+            return Action(Floor.CONTINUE)
+        if (
+            state.caller_spoke
+            and state.caller_speech_ms >= p.min_turn_speech_ms
+            and state.caller_silence_ms >= p.eot_silence_ms
+        ):
+            return Action(Floor.SPEAK, reason="end of turn")
+        if (
+            p.bot_backchannels
+            and state.caller_speech_ms >= p.backchannel_after_ms
+            and 200 <= state.caller_silence_ms < p.eot_silence_ms
+            and turn.start - state.last_backchannel_at >= p.backchannel_gap_ms / 1000
+        ):
+            return Action(Floor.BACKCHANNEL, text=p.backchannel_text)
+        return Action(Floor.LISTEN)
+
+
+def build_policy(settings: Settings) -> RuleBasedPolicy:
+    if settings.policy == "rules":
+        return RuleBasedPolicy(RuleParams.from_settings(settings))
+    raise ValueError(f"unknown policy {settings.policy!r} (setting: policy)")

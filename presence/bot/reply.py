@@ -1,0 +1,124 @@
+"""Making one reply: streaming text -> speakable pieces -> streaming TTS -> an Utterance.
+
+A reply is prepared speculatively while the caller may still continue; the engine only hands
+the utterance to the speech track when the policy takes the turn, and cancels it otherwise.
+The first piece is cut short (a clause) so that the first audio comes early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from presence.aio import iterate_in_thread, run_blocking
+from presence.clock import now
+from presence.events import Ev, EventLog
+from presence.media.audio import resample
+from presence.media.speech import Utterance
+from presence.seams import OUT_SAMPLE_RATE, TTS, ChatMessage, Responder
+
+log = logging.getLogger(__name__)
+
+_SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
+_CLAUSE_END = re.compile(r"[,—–](?=\s)")
+
+
+def pop_speakable(buffer: str, first: bool) -> tuple[list[str], str]:
+    """Split streamed text into pieces ready for TTS and the unfinished rest.
+
+    A sentence end always cuts; for the first piece a clause of at least three words also cuts,
+    because the caller is waiting for the first audio.
+    """
+    pieces: list[str] = []
+    while True:
+        match = _SENTENCE_END.search(buffer)
+        if (first and not pieces) and match is None:
+            clause = _CLAUSE_END.search(buffer)
+            if clause and len(buffer[: clause.end()].split()) >= 3:
+                match = clause
+        if match is None:
+            return pieces, buffer
+        piece = buffer[: match.end()].strip()
+        buffer = buffer[match.end() :]
+        if piece.strip(".!?;:,—– "):
+            pieces.append(piece)
+
+
+async def synthesize(tts: TTS, text: str) -> np.ndarray:
+    """Whole-piece TTS at 48 kHz, off the event loop."""
+    chunks = [chunk async for chunk in iterate_in_thread(lambda: tts.synthesize(text))]
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return await run_blocking(resample, audio, tts.sample_rate, OUT_SAMPLE_RATE)
+
+
+class ReplyTask:
+    """Fills ``utterance`` from the responder and TTS in the background."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        tts: TTS,
+        messages: Sequence[ChatMessage],
+        events: EventLog,
+        *,
+        fixed_text: str | None = None,
+    ) -> None:
+        self.responder = responder
+        self.tts = tts
+        self.messages = list(messages)
+        self.events = events
+        self.fixed_text = fixed_text
+        self.utterance = Utterance()
+        self.created = now()
+        self.first_audio_at: float | None = None
+        self.error: str | None = None
+        self._task = asyncio.create_task(self._run(), name=f"reply-{self.utterance.id}")
+
+    @property
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def _run(self) -> None:
+        try:
+            if self.fixed_text is not None:
+                await self._speak(self.fixed_text)
+                return
+            buffer = ""
+            first_token = True
+            async for delta in self.responder.stream(self.messages):
+                if first_token and delta.strip():
+                    first_token = False
+                    self.events.emit(Ev.RESPONDER_FIRST_TOKEN, utterance=self.utterance.id)
+                buffer += delta
+                pieces, buffer = pop_speakable(buffer, first=not self.utterance.segments)
+                for piece in pieces:
+                    await self._speak(piece)
+            if buffer.strip():
+                await self._speak(buffer.strip())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed backend must not kill the call: say nothing more
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("reply %s failed", self.utterance.id)
+        finally:
+            self.utterance.finish()
+
+    async def _speak(self, text: str) -> None:
+        audio = await synthesize(self.tts, text)
+        if audio.size == 0:
+            return
+        if self.first_audio_at is None:
+            self.first_audio_at = now()
+            self.events.emit(Ev.TTS_FIRST_AUDIO, utterance=self.utterance.id)
+        self.utterance.add(text, audio)
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.utterance.finish()

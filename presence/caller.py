@@ -1,0 +1,267 @@
+"""An aiortc caller: sends audio in real time, records what it hears on the monotonic clock.
+
+Used by ``presence call``, the tests and the benchmarks. It speaks either WHIP (a URL whose path
+contains ``/whip``) or the JSON offer endpoint of a Presence server (any other URL), and it
+opens the ``events`` data channel so it sees the bot's events on the same clock (one machine:
+CLOCK_MONOTONIC is shared by every process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from presence.clock import now
+from presence.media.audio import FrameResampler, make_frame, resample
+from presence.seams import OUT_SAMPLE_RATE
+from presence.signaling.rtc import new_peer_connection, set_audio_prefetch
+
+log = logging.getLogger(__name__)
+
+FRAME = OUT_SAMPLE_RATE // 50
+
+
+class CallError(RuntimeError):
+    pass
+
+
+class PlayerTrack(MediaStreamTrack):
+    """Plays queued clips in real time (silence in between); remembers when each clip started."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: deque[tuple[np.ndarray, asyncio.Future[float]]] = deque()
+        self._current: np.ndarray | None = None
+        self._current_future: asyncio.Future[float] | None = None
+        self._offset = 0
+        self._start: float | None = None
+        self._pts = 0
+
+    def play(self, audio48: np.ndarray) -> asyncio.Future[float]:
+        """Queue a clip; the future resolves to the bot-clock time its first sample is sent."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.append((audio48.astype(np.float32, copy=False), future))
+        return future
+
+    def stop_playing(self) -> None:
+        self._queue.clear()
+        self._current = None
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None or bool(self._queue)
+
+    async def recv(self):  # type: ignore[no-untyped-def]
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = now()
+        else:
+            self._pts += FRAME
+            delay = self._start + self._pts / OUT_SAMPLE_RATE - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        out = np.zeros(FRAME, dtype=np.float32)
+        filled = 0
+        while filled < FRAME:
+            if self._current is None:
+                if not self._queue:
+                    break
+                self._current, future = self._queue.popleft()
+                self._offset = 0
+                if not future.done():
+                    future.set_result(now() + filled / OUT_SAMPLE_RATE)
+            part = self._current[self._offset : self._offset + FRAME - filled]
+            out[filled : filled + part.size] = part
+            filled += part.size
+            self._offset += part.size
+            if self._offset >= self._current.size:
+                self._current = None
+        return make_frame(out, self._pts)
+
+
+class Recorder:
+    """Writes received audio where it arrived on the clock: gaps stay gaps, no drift."""
+
+    def __init__(self, rate: int = 16_000) -> None:
+        self.rate = rate
+        self.t0 = now()
+        self._chunks: list[tuple[int, np.ndarray]] = []
+        self._cursor = 0
+        self._resample = FrameResampler(rate)
+        self.frames = 0
+        self.last_voiced_at: float | None = None  # arrival time of the last frame with sound
+        self.first_voiced_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def attach(self, track: MediaStreamTrack) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(track))
+
+    async def _run(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                frame = await track.recv()
+                t = now()
+                audio = self._resample(frame)
+                self.frames += 1
+                start = int((t - self.t0) * self.rate) - audio.size
+                if start > self._cursor + int(0.06 * self.rate):
+                    self._cursor = start  # a real gap in arrival
+                self._chunks.append((self._cursor, audio))
+                self._cursor += audio.size
+                if np.abs(audio).max(initial=0.0) > 0.01:
+                    self.last_voiced_at = t
+                    if self.first_voiced_at is None:
+                        self.first_voiced_at = t
+
+    def audio(self, until: float | None = None) -> np.ndarray:
+        length = self._cursor if until is None else max(self._cursor, int((until - self.t0) * self.rate))
+        out = np.zeros(length, dtype=np.float32)
+        for pos, chunk in self._chunks:
+            out[pos : pos + chunk.size] = chunk[: max(0, length - pos)]
+        return out
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@dataclass
+class Caller:
+    """One caller's peer connection. ``events`` holds the bot's events as they arrive."""
+
+    url: str
+    token: str = ""
+    room: str | None = None
+    name: str = "caller"
+    rx_prefetch_packets: int = 2  # ~40 ms, what Chromium's jitter buffer showed on loopback
+    video: MediaStreamTrack | None = None
+    events: list[dict[str, object]] = field(default_factory=list)
+    pc: RTCPeerConnection | None = None
+    resource: str | None = None
+    call_id: str | None = None
+    player: PlayerTrack = field(default_factory=PlayerTrack)
+    recorder: Recorder = field(default_factory=Recorder)
+    _session: aiohttp.ClientSession | None = None
+    _waiters: list[tuple[str, asyncio.Future[dict[str, object]]]] = field(default_factory=list)
+
+    async def connect(self, timeout: float = 20.0) -> None:
+        pc = self.pc = new_peer_connection([], ["127.0.0.1"] if _is_loopback(self.url) else [])
+        pc.addTrack(self.player)
+        if self.video is not None:
+            pc.addTrack(self.video)
+        channel = pc.createDataChannel("events")
+
+        @channel.on("message")
+        def on_message(message: object) -> None:
+            if not isinstance(message, str):
+                return
+            with contextlib.suppress(ValueError):
+                event = json.loads(message)
+                event["received"] = now()
+                self.events.append(event)
+                for name, fut in list(self._waiters):
+                    if event.get("name") == name and not fut.done():
+                        fut.set_result(event)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self.recorder.attach(track)
+
+        await pc.setLocalDescription(await pc.createOffer())
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        answer_sdp = await self._exchange(pc.localDescription.sdp)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio":
+                set_audio_prefetch(transceiver.receiver, self.rx_prefetch_packets)
+        deadline = now() + timeout
+        while pc.connectionState != "connected":
+            if pc.connectionState in ("failed", "closed") or now() > deadline:
+                raise CallError(f"could not connect (state {pc.connectionState})")
+            await asyncio.sleep(0.02)
+
+    async def _exchange(self, offer: str) -> str:
+        assert self._session is not None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if "/whip" in urlsplit(self.url).path:
+            headers["Content-Type"] = "application/sdp"
+            async with self._session.post(self.url, data=offer, headers=headers) as resp:
+                body = await resp.text()
+                if resp.status != 201:
+                    raise CallError(f"WHIP offer refused: HTTP {resp.status}: {body}")
+                location = resp.headers.get("Location", "")
+                self.resource = str(resp.url.join(aiohttp.client.URL(location))) if location else None
+                self.call_id = resp.headers.get("X-Presence-Call")
+                return body
+        payload: dict[str, object] = {"sdp": offer, "type": "offer", "name": self.name}
+        if self.token:
+            payload["token"] = self.token
+        if self.room:
+            payload["room"] = self.room
+        async with self._session.post(self.url.rstrip("/") + "/api/offer", json=payload) as resp:
+            data = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise CallError(f"offer refused: HTTP {resp.status}: {data}")
+        base = self.url.rstrip("/")
+        self.resource = base + str(data["resource"]).replace("/whip/resource/", "/api/calls/")
+        self.call_id = str(data["call_id"])
+        return str(data["sdp"])
+
+    def say(self, audio: np.ndarray, rate: int) -> asyncio.Future[float]:
+        """Start sending a clip now (after what is queued); resolves to its first-sample time."""
+        return self.player.play(resample(audio, rate, OUT_SAMPLE_RATE))
+
+    async def wait_event(
+        self, name: str, after: float = float("-inf"), timeout: float = 15.0
+    ) -> dict[str, object]:
+        for event in self.events:
+            if event.get("name") == name and float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
+                return event
+        fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((name, fut))
+        try:
+            while True:
+                event = await asyncio.wait_for(asyncio.shield(fut), timeout)
+                if float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
+                    return event
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append((name, fut))
+        finally:
+            self._waiters[:] = [(n, f) for n, f in self._waiters if not f.done() and f is not fut]
+
+    async def hangup(self) -> None:
+        if self._session is not None and self.resource:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                async with self._session.delete(self.resource, headers=headers):
+                    pass
+        await self.close()
+
+    async def close(self) -> None:
+        await self.recorder.stop()
+        if self.pc is not None:
+            await self.pc.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,204 @@
+"""The ``presence`` command line: serve, call, worker and bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from presence import __version__
+from presence.config import Settings
+
+log = logging.getLogger("presence")
+
+DESCRIPTION = """\
+Presence: a real-time, full-duplex call bot.
+
+  presence serve                       run the signaling server and the bot in one process;
+                                       prints the URL of the call page to open
+  presence call URL --wav in.wav --record out.wav
+                                       call a Presence server (or any WHIP endpoint) from the
+                                       command line: sends in.wav in real time, records the bot
+  presence worker --kinds search,code,think
+                                       run a background-job worker against Redis
+  presence bench latency               voice-to-voice and barge-in latency, CPU per call
+
+Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
+Defaults run offline on a CPU: Silero VAD, pocketsphinx + whisper tiny.en, piper (joe),
+Gemma 270M through llama.cpp when installed.
+"""
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # aioice and aiortc are chatty at info level about every candidate pair.
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# ---------------------------------------------------------------------------------- serve
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    from presence.bot.backends.factory import build_backends, warm_up
+    from presence.bot.calls import CallManager
+    from presence.signaling.app import dev_join_url, run_server
+
+    print(f"presence {__version__}: loading models (first start assembles the LLM, ~10 s)...", flush=True)
+    started = time.monotonic()
+    backends = build_backends(settings)
+    timings = await warm_up(backends)
+    summary = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+    print(f"models ready in {time.monotonic() - started:.1f} s ({summary})", flush=True)
+    manager = CallManager(settings, backends)
+    runner = await run_server(settings, manager)
+    print(f"Presence is listening on {settings.base_url}", flush=True)
+    print(f"Open this URL to call the bot: {dev_join_url(settings)}", flush=True)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("shutting down...", flush=True)
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------------- call
+async def call(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from presence.caller import Caller, CallError
+    from presence.media.audio import read_wav, write_wav
+
+    caller = Caller(url=args.url, token=args.token or "", room=args.room, name=args.name)
+    audio, rate = read_wav(args.wav) if args.wav else (np.zeros(0, np.float32), 16_000)
+    try:
+        await caller.connect()
+    except (CallError, OSError) as exc:
+        print(f"call failed: {exc}", file=sys.stderr)
+        await caller.close()
+        return 2
+    print(f"connected (call {caller.call_id}); sending {audio.size / rate:.1f} s of audio", flush=True)
+    t0 = caller.recorder.t0
+    if audio.size:
+        await caller.say(audio, rate)
+    duration = args.duration or (audio.size / rate + args.tail)
+    while time.monotonic() - t0 < duration:
+        await asyncio.sleep(0.2)
+        if caller.pc is not None and caller.pc.connectionState in ("failed", "closed"):
+            print("the call dropped", file=sys.stderr)
+            break
+    await caller.hangup()
+    if args.record:
+        write_wav(args.record, caller.recorder.audio(until=t0 + duration), caller.recorder.rate)
+        print(f"recorded {duration:.1f} s to {args.record}")
+    if args.events:
+        import json
+
+        Path(args.events).write_text("\n".join(json.dumps(e) for e in caller.events) + "\n")
+        print(f"{len(caller.events)} bot events written to {args.events}")
+    for event in caller.events:
+        if event.get("name") == "caption" and event.get("final"):
+            print(f"  {event.get('who')}: {event.get('text')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="presence", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"presence {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_serve = sub.add_parser(
+        "serve", help="run the server and the bot", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    Settings.add_arguments(p_serve)
+
+    p_call = sub.add_parser("call", help="call a server from the command line")
+    p_call.add_argument("url", help="server base URL (http://host:port) or a WHIP endpoint URL (.../whip)")
+    p_call.add_argument("--wav", help="audio to send in real time (any rate; mono or stereo)")
+    p_call.add_argument("--record", help="write what the bot said to this WAV (16 kHz)")
+    p_call.add_argument("--events", help="write the bot's events (JSON lines) to this file")
+    p_call.add_argument(
+        "--duration", type=float, default=0.0, help="call length in s (default: WAV + --tail)"
+    )
+    p_call.add_argument("--tail", type=float, default=6.0, help="seconds to stay on after the WAV ends")
+    p_call.add_argument("--token", help="join token, when the server requires one")
+    p_call.add_argument("--room", help="room to join (several people in one call)")
+    p_call.add_argument("--name", default="caller", help="participant name")
+    p_call.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p_worker = sub.add_parser("worker", help="run a background-job worker (Redis Streams)")
+    p_worker.add_argument("--kinds", default="search,code,think", help="job kinds to serve, comma separated")
+    p_worker.add_argument("--docs", default="", help="folder of documents the search kind indexes")
+    Settings.add_arguments(p_worker)
+
+    p_bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bench_sub = p_bench.add_subparsers(dest="bench", metavar="BENCH")
+    p_lat = bench_sub.add_parser(
+        "latency", help="voice-to-voice, barge-in stop, CPU per call vs an echo call"
+    )
+    p_lat.add_argument("--trials", type=int, default=20)
+    p_lat.add_argument("--calls", default="1,5,10", help="concurrency levels for the CPU measurement")
+    p_lat.add_argument("--cpu-seconds", type=float, default=20.0, help="measurement window per level")
+    p_lat.add_argument("--skip-cpu", action="store_true")
+    p_lat.add_argument("--json", help="also write the results here")
+    Settings.add_arguments(p_lat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "serve":
+            settings = Settings.from_args(args)
+            _logging(settings.log_level)
+            asyncio.run(serve(settings))
+            return 0
+        if args.command == "call":
+            _logging(args.log_level)
+            return asyncio.run(call(args))
+        if args.command == "worker":
+            settings = Settings.from_args(args)
+            _logging(settings.log_level)
+            from presence.bot.jobs.worker import run_worker
+
+            asyncio.run(run_worker(settings, [k.strip() for k in args.kinds.split(",") if k.strip()]))
+            return 0
+        if args.command == "bench":
+            if args.bench != "latency":
+                parser.parse_args(["bench", "--help"])
+                return 2
+            settings = Settings.from_args(args)
+            _logging("warning")
+            from presence.bench.latency import run as run_latency
+
+            return asyncio.run(run_latency(settings, args))
+    except ValueError as exc:  # bad settings: say what and exit, no traceback
+        print(f"presence: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""One typed settings object, read from the environment (``PRESENCE_*``) and the command line.
+
+Every field has a default that runs offline on a CPU. The CLI flags are generated from the
+fields, so a setting is declared once: ``eot_silence_ms`` is ``PRESENCE_EOT_SILENCE_MS`` and
+``--eot-silence-ms``. The CLI wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "PRESENCE_"
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "secret": secret}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    # --- server and signaling
+    host: str = _opt("127.0.0.1", "address the HTTP server binds")
+    port: int = _opt(8080, "HTTP port (0 picks a free one)")
+    public_url: str = _opt(
+        "", "URL the server is reached at, used in printed links (default: from host/port)"
+    )
+    max_body_bytes: int = _opt(64 * 1024, "largest accepted SDP/JSON body in bytes")
+    max_calls: int = _opt(32, "concurrent calls accepted before answering 503")
+    token_secret: str = _opt(
+        "", "HMAC secret for join tokens; empty = dev mode (no token needed)", secret=True
+    )
+    token_ttl_s: int = _opt(3600, "lifetime of tokens the server mints, in seconds")
+    # --- WebRTC
+    ice_servers: list[str] = _opt([], "STUN/TURN URLs (comma separated); empty = contact nothing outside")
+    ice_host_addresses: list[str] = _opt(
+        ["127.0.0.1"], "local IPs offered as ICE host candidates (comma separated); empty = all interfaces"
+    )
+    rx_prefetch_packets: int = _opt(
+        1, "audio packets aiortc buffers before playout on the bot's receivers (aiortc: 4 = 80 ms)"
+    )
+    # --- media and micro-turns
+    micro_turn_ms: int = _opt(200, "length of one micro-turn, the decision clock")
+    video_fps: float = _opt(2.0, "video frames sampled per second per participant (0 = none)")
+    video_max_width: int = _opt(320, "sampled video frames are scaled down to at most this width")
+    max_playout_ms: int = _opt(200, "largest playout delay inbound audio may get to ride out network jitter")
+    vad_threshold: float = _opt(0.5, "speech probability at which a frame counts as voiced")
+    peer_timeout_s: float = _opt(10.0, "a peer whose audio stops this long is treated as gone")
+    # --- floor policy (rule-based baseline)
+    policy: str = _opt("rules", "floor policy", choices=("rules",))
+    eot_silence_ms: int = _opt(400, "silence after caller speech that ends the caller's turn")
+    speculate_ms: int = _opt(
+        100, "silence after which a reply is prepared speculatively (0 = at end of turn)"
+    )
+    min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
+    hold_onset_ms: int = _opt(60, "caller speech over the bot that pauses its output at once")
+    barge_in_ms: int = _opt(
+        500, "caller speech over the bot, with a recognised non-backchannel word, that is a barge-in"
+    )
+    barge_in_max_ms: int = _opt(
+        1000, "caller speech over the bot that is a barge-in even before any word is recognised"
+    )
+    resume_silence_ms: int = _opt(
+        300, "silence after a short overlap before the bot resumes (false interruption)"
+    )
+    backchannel_words: list[str] = _opt(
+        [
+            "mm",
+            "mhm",
+            "mm-hm",
+            "hmm",
+            "uh-huh",
+            "yeah",
+            "yes",
+            "yep",
+            "ok",
+            "okay",
+            "right",
+            "sure",
+            "uh",
+            "um",
+            "ah",
+            "oh",
+            "i",
+            "see",
+        ],
+        "words that count as a backchannel, not a barge-in",
+    )
+    bot_backchannels: bool = _opt(True, "let the bot say 'mm-hm' during long caller turns")
+    backchannel_after_ms: int = _opt(3000, "caller speech before the bot backchannels in a short pause")
+    # --- backends
+    vad: str = _opt("silero", "voice activity detector", choices=("silero", "energy"))
+    asr: str = _opt("pocketsphinx", "streaming ASR for partials", choices=("pocketsphinx", "none"))
+    transcriber: str = _opt("whisper", "final-pass ASR of a turn", choices=("whisper", "none"))
+    whisper_model: str = _opt("", "faster-whisper model: a local path or hub id (default: bundled tiny.en)")
+    tts: str = _opt("piper", "speech synthesis", choices=("piper", "espeak"))
+    tts_voice: str = _opt("", "piper .onnx path or espeak voice (default: bundled joe / 'en-us')")
+    language: str = _opt("en", "the bot's spoken language")
+    responder: str = _opt(
+        "auto",
+        "reply text: auto (local LLM if installed, else rules), llama, openai, rules",
+        choices=("auto", "llama", "openai", "rules"),
+    )
+    llm_model: str = _opt("", "GGUF path for llama, or model name for openai (default: bundled Gemma 270M)")
+    llm_url: str = _opt("", "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    llm_api_key: str = _opt("", "API key for the OpenAI-compatible endpoint", secret=True)
+    llm_max_tokens: int = _opt(48, "longest reply in tokens")
+    system_prompt: str = _opt(
+        "You are Presence, a friendly voice assistant on a call. Answer in one or two short spoken sentences.",
+        "system prompt of the responder",
+    )
+    greeting: str = _opt(
+        "Hi, I'm Presence. How can I help?", "what the bot says when a call starts ('' = nothing)"
+    )
+    # --- jobs (Redis Streams)
+    redis_url: str = _opt("", "Redis URL for background jobs (empty = local if one answers)")
+    # --- logging
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("settings (each also read from PRESENCE_<NAME>)")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _base_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "(hidden)" if f.metadata.get("secret") and default else repr(default)
+            help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
+            if kind is bool:
+                group.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            else:
+                group.add_argument(
+                    flag,
+                    dest=f.name,
+                    default=None,
+                    metavar=f.name.upper(),
+                    choices=f.metadata.get("choices"),
+                    help=help_text,
+                )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        overrides: dict[str, Any] = {}
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in vars(args).items():
+            if name in names and value is not None:
+                overrides[name] = value if isinstance(value, bool) else _parse(names[name], str(value))
+        return cls.from_env(env, **overrides)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.micro_turn_ms % 20 or self.micro_turn_ms <= 0:
+            problems.append("micro_turn_ms must be a positive multiple of 20")
+        if not 0.0 < self.vad_threshold < 1.0:
+            problems.append("vad_threshold must lie between 0 and 1")
+        if self.video_fps < 0:
+            problems.append("video_fps must not be negative")
+        if self.max_body_bytes < 1024:
+            problems.append("max_body_bytes must be at least 1024")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings with secrets masked, for logs and /healthz."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else value
+        return out
+
+
+def _base_type(f: dataclasses.Field[Any]) -> type:
+    hints = typing.get_type_hints(Settings)
+    kind = hints[f.name]
+    if isinstance(kind, types.GenericAlias):
+        return typing.get_origin(kind)  # type: ignore[return-value]
+    return kind  # type: ignore[no-any-return]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _base_type(f)
+    name = f.name
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is list:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and raw not in choices:
+        raise ValueError(f"setting {name}: {raw!r} is not one of {', '.join(choices)}")
+    return raw

@@ -1,0 +1,1 @@
+"""Getting a peer into a call: HTTP offer/answer, WHIP, rooms, tokens (aiohttp)."""

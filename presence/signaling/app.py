@@ -1,0 +1,455 @@
+"""The HTTP side of Presence: the call page, WHIP and JSON offer/answer, health and metrics.
+
+Everything a client sends is checked here (size, content type, token, SDP shape) before any
+of it reaches aiortc, and every error leaves as ``{"error": {"code", "message"}}`` with a
+stable code, so the page, WHIP clients and tests can all react to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+from aiortc.sdp import SessionDescription
+
+from presence.config import Settings
+from presence.signaling import tokens
+from presence.signaling.contract import CallHost, CallRejected
+from presence.signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from presence.signaling.metrics import Metrics
+from presence.web import STATIC_DIR
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+HOST_KEY: web.AppKey[CallHost] = web.AppKey("host")
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+# Route names whose errors count as rejected offers in presence_offers_rejected_total.
+OFFER_ROUTES = frozenset({"whip_offer", "whip_offer_room", "api_offer"})
+MAX_MEDIA_SECTIONS = 16  # a browser sends 2-3; hundreds would only be an attack on the parser
+ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PEER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_NAME_CHARS = 64
+
+# Codes for errors aiohttp raises itself (unknown route, wrong method, body over the limit).
+HTTP_ERROR_CODES: Mapping[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, stable machine-readable code, human message."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+def _route_label(request: web.Request) -> str:
+    # the route template, never the raw path, keeps label cardinality bounded
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _route_name(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.name if resource is not None else None
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:
+    settings = request.app[SETTINGS_KEY]
+    code = HTTP_ERROR_CODES.get(exc.status, f"http_{exc.status}")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+    if exc.status == 404:
+        message = f"nothing at {request.path[:200]}"
+    elif exc.status == 405:
+        message = f"method {request.method} is not allowed here"
+    elif exc.status == 413:
+        message = f"body exceeds the limit of {settings.max_body_bytes} bytes"
+    else:
+        message = exc.reason or code
+    return ApiError(exc.status, code, message, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turns every failure into the JSON error shape and counts every answer."""
+    metrics = request.app[METRICS_KEY]
+    error: ApiError | None = None
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        error = exc
+    except CallRejected as exc:
+        status = exc.status if 400 <= exc.status <= 599 else 500
+        error = ApiError(status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # redirects and the like pass through untouched
+            metrics.http_requests.labels(_route_label(request), str(exc.status)).inc()
+            raise
+        error = _from_http_exception(request, exc)
+    except Exception:
+        # the server keeps running; the traceback goes to the log, not to the client
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        error = ApiError(500, "internal", "internal server error")
+    if error is not None:
+        if error.status >= 500:
+            log.warning("%s %s -> %d %s", request.method, request.path, error.status, error.code)
+        else:
+            log.info("%s %s -> %d %s", request.method, request.path, error.status, error.code)
+        if _route_name(request) in OFFER_ROUTES:
+            metrics.offers_rejected.labels(error.code).inc()
+        response = error_response(error.status, error.code, error.message, error.headers)
+    metrics.http_requests.labels(_route_label(request), str(response.status)).inc()
+    return response
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_length(request: web.Request) -> None:
+    # refuse from the header before reading a byte; client_max_size guards chunked bodies
+    limit = request.app[SETTINGS_KEY].max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+
+
+def _require_type(request: web.Request, expected: str) -> None:
+    if request.content_type != expected:
+        got = request.headers.get("Content-Type", "none")[:100]
+        raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, got {got}")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    body = await request.read()  # raises 413 past client_max_size (chunked uploads)
+    limit = request.app[SETTINGS_KEY].max_body_bytes
+    if len(body) > limit:
+        raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+    return body
+
+
+def validate_offer_sdp(sdp: str) -> str:
+    """The offer unchanged when it looks like a usable SDP offer, else ``malformed_sdp``."""
+
+    def bad(message: str) -> ApiError:
+        return ApiError(400, "malformed_sdp", message)
+
+    if not sdp.strip():
+        raise bad("the SDP offer is empty")
+    if not sdp.startswith("v=0"):
+        raise bad("an SDP offer must start with v=0")
+    media_lines = sum(1 for line in sdp.splitlines() if line.startswith("m="))
+    if media_lines == 0:
+        raise bad("the SDP offer has no m= line")
+    if media_lines > MAX_MEDIA_SECTIONS:
+        raise bad(f"the SDP offer has more than {MAX_MEDIA_SECTIONS} m= lines")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception:  # aiortc's parser raises assorted errors (and asserts) on junk
+        raise bad("the SDP offer cannot be parsed") from None
+    for media in parsed.media:
+        # without these aiortc fails deep inside setRemoteDescription; say so here instead
+        if not (media.ice.usernameFragment and media.ice.password):
+            raise bad(f"the {media.kind} section lacks ICE credentials")
+        if not media.dtls.fingerprints:
+            raise bad(f"the {media.kind} section lacks a DTLS fingerprint")
+    return sdp
+
+
+def _decode_sdp(body: bytes) -> str:
+    if not body:
+        raise ApiError(400, "malformed_sdp", "the body is empty; send an SDP offer")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_sdp", "the SDP offer is not UTF-8") from None
+    return validate_offer_sdp(text)
+
+
+def _authorize(request: web.Request, token: str | None) -> tokens.TokenClaims | None:
+    """The token's claims when a secret is set (401 otherwise); ``None`` in dev mode."""
+    secret = request.app[SETTINGS_KEY].token_secret
+    if not secret:
+        return None
+    try:
+        return tokens.verify(secret, token)
+    except tokens.TokenError as exc:
+        raise ApiError(
+            401,
+            exc.code,
+            exc.message,
+            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.code}"'},
+        ) from None
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def _pick_room(claims: tokens.TokenClaims | None, requested: object) -> str | None:
+    if claims is not None and claims.room:
+        return claims.room  # a room-bound token wins over whatever the client asks for
+    if requested is None or requested == "":
+        return None
+    if not isinstance(requested, str) or not ROOM_RE.match(requested):
+        raise ApiError(400, "bad_request", "room must be 1-64 letters, digits, '_', '-' or '.'")
+    return requested
+
+
+def _pick_name(requested: object, claims: tokens.TokenClaims | None, default: str) -> str:
+    if requested is not None and requested != "":
+        if not isinstance(requested, str):
+            raise ApiError(400, "bad_request", "name must be a string")
+        # printable characters only: the name ends up in logs and on other people's pages
+        cleaned = "".join(ch for ch in requested if ch.isprintable()).strip()[:MAX_NAME_CHARS]
+        if cleaned:
+            return cleaned
+    if claims is not None and claims.sub:
+        return claims.sub[:MAX_NAME_CHARS]
+    return default
+
+
+def _peer_id(request: web.Request) -> str:
+    peer_id = request.match_info["peer_id"]
+    if not PEER_ID_RE.match(peer_id):
+        raise ApiError(404, "unknown_resource", "no such call resource")
+    return peer_id
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    # no-cache: the page must pick up a new app.js after an upgrade
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    # our own lookup instead of add_static: a missing file must raise (and become JSON),
+    # whereas aiohttp's static FileResponse only discovers the 404 while sending
+    root = STATIC_DIR.resolve()
+    path = (root / request.match_info["path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(404, "not_found", f"no static file {request.match_info['path'][:200]}")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "calls": request.app[HOST_KEY].active_calls})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def api_config(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    return web.json_response(
+        {
+            "ice_servers": [{"urls": url} for url in settings.ice_servers],
+            "token_required": bool(settings.token_secret),
+            "micro_turn_ms": settings.micro_turn_ms,
+        }
+    )
+
+
+async def whip_offer(request: web.Request) -> web.Response:
+    _check_length(request)
+    claims = _authorize(request, _bearer(request) or request.query.get("token"))
+    _require_type(request, "application/sdp")
+    sdp = _decode_sdp(await _read_body(request))
+    room = _pick_room(claims, request.match_info.get("room") or request.query.get("room"))
+    name = _pick_name(request.query.get("name"), claims, default="whip")
+    answer = await request.app[HOST_KEY].answer(sdp, participant=name, room=room)
+    return web.Response(
+        status=201,
+        body=answer.sdp.encode("utf-8"),
+        content_type="application/sdp",
+        headers={
+            "Location": f"/whip/resource/{answer.peer_id}",
+            "X-Presence-Call": answer.call_id,
+        },
+    )
+
+
+async def whip_options(request: web.Request) -> web.Response:
+    # WHIP clients probe with OPTIONS before POSTing
+    return web.Response(status=204, headers={"Accept-Post": "application/sdp", "Allow": "OPTIONS, POST"})
+
+
+async def whip_delete(request: web.Request) -> web.Response:
+    # the unguessable resource id is the capability (as in WHIP); no token needed to hang up
+    if not await request.app[HOST_KEY].hangup(_peer_id(request)):
+        raise ApiError(404, "unknown_resource", "no such call resource (or already hung up)")
+    return web.Response(status=200)
+
+
+async def whip_patch(request: web.Request) -> web.Response:
+    raise ApiError(
+        405,
+        "trickle_not_supported",
+        "trickle ICE is not supported: send the offer with all candidates gathered",
+        headers={"Allow": "DELETE, OPTIONS"},
+    )
+
+
+async def whip_resource_options(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Allow": "DELETE, OPTIONS"})
+
+
+async def api_offer(request: web.Request) -> web.Response:
+    _check_length(request)
+    _require_type(request, "application/json")
+    body = await _read_body(request)
+    try:
+        data: Any = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "expected a JSON object")
+    token = data.get("token") or request.query.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ApiError(400, "bad_request", "token must be a string")
+    claims = _authorize(request, token)
+    if data.get("type") != "offer":
+        raise ApiError(400, "bad_request", 'type must be "offer"')
+    sdp = data.get("sdp")
+    if not isinstance(sdp, str):
+        raise ApiError(400, "bad_request", "sdp must be a string")
+    room = _pick_room(claims, data.get("room"))
+    name = _pick_name(data.get("name"), claims, default="caller")
+    answer = await request.app[HOST_KEY].answer(validate_offer_sdp(sdp), participant=name, room=room)
+    return web.json_response(
+        {
+            "sdp": answer.sdp,
+            "type": answer.type,
+            "call_id": answer.call_id,
+            "peer_id": answer.peer_id,
+            "resource": f"/whip/resource/{answer.peer_id}",
+        }
+    )
+
+
+async def api_hangup(request: web.Request) -> web.Response:
+    peer_id = _peer_id(request)
+    if not await request.app[HOST_KEY].hangup(peer_id):
+        raise ApiError(404, "unknown_resource", "no such call (or already hung up)")
+    return web.json_response({"peer_id": peer_id, "hung_up": True})
+
+
+# ---------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings, host: CallHost) -> web.Application:
+    """The aiohttp application serving the page, WHIP, the JSON API, health and metrics."""
+    # client_max_size makes aiohttp refuse oversized bodies even without Content-Length
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+
+    def active_calls() -> float:
+        try:
+            return float(host.active_calls)
+        except Exception:  # a scrape must not fail because the host is mid-shutdown
+            return math.nan
+
+    metrics = Metrics.create(active_calls)
+    app[SETTINGS_KEY] = settings
+    app[HOST_KEY] = host
+    app[METRICS_KEY] = metrics
+    # also reachable as app["metrics"] for code that prefers the plain key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        app["metrics"] = metrics
+
+    r = app.router
+    r.add_get("/", index, name="index")
+    r.add_get("/healthz", healthz, name="healthz")
+    r.add_get("/metrics", metrics_handler, name="metrics")
+    r.add_get("/api/config", api_config, name="api_config")
+    r.add_post("/api/offer", api_offer, name="api_offer")
+    r.add_delete("/api/calls/{peer_id}", api_hangup, name="api_hangup")
+    # the resource route first: /whip/{room} must not swallow /whip/resource/...
+    resource = r.add_resource("/whip/resource/{peer_id}", name="whip_resource")
+    resource.add_route("DELETE", whip_delete)
+    resource.add_route("PATCH", whip_patch)
+    resource.add_route("OPTIONS", whip_resource_options)
+    whip = r.add_resource("/whip", name="whip_offer")
+    whip.add_route("POST", whip_offer)
+    whip.add_route("OPTIONS", whip_options)
+    whip_room = r.add_resource("/whip/{room}", name="whip_offer_room")
+    whip_room.add_route("POST", whip_offer)
+    whip_room.add_route("OPTIONS", whip_options)
+    r.add_get("/static/{path:.+}", static_file, name="static")
+
+    async def close_host(app: web.Application) -> None:
+        await app[HOST_KEY].close()
+
+    app.on_shutdown.append(close_host)
+    return app
+
+
+def dev_join_url(settings: Settings, *, room: str | None = None, sub: str = "dev") -> str:
+    """The page URL to open, with a freshly minted token when a secret is set."""
+    params: dict[str, str] = {}
+    if settings.token_secret:
+        params["token"] = tokens.mint(settings.token_secret, room=room, sub=sub, ttl_s=settings.token_ttl_s)
+    if room:
+        params["room"] = room
+    url = settings.base_url + "/"
+    return url + "?" + urlencode(params) if params else url
+
+
+async def run_server(settings: Settings, host: CallHost) -> web.AppRunner:
+    """Start serving; with ``settings.port == 0`` the bound port is written back to settings.
+
+    Stop with ``await runner.cleanup()``, which also closes the host (``on_shutdown``).
+    """
+    runner = web.AppRunner(create_app(settings, host), shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    if settings.port == 0:
+        settings.port = int(runner.addresses[0][1])
+    log.info("serving on %s", settings.base_url)
+    return runner

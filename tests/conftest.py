@@ -1,0 +1,99 @@
+"""Shared fixtures: real backends (offline models), a real server with the real bot, speech."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aioice.ice
+import numpy as np
+import pytest
+
+from presence.bot.backends.factory import Backends, build_backends
+from presence.bot.calls import CallManager
+from presence.config import Settings
+from presence.seams import OUT_SAMPLE_RATE
+
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def need(ok: bool, why: str) -> None:
+    """Skip on a developer machine that lacks something; under CI=true, fail loudly instead."""
+    if not ok:
+        if CI:
+            pytest.fail(f"required under CI: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _restore_aioice() -> object:
+    # Servers and callers restrict ICE host candidates process-wide; put it back after a test.
+    original = aioice.ice.get_host_addresses
+    yield
+    aioice.ice.get_host_addresses = original
+
+
+def test_settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {"port": 0, "greeting": "", "peer_timeout_s": 5.0}
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+@pytest.fixture(scope="session")
+def backends() -> Backends:
+    return build_backends(test_settings())
+
+
+@pytest.fixture(scope="session")
+def speech(backends: Backends) -> Callable[[str], np.ndarray]:
+    """Piper speech at 48 kHz for a text (cached): the caller's voice in call tests."""
+    from presence.media.audio import resample
+
+    cache: dict[str, np.ndarray] = {}
+
+    def make(text: str) -> np.ndarray:
+        if text not in cache:
+            tts = backends.tts
+            audio = np.concatenate(list(tts.synthesize(text)))
+            cache[text] = resample(audio, tts.sample_rate, OUT_SAMPLE_RATE)
+        return cache[text]
+
+    return make
+
+
+@dataclass
+class BotServer:
+    settings: Settings
+    manager: CallManager
+    url: str
+
+
+@pytest.fixture
+async def bot_factory(backends: Backends) -> AsyncIterator[Callable[..., object]]:
+    """Start real servers (signaling + bot) with given settings; all are cleaned up after."""
+    from presence.signaling.app import run_server
+
+    runners = []
+
+    async def start(**overrides: object) -> BotServer:
+        settings = test_settings(**overrides)
+        manager = CallManager(settings, backends)
+        runners.append(await run_server(settings, manager))
+        return BotServer(settings, manager, settings.base_url)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def bot(bot_factory: Callable[..., object]) -> BotServer:
+    return await bot_factory()  # type: ignore[misc, no-any-return]
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio)))) if audio.size else 0.0
+
+
+SR_OUT = OUT_SAMPLE_RATE

@@ -1,0 +1,242 @@
+"""Real calls end to end: an aiortc caller talks to ``presence`` (real models, real WebRTC).
+
+Timing goals live in ``presence bench latency``; these tests check behaviour, with generous
+bounds only where "did it stop at all" needs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import aiohttp
+import pytest
+from aiortc import RTCPeerConnection
+
+from presence.caller import Caller
+from presence.clock import now
+from presence.events import Ev
+from presence.seams import SAMPLE_RATE
+
+from conftest import SR_OUT, BotServer
+
+pytestmark = pytest.mark.slow
+
+LONG_GREETING = (
+    "Hello and welcome. I am Presence, a voice assistant that listens while it talks. "
+    "Today I can help you with questions about your account, your bills, and your plans. "
+    "Take your time, and tell me what you need whenever you are ready."
+)
+
+
+async def _connect(server: BotServer, **kwargs: object) -> Caller:
+    caller = Caller(url=server.url, **kwargs)  # type: ignore[arg-type]
+    await caller.connect()
+    return caller
+
+
+def _session(server: BotServer):  # type: ignore[no-untyped-def]
+    assert len(server.manager.sessions) == 1
+    return next(iter(server.manager.sessions.values()))
+
+
+async def test_caller_asks_and_hears_the_answer(bot: BotServer, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    caller = await _connect(bot)
+    try:
+        await asyncio.sleep(0.5)
+        question = speech("What is your name?")
+        sent_at = await caller.say(question, SR_OUT)
+        start = await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
+        end = await caller.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=30)  # type: ignore[arg-type]
+        await asyncio.sleep(0.4)  # the tail still in flight
+        heard = caller.recorder.audio()
+        begin = int((float(start["t"]) - caller.recorder.t0) * SAMPLE_RATE)  # type: ignore[arg-type]
+        stop = int((float(end["t"]) - caller.recorder.t0 + 0.4) * SAMPLE_RATE)  # type: ignore[arg-type]
+        answer = heard[max(0, begin - 1600) : stop]
+        assert answer.size > SAMPLE_RATE // 2, "the bot said nothing audible"
+        text = (await asyncio.to_thread(backends.transcriber.transcribe, answer)).text.lower()
+        assert "presence" in text, f"the answer heard was {text!r}"
+        # The transcript keeps what the caller heard, and captions went out on the data channel.
+        session = _session(bot)
+        assert any(m.role == "assistant" and "Presence" in m.content for m in session.engine.history)
+        names = {e.get("name") for e in caller.events}
+        assert {"caption", "state", "end_of_turn_decided", "bot_first_packet_sent"} <= names
+    finally:
+        await caller.hangup()
+
+
+async def test_barge_in_stops_the_bot_at_the_caller(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    server = await bot_factory(greeting=LONG_GREETING)
+    caller = await _connect(server)
+    try:
+        start = await caller.wait_event(Ev.BOT_SPEECH_START, timeout=20)
+        await asyncio.sleep(1.5)
+        onset = await caller.say(speech("Wait, stop. I have a different question about my bill."), SR_OUT)
+        flushed = await caller.wait_event(Ev.PLAYBACK_FLUSHED, after=onset, timeout=10)
+        await asyncio.sleep(1.0)
+        last = caller.recorder.last_voiced_at
+        assert last is not None and last > float(start["t"])  # type: ignore[arg-type]
+        # The bot's voice stopped at the caller soon after the onset (the benchmark measures it).
+        assert last - onset < 1.5, f"bot audio went on {last - onset:.2f} s after the caller began"
+        session = _session(server)
+        said = [m.content for m in session.engine.history if m.role == "assistant"]
+        assert said and said[0].endswith("…") and len(said[0]) < len(LONG_GREETING)
+        assert flushed.get("heard") and LONG_GREETING.startswith(str(flushed["heard"]).rstrip("…")[:20])
+    finally:
+        await caller.hangup()
+
+
+async def test_backchannel_does_not_stop_the_bot(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    server = await bot_factory(greeting=LONG_GREETING)
+    caller = await _connect(server)
+    try:
+        start = await caller.wait_event(Ev.BOT_SPEECH_START, timeout=20)
+        await asyncio.sleep(2.0)
+        await caller.say(speech("Okay."), SR_OUT)
+        end = await caller.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=30)  # type: ignore[arg-type]
+        assert end.get("flushed") is False
+        assert not [e for e in caller.events if e.get("name") == Ev.BARGE_IN_DETECTED]
+        session = _session(server)
+        said = [m.content for m in session.engine.history if m.role == "assistant"]
+        assert said == [LONG_GREETING.strip()], said
+        # ...and the "mm-hm" did not become a turn the bot answers.
+        await asyncio.sleep(1.5)
+        assert not [m for m in session.engine.history if m.role == "user"]
+    finally:
+        await caller.hangup()
+
+
+async def test_vanishing_caller_is_cleaned_up(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    gc.collect()
+    tasks_before = len(asyncio.all_tasks())
+    caller = await _connect(bot)
+    session = _session(bot)
+    await caller.say(speech("I was saying something important when"), SR_OUT)
+    await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
+    # Vanish mid-utterance: no hang-up request, the peer connection just goes away.
+    await caller.close()
+    deadline = now() + 15
+    while bot.manager.sessions and now() < deadline:
+        await asyncio.sleep(0.1)
+    assert not bot.manager.sessions, "the session outlived its only caller"
+    assert session.closed and not session.peers
+    assert session.track.readyState == "ended"
+    await asyncio.sleep(0.5)
+    gc.collect()
+    leftover = [t for t in asyncio.all_tasks() if not t.done()]
+    assert len(leftover) <= tasks_before, [t.get_name() for t in leftover]
+
+
+async def test_silent_caller_times_out(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    server = await bot_factory(peer_timeout_s=1.0)
+    caller = await _connect(server)
+    # Stop the caller's media without closing anything: as if its network went away.
+    caller.player.stop()
+    deadline = now() + 10
+    while server.manager.sessions and now() < deadline:
+        await asyncio.sleep(0.1)
+    assert not server.manager.sessions
+    await caller.close()
+
+
+async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    from presence.signaling import tokens
+
+    server = await bot_factory(token_secret="s3cret")
+    token = tokens.mint("s3cret", room=None, sub="tester", ttl_s=60)
+    caller = await _connect(server, token=token)
+    base = server.url
+    try:
+        async with aiohttp.ClientSession() as http:
+            pc = RTCPeerConnection()
+            pc.addTransceiver("audio")
+            await pc.setLocalDescription(await pc.createOffer())
+            good_offer = pc.localDescription.sdp
+            await pc.close()
+            auth = {"Authorization": f"Bearer {token}"}
+            cases = [
+                ("POST", "/whip", {**auth, "Content-Type": "application/sdp"}, "v=0\r\nthis is not sdp", 400),
+                ("POST", "/whip", {**auth, "Content-Type": "text/plain"}, good_offer, 415),
+                (
+                    "POST",
+                    "/whip",
+                    {**auth, "Content-Type": "application/sdp"},
+                    "v=0\r\n" + "a" * 200_000,
+                    413,
+                ),
+                ("POST", "/whip", {"Content-Type": "application/sdp"}, good_offer, 401),
+                (
+                    "POST",
+                    "/whip",
+                    {"Authorization": "Bearer nonsense", "Content-Type": "application/sdp"},
+                    good_offer,
+                    401,
+                ),
+                (
+                    "POST",
+                    "/whip",
+                    {
+                        "Authorization": "Bearer "
+                        + tokens.mint("s3cret", room=None, sub="x", ttl_s=5, now=0.0),
+                        "Content-Type": "application/sdp",
+                    },
+                    good_offer,
+                    401,
+                ),
+                ("POST", "/api/offer", {"Content-Type": "application/json"}, "{not json", 400),
+                ("DELETE", "/whip/resource/doesnotexist", auth, None, 404),
+            ]
+            for method, path, headers, body, status in cases:
+                async with http.request(method, base + path, headers=headers, data=body) as resp:
+                    assert resp.status == status, (path, headers.get("Content-Type"), await resp.text())
+                    error = (await resp.json())["error"]
+                    assert error["code"] and error["message"]
+            # A valid offer whose media cannot be answered by the bot (no audio) is a clear 400.
+            pc = RTCPeerConnection()
+            pc.createDataChannel("x")
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(
+                base + "/whip",
+                headers={**auth, "Content-Type": "application/sdp"},
+                data=pc.localDescription.sdp,
+            ) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "no_audio"
+            await pc.close()
+            # Double hang-up: the second one is a 404.
+            second = await _connect(server, token=token)
+            assert second.resource
+            async with http.delete(second.resource, headers=auth) as resp:
+                assert resp.status == 200
+            async with http.delete(second.resource, headers=auth) as resp:
+                assert resp.status == 404
+            await second.close()
+            # The first call was never disturbed: it still answers.
+            assert caller.pc is not None and caller.pc.connectionState == "connected"
+            sent_at = await caller.say(speech("What is your name?"), SR_OUT)
+            await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 200 and (await resp.json())["calls"] == 1
+    finally:
+        await caller.hangup()
+
+
+async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    ann = await _connect(bot, room="standup", name="ann")
+    bob = await _connect(bot, room="standup", name="bob")
+    try:
+        session = _session(bot)
+        assert sorted(p.participant for p in session.peers.values()) == ["ann", "bob"]
+        sent_at = await bob.say(speech("What is your name?"), SR_OUT)
+        # Both hear the bot answer bob.
+        for caller in (ann, bob):
+            await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
+        await asyncio.sleep(1.0)
+        for caller in (ann, bob):
+            assert caller.recorder.last_voiced_at is not None and caller.recorder.last_voiced_at > sent_at
+        await ann.hangup()
+        await asyncio.sleep(0.3)
+        assert len(bot.manager.sessions) == 1 and len(session.peers) == 1
+    finally:
+        await bob.hangup()
+    await asyncio.sleep(0.3)
+    assert not bot.manager.sessions
