@@ -12,13 +12,12 @@ import gc
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
+from conftest import SR_OUT, BotServer
 
 from presence.caller import Caller
 from presence.clock import now
 from presence.events import Ev
 from presence.seams import SAMPLE_RATE
-
-from conftest import SR_OUT, BotServer
 
 pytestmark = pytest.mark.slow
 

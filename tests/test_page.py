@@ -53,7 +53,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Chromium]:
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     async def poll() -> None:
         # polling: the harness's state has no event to wait on
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), timeout)
