@@ -9,7 +9,9 @@ CLOCK_MONOTONIC is shared by every process).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 from collections import deque
@@ -104,6 +106,7 @@ class Recorder:
         self.frames = 0
         self.last_voiced_at: float | None = None  # arrival time of the last frame with sound
         self.first_voiced_at: float | None = None
+        self.voiced: list[float] = []  # arrival time of every frame with sound, in order
         self._task: asyncio.Task[None] | None = None
 
     def attach(self, track: MediaStreamTrack) -> None:
@@ -122,9 +125,24 @@ class Recorder:
                 self._chunks.append((self._cursor, audio))
                 self._cursor += audio.size
                 if np.abs(audio).max(initial=0.0) > 0.01:
+                    self.voiced.append(t)
                     self.last_voiced_at = t
                     if self.first_voiced_at is None:
                         self.first_voiced_at = t
+
+    def first_voiced_after(self, t: float) -> float | None:
+        i = bisect.bisect_right(self.voiced, t)
+        return self.voiced[i] if i < len(self.voiced) else None
+
+    def stopped_after(self, t: float, gap: float = 0.25) -> float | None:
+        """Arrival of the last sound after ``t`` before the first silence of ``gap`` s."""
+        i = bisect.bisect_right(self.voiced, t)
+        if i >= len(self.voiced):
+            return None
+        for a, b in itertools.pairwise(self.voiced[i:]):
+            if b - a > gap:
+                return a
+        return self.voiced[-1]
 
     def audio(self, until: float | None = None) -> np.ndarray:
         length = self._cursor if until is None else max(self._cursor, int((until - self.t0) * self.rate))

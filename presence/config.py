@@ -57,10 +57,9 @@ class Settings:
     peer_timeout_s: float = _opt(10.0, "a peer whose audio stops this long is treated as gone")
     # --- floor policy (rule-based baseline)
     policy: str = _opt("rules", "floor policy", choices=("rules",))
-    eot_silence_ms: int = _opt(400, "silence after caller speech that ends the caller's turn")
-    speculate_ms: int = _opt(
-        100, "silence after which a reply is prepared speculatively (0 = at end of turn)"
-    )
+    eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
+    eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
+    speculate_ms: int = _opt(20, "silence after which a reply is prepared speculatively (>= 20: one unvoiced frame)")
     min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
     hold_onset_ms: int = _opt(60, "caller speech over the bot that pauses its output at once")
     barge_in_ms: int = _opt(
@@ -122,7 +121,15 @@ class Settings:
         "Hi, I'm Presence. How can I help?", "what the bot says when a call starts ('' = nothing)"
     )
     # --- jobs (Redis Streams)
-    redis_url: str = _opt("", "Redis URL for background jobs (empty = local if one answers)")
+    jobs: str = _opt(
+        "auto",
+        "background jobs: auto (Redis if one answers, else a private redis-server + in-process worker), redis, off",
+        choices=("auto", "redis", "off"),
+    )
+    redis_url: str = _opt("", "Redis URL for background jobs (empty = redis://127.0.0.1:6379/0 if it answers)")
+    jobs_docs_dir: str = _opt("", "folder of documents the search job indexes (empty = the bundled docs/ folder)")
+    web_search_url: str = _opt("", "HTTP search API for the search job (empty = local documents only)")
+    job_timeout_s: float = _opt(20.0, "deadline of one background job")
     # --- logging
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 _QUIET_CHUNKS_TO_END_RUN = 3  # ~100 ms of unvoiced VAD chunks end an overlap run (word gaps don't)
 _SPEECH_END_HANGOVER_S = 0.16
 _BC_CLIPS: dict[int, np.ndarray] = {}  # backchannel audio, synthesised once per TTS instance
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+
+
+def _norm(text: str) -> str:
+    """Text compared for "is this the same question": case, punctuation and spacing ignored."""
+    return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
 
 
 class Engine:
@@ -258,33 +265,45 @@ class Engine:
             or self._pending is not None
             or self._pending_text is not None
             or s.caller_speech_ms < self.settings.min_turn_speech_ms
-            or s.caller_silence_ms < self.settings.speculate_ms
+            or s.caller_silence_ms < max(20, self.settings.speculate_ms)
         ):
             return
         self._start_prepare()
 
     def _start_prepare(self) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
+        """Ask the ASR for its final text; the reply is prepared from it as soon as it comes.
+
+        Not from the latest partial: it usually lacks the last word, and the wasted reply's
+        TTS (piper cannot be stopped mid-piece) delayed the real one by more than it saved.
+        """
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._asr_q.put_nowait(("finish", future))
-        self._pending_text = asyncio.ensure_future(future)
-        self._pending_text.add_done_callback(self._text_ready)
+        self._pending_text = future
+        future.add_done_callback(self._text_ready)
+
+    def _prepare_reply(self, text: str) -> None:
+        self._pending_user_text = text
+        self._pending = ReplyTask(
+            self.backends.responder,
+            self.backends.tts,
+            [*self.history, ChatMessage("user", text)],
+            self.events,
+        )
 
     def _text_ready(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled() or fut is not self._pending_text:
             return
         text = fut.result() if fut.exception() is None else ""
+        if self._pending is not None and _norm(text) != _norm(self._pending_user_text):
+            self._spawn(self._pending.cancel(), "cancel-reply")
+            self._pending = None
+        if text:
+            self.state.partial_text = text  # the policy's completeness check reads the final
         if self._commit_when_ready:
             self._take_turn(text)
             return
-        if text and not is_backchannel(text, self._bc_words):
-            self._pending_user_text = text
-            self._pending = ReplyTask(
-                self.backends.responder,
-                self.backends.tts,
-                [*self.history, ChatMessage("user", text)],
-                self.events,
-            )
+        if self._pending is None and text and not is_backchannel(text, self._bc_words):
+            self._prepare_reply(text)
 
     @property
     def _bc_words(self) -> frozenset[str]:
@@ -311,7 +330,7 @@ class Engine:
         self._user_index = len(self.history) - 1
         self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns)
         reply = self._pending
-        if reply is None or self._pending_user_text != text:
+        if reply is None or _norm(self._pending_user_text) != _norm(text):
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
             reply = ReplyTask(self.backends.responder, self.backends.tts, list(self.history), self.events)

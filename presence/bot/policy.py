@@ -1,6 +1,7 @@
 """Floor control: who has the floor, decided once per micro-turn, with a per-frame hold reflex.
 
-``RuleBasedPolicy`` is the baseline: end of turn after a silence threshold, a barge-in when the
+``RuleBasedPolicy`` is the baseline: end of turn after a silence threshold (longer when the words
+so far end on "and", "the", "to"...), a barge-in when the
 caller keeps talking over the bot (with a real word, or for long), backchannel words that never
 stop the bot, and a resume after a false interruption. A held bot is silent at once (so a real barge-in stops it within a frame
 of the onset) but keeps its place, so a "mm-hm" costs a short pause, not the reply.
@@ -15,11 +16,18 @@ from presence.config import Settings
 from presence.seams import Action, Floor, FloorState, MicroTurn
 
 _WORD = re.compile(r"[a-z']+(?:-[a-z']+)?")
+# A turn rarely ends on these: the caller is pausing mid-sentence ("I want to book a table for").
+CONTINUATION_WORDS = frozenset(
+    "a an the and or but so because if that which who to of for with in on at from by about as "
+    "than then my your our their his her its is are was were be been am will would can could "
+    "should um uh er like".split()
+)
 
 
 @dataclass(frozen=True, slots=True)
 class RuleParams:
-    eot_silence_ms: float = 400
+    eot_silence_ms: float = 300
+    eot_incomplete_ms: float = 800
     min_turn_speech_ms: float = 200
     hold_onset_ms: float = 60
     barge_in_ms: float = 500
@@ -35,6 +43,7 @@ class RuleParams:
     def from_settings(cls, s: Settings) -> RuleParams:
         return cls(
             eot_silence_ms=s.eot_silence_ms,
+            eot_incomplete_ms=s.eot_incomplete_ms,
             min_turn_speech_ms=s.min_turn_speech_ms,
             hold_onset_ms=s.hold_onset_ms,
             barge_in_ms=s.barge_in_ms,
@@ -44,6 +53,12 @@ class RuleParams:
             bot_backchannels=s.bot_backchannels,
             backchannel_after_ms=s.backchannel_after_ms,
         )
+
+
+def sounds_unfinished(text: str) -> bool:
+    """True when the words so far end on a word that a finished sentence rarely ends on."""
+    words = _WORD.findall(text.lower())
+    return bool(words) and words[-1] in CONTINUATION_WORDS
 
 
 def is_backchannel(text: str, vocabulary: frozenset[str]) -> bool:
@@ -80,10 +95,11 @@ class RuleBasedPolicy:
                     return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
                 return Action(Floor.HOLD)
             return Action(Floor.CONTINUE)
+        needed = p.eot_incomplete_ms if sounds_unfinished(state.partial_text) else p.eot_silence_ms
         if (
             state.caller_spoke
             and state.caller_speech_ms >= p.min_turn_speech_ms
-            and state.caller_silence_ms >= p.eot_silence_ms
+            and state.caller_silence_ms >= needed
         ):
             return Action(Floor.SPEAK, reason="end of turn")
         if (

@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers: latency, CPU per call, Full-Duplex-Bench."""

@@ -1,0 +1,133 @@
+"""Calibration: run the harness against an echo bot with a known delay and measure it.
+
+The delay is measured two ways on the recorded timeline: the lag of the cross-correlation peak
+between what was sent and what came back, and the difference of their first onsets. The
+loopback transport adds a fixed cost (encode, jitter buffers, decode); a base run with a
+small known delay measures it, and the harness is calibrated when every other run measures D + that cost within
+10 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from presence.config import Settings
+from presence.signaling.app import run_server
+
+from .echo import DelayEchoHost
+from .runner import run_sample
+from .stimuli import RATE, SampleMeta, Synthesizer, Voice, write_sample
+
+TOLERANCE_S = 0.010
+
+
+def xcorr_delay(sent: np.ndarray, received: np.ndarray, rate: int = RATE, max_lag_s: float = 2.0) -> float:
+    """Lag (seconds, >= 0) at which ``received`` best matches ``sent`` (FFT cross-correlation)."""
+    n = sent.size + received.size
+    size = 1 << (n - 1).bit_length()
+    spec = np.fft.rfft(received, size) * np.conj(np.fft.rfft(sent, size))
+    corr = np.fft.irfft(spec, size)
+    max_lag = min(int(max_lag_s * rate), received.size - 1)
+    lag = int(np.argmax(corr[: max_lag + 1]))
+    return lag / rate
+
+
+def onset(audio: np.ndarray, rate: int = RATE, relative: float = 0.1) -> float | None:
+    """First sample above ``relative`` of the clip's peak, in seconds."""
+    peak = float(np.abs(audio).max(initial=0.0))
+    if peak <= 1e-3:
+        return None
+    idx = np.flatnonzero(np.abs(audio) > relative * peak)
+    return float(idx[0]) / rate if idx.size else None
+
+
+@dataclass
+class Calibration:
+    delay_s: float
+    xcorr_s: float
+    onset_s: float | None
+
+
+@dataclass
+class CalibrationReport:
+    transport_s: float  # the loopback path's own delay: base run's measurement minus its D
+    runs: list[Calibration]
+
+    def errors(self) -> list[float]:
+        """Measured D minus true D for each run, the transport cost taken off."""
+        return [r.xcorr_s - self.transport_s - r.delay_s for r in self.runs[1:]]
+
+    @property
+    def max_error_s(self) -> float:
+        return max((abs(e) for e in self.errors()), default=0.0)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "transport_s": self.transport_s,
+            "runs": [asdict(r) for r in self.runs],
+            "errors_s": self.errors(),
+            "max_error_s": self.max_error_s,
+            "tolerance_s": TOLERANCE_S,
+        }
+
+
+def _calibration_sample(directory: Path, synth: Synthesizer | None = None) -> Path:
+    """Speech with gaps, so the correlation has one clear peak: espeak is instant."""
+    synth = synth or Synthesizer()
+    speech = synth(Voice("espeak", "en-us"), "Calibration. One, two, three. The quick brown fox.")
+    audio = np.zeros(int((0.5 + speech.size / RATE + 1.5) * RATE), dtype=np.float32)
+    audio[int(0.5 * RATE) : int(0.5 * RATE) + speech.size] = speech
+    meta = SampleMeta(
+        id="calibration",
+        category="calibration",
+        seed=0,
+        version=1,
+        voice="espeak:en-us",
+        text="calibration",
+        duration_s=audio.size / RATE,
+    )
+    write_sample(directory, audio, meta, {})
+    return directory
+
+
+async def measure_echo(delay_s: float, sample_dir: Path) -> Calibration:
+    """Serve a DelayEchoHost, play the sample through the harness, measure the delay."""
+    settings = Settings.from_env({}, port=0, greeting="")
+    runner = await run_server(settings, DelayEchoHost(delay_s))
+    try:
+        run = await run_sample(settings.base_url, sample_dir)
+    finally:
+        await runner.cleanup()
+    if run.error:
+        raise RuntimeError(f"calibration call failed: {run.error}")
+    sent_onset, got_onset = onset(run.played), onset(run.output)
+    return Calibration(
+        delay_s=delay_s,
+        xcorr_s=xcorr_delay(run.played, run.output),
+        onset_s=None if sent_onset is None or got_onset is None else got_onset - sent_onset,
+    )
+
+
+async def calibrate(
+    delays: tuple[float, ...] = (0.3, 0.6), base_delay_s: float = 0.1, out: Path | None = None
+) -> CalibrationReport:
+    """Measure the transport with a run at ``base_delay_s``, then each D.
+
+    The base run is not at D = 0: an echo cannot send a frame before it has arrived, so a
+    zero-delay echo would race its own input.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
+        base = await measure_echo(base_delay_s, sample_dir)
+        runs = [base]
+        for delay in delays:
+            runs.append(await measure_echo(delay, sample_dir))
+    report = CalibrationReport(transport_s=base.xcorr_s - base_delay_s, runs=runs)
+    if out is not None:
+        (Path(out) / "calibration.json").write_text(json.dumps(report.to_json(), indent=2))
+    return report

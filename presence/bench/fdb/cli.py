@@ -1,0 +1,252 @@
+"""``presence bench fdb``: stimuli -> live calls against in-process bots -> scores -> report.
+
+Each configuration (floor policy x end-of-turn silence) gets its own real server (signaling +
+CallManager) in this process, sharing one set of warmed-up backends; every sample is a real
+aiortc call played in real time, one after the other (the machine may have two cores).
+Scoring runs after all calls, so whisper never competes with a live call for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from presence.bot.backends.factory import Backends, build_backends, warm_up
+from presence.bot.calls import CallManager
+from presence.config import Settings
+from presence.signaling.app import run_server
+
+from . import score as scoring
+from .report import write_report
+from .runner import TRANSPORTS, run_sample
+from .stimuli import CATEGORIES, generate
+
+log = logging.getLogger(__name__)
+
+# What a sample directory carries from the stimuli into a run directory.
+_STIMULUS_FILES = ("input.wav", "meta.json", "clean_input.wav", "pause.json", "turn_taking.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str
+    eot_silence_ms: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} eot={self.eot_silence_ms}ms"
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.policy}-eot{self.eot_silence_ms}"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="presence bench fdb",
+        description="Full-Duplex-Bench-style measurement of the bot over real WebRTC calls",
+    )
+    p.add_argument("--policy", default="rules", help="floor policies, comma separated [rules]")
+    p.add_argument(
+        "--category",
+        action="append",
+        help=f"categories (repeat or comma separate) [all: {','.join(CATEGORIES)}]",
+    )
+    p.add_argument("--limit", type=int, default=50, help="samples per category [50]")
+    p.add_argument("--out", type=Path, default=Path("fdb-results"), help="output directory [fdb-results]")
+    p.add_argument(
+        "--eot-silence-ms", default="300,500,800", help="end-of-turn silences to compare, comma separated"
+    )
+    p.add_argument("--seed", type=int, default=1234, help="stimulus seed [1234]")
+    p.add_argument(
+        "--responder",
+        default="rules",
+        choices=("auto", "llama", "openai", "rules"),
+        help="reply text [rules: deterministic, so runs compare floor control, not wording]",
+    )
+    p.add_argument("--transport", default="aiortc", choices=TRANSPORTS)
+    p.add_argument("--no-calibration", action="store_true", help="skip the echo-bot calibration")
+    p.add_argument("--timelines", type=int, default=4, help="timeline plots to draw [4]")
+    return p
+
+
+def _progress(prefix: str) -> Any:
+    started = time.monotonic()
+
+    def show(done: int, total: int, name: str) -> None:
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (total - done) if done else 0.0
+        print(
+            f"\r[fdb] {prefix} {done}/{total} {name:<22} {elapsed:5.0f} s elapsed, ~{eta:4.0f} s left",
+            end="" if done < total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def _prepare(stimulus: Path, target: Path) -> Path:
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for path in stimulus.iterdir():
+        if path.name in _STIMULUS_FILES or path.name.startswith("inject_"):
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+async def run_config(
+    config: Config,
+    stimuli: Sequence[Path],
+    out: Path,
+    backends: Backends,
+    *,
+    responder: str = "rules",
+    transport: str = "aiortc",
+    show_progress: bool = True,
+) -> list[Path]:
+    """Serve one configuration and play every stimulus to it; returns the run directories."""
+    settings = Settings.from_env(
+        None,
+        port=0,
+        greeting="",
+        policy=config.policy,
+        eot_silence_ms=config.eot_silence_ms,
+        responder=responder,
+    )
+    manager = CallManager(settings, backends)
+    runner = await run_server(settings, manager)
+    show = _progress(config.label) if show_progress else None
+    dirs: list[Path] = []
+    try:
+        for i, stimulus in enumerate(stimuli):
+            target = _prepare(stimulus, out / config.dirname / stimulus.parent.name / stimulus.name)
+            await run_sample(settings.base_url, target, transport=transport)
+            # The call must be gone before the next starts: one call at a time.
+            for _ in range(50):
+                if not manager.sessions:
+                    break
+                await asyncio.sleep(0.1)
+            dirs.append(target)
+            if show is not None:
+                show(i + 1, len(stimuli), stimulus.name)
+    finally:
+        await runner.cleanup()
+    return dirs
+
+
+async def run_benchmark(
+    out: Path,
+    configs: Sequence[Config],
+    categories: Sequence[str] = CATEGORIES,
+    limit: int = 50,
+    *,
+    seed: int = 1234,
+    responder: str = "rules",
+    transport: str = "aiortc",
+    backends: Backends | None = None,
+    calibration: bool = True,
+    timelines: int = 4,
+    show_progress: bool = True,
+) -> dict[str, Path]:
+    """The whole pipeline; returns the written report files (``json``, ``md``, plots)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stimuli = generate(
+        out / "stimuli", categories, limit, seed, progress=_progress("stimuli") if show_progress else None
+    )
+    if backends is None:
+        backends = build_backends(Settings.from_env(None, port=0, greeting="", responder=responder))
+        await warm_up(backends)
+    calib: dict[str, Any] | None = None
+    if calibration:
+        from .calibrate import calibrate
+
+        report = await calibrate(out=out)
+        calib = report.to_json()
+        if show_progress:
+            print(
+                f"[fdb] calibration: transport {report.transport_s * 1000:.1f} ms, "
+                f"max error {report.max_error_s * 1000:.1f} ms",
+                file=sys.stderr,
+            )
+    run_dirs: dict[Config, list[Path]] = {}
+    for config in configs:
+        run_dirs[config] = await run_config(
+            config, stimuli, out, backends, responder=responder, transport=transport, show_progress=show_progress
+        )
+    scorer = scoring.Scorer(asr=backends.transcriber)
+    results: dict[str, dict[str, Any]] = {}
+    for config, dirs in run_dirs.items():
+        samples = await asyncio.to_thread(
+            scorer.score_dirs, dirs, _progress(f"score {config.label}") if show_progress else None
+        )
+        results[config.label] = {
+            "settings": {"policy": config.policy, "eot_silence_ms": config.eot_silence_ms, "responder": responder},
+            "aggregate": scoring.aggregate(samples),
+            "samples": samples,
+            "dir": out / config.dirname,
+        }
+    return write_report(out, results, calibration=calib, timelines=timelines)
+
+
+async def main(argv: Sequence[str] | None = None) -> int:
+    """``presence bench fdb [--policy ...] [--category ...] [--limit N] [--out DIR] [--eot-silence-ms ...]``."""
+    args = parser().parse_args(argv)
+    categories: list[str] = []
+    for value in args.category or [",".join(CATEGORIES)]:
+        categories += _csv(value)
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown:
+        print(f"unknown categories {unknown}; choose from {', '.join(CATEGORIES)}", file=sys.stderr)
+        return 2
+    try:
+        eots = [int(v) for v in _csv(args.eot_silence_ms)]
+    except ValueError:
+        print("--eot-silence-ms takes integers, e.g. 300,500,800", file=sys.stderr)
+        return 2
+    policies = _csv(args.policy)
+    allowed = Settings.__dataclass_fields__["policy"].metadata.get("choices") or ("rules",)
+    bad = [p for p in policies if p not in allowed]
+    if bad or not policies or not eots or args.limit < 1:
+        print(f"need policies from {allowed}, at least one eot and --limit >= 1", file=sys.stderr)
+        return 2
+    configs = [Config(p, e) for p in policies for e in eots]
+    files = await run_benchmark(
+        args.out,
+        configs,
+        categories,
+        args.limit,
+        seed=args.seed,
+        responder=args.responder,
+        transport=args.transport,
+        calibration=not args.no_calibration,
+        timelines=args.timelines,
+    )
+    print(f"[fdb] report: {files['md']}", file=sys.stderr)
+    summary = json.loads(Path(files["json"]).read_text())
+    for label, cfg in summary["configs"].items():
+        o = cfg["aggregate"]["overall"]
+        v2v = o["voice_to_voice_s"]
+        print(
+            f"{label}: v2v p50 {v2v['p50']} s, barge-in stop p50 {o['barge_in_stop_s']['p50']} s, "
+            f"false barge-in {o['false_barge_in_rate']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main(sys.argv[1:])))

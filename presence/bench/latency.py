@@ -1,0 +1,307 @@
+"""``presence bench latency``: voice-to-voice and barge-in stop latency, CPU per call vs echo.
+
+The bot runs as its own process (``presence serve``), exactly as users run it; the callers are
+aiortc peers in this process. Times are the caller's: the end of its speech (known from the
+stimulus) to the first bot audio received, and the onset of an interruption to the last bot
+audio received before the bot fell silent. CPU is read from /proc for the server process and
+its children, against a bare aiortc echo server measured in the same run with the same callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from presence.caller import Caller
+from presence.clock import now
+from presence.config import Settings
+from presence.media.audio import resample
+from presence.seams import OUT_SAMPLE_RATE
+
+QUESTIONS = [
+    "What is your name?",
+    "What time is it?",
+    "What is two plus three?",
+    "Can you hear me?",
+    "How are you today?",
+]
+INTERRUPTION = "Wait, stop. I have a different question."
+LONG_REPLY = (
+    "Thanks for calling. I can help you with your account, your bills and your plans, "
+    "and I can also look things up for you while we talk. Let me tell you about the options we have today."
+)
+
+
+@dataclass
+class Clip:
+    text: str
+    audio48: np.ndarray
+    voiced_start: float  # seconds into the clip
+    voiced_end: float
+
+
+def make_clips(texts: list[str]) -> dict[str, Clip]:
+    from presence.bot.backends.tts import PiperTTS
+
+    tts = PiperTTS()
+    clips = {}
+    for text in texts:
+        audio = resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, OUT_SAMPLE_RATE)
+        frames = np.abs(audio[: audio.size // 960 * 960]).reshape(-1, 960).max(axis=1)
+        voiced = np.flatnonzero(frames > 0.02)
+        clips[text] = Clip(text, audio, voiced[0] * 0.02, (voiced[-1] + 1) * 0.02)
+    return clips
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class ServerProcess:
+    """A server started as a child process; knows its URL and reads its CPU time."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self, marker: str, timeout: float = 180.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        assert self.proc.stdout is not None
+        deadline = now() + timeout
+        while now() < deadline:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode().strip()
+            if not line and self.proc.returncode is not None:
+                break
+            if marker in line:
+                self.url = line.split(marker, 1)[1].strip().split("/?")[0].rstrip("/")
+                asyncio.get_running_loop().create_task(self._drain())
+                return
+        raise RuntimeError(f"{' '.join(self.args)} did not start")
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while await self.proc.stdout.readline():
+            pass
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in _tree(self.proc.pid):
+            with contextlib.suppress(OSError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                todo.extend(int(c) for c in children)
+    return pids
+
+
+def _env(**settings: object) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.items():
+        env["PRESENCE_" + name.upper()] = str(value)
+    return env
+
+
+async def start_bot(settings: Settings, **overrides: object) -> ServerProcess:
+    values = {"port": 0, "log_level": "warning", "responder": settings.responder, "eot_silence_ms": settings.eot_silence_ms}
+    values.update(overrides)
+    server = ServerProcess([sys.executable, "-m", "presence.cli", "serve"], _env(**values))
+    await server.start("Presence is listening on")
+    return server
+
+
+async def start_echo() -> ServerProcess:
+    server = ServerProcess([sys.executable, "-m", "presence.bench.echo", "--port", "0"], dict(os.environ))
+    await server.start("echo server listening on")
+    return server
+
+
+@dataclass
+class Results:
+    voice_to_voice: list[float] = field(default_factory=list)
+    barge_in_stop: list[float] = field(default_factory=list)
+    cpu: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> calls -> % of a core per call
+    failures: list[str] = field(default_factory=list)
+
+
+async def voice_to_voice(url: str, clips: dict[str, Clip], trials: int, results: Results) -> None:
+    caller = Caller(url=url)
+    await caller.connect()
+    try:
+        await asyncio.sleep(1.0)
+        for i in range(trials):
+            clip = clips[QUESTIONS[i % len(QUESTIONS)]]
+            sent = await caller.say(clip.audio48, OUT_SAMPLE_RATE)
+            speech_end = sent + clip.voiced_end
+            first = None
+            deadline = speech_end + 10.0
+            while now() < deadline and first is None:
+                await asyncio.sleep(0.02)
+                first = caller.recorder.first_voiced_after(speech_end)
+            if first is None:
+                results.failures.append(f"v2v trial {i}: no answer within 10 s")
+                continue
+            results.voice_to_voice.append(first - speech_end)
+            _progress("voice-to-voice", i + 1, trials, first - speech_end)
+            # Let the reply finish before the next question (a new question would barge in).
+            while now() < first + 15.0:
+                await asyncio.sleep(0.1)
+                last = caller.recorder.last_voiced_at or 0.0
+                if now() - last > 0.8:
+                    break
+    finally:
+        await caller.hangup()
+
+
+async def barge_in(url: str, clips: dict[str, Clip], trials: int, results: Results) -> None:
+    rng = random.Random(7)
+    clip = clips[INTERRUPTION]
+    for i in range(trials):
+        caller = Caller(url=url)
+        await caller.connect()
+        try:
+            deadline = now() + 15.0
+            while caller.recorder.first_voiced_at is None and now() < deadline:
+                await asyncio.sleep(0.02)
+            if caller.recorder.first_voiced_at is None:
+                results.failures.append(f"barge-in trial {i}: the bot never spoke")
+                continue
+            await asyncio.sleep(rng.uniform(0.8, 1.6))
+            sent = await caller.say(clip.audio48, OUT_SAMPLE_RATE)
+            onset = sent + clip.voiced_start
+            await asyncio.sleep(clip.voiced_end + 0.5)
+            stop = caller.recorder.stopped_after(onset - 0.05)
+            value = max(0.0, (stop if stop is not None else onset) - onset)
+            results.barge_in_stop.append(value)
+            _progress("barge-in stop", i + 1, trials, value)
+        finally:
+            await caller.hangup()
+
+
+async def cpu_per_call(url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess) -> float:
+    """% of one core per call while each caller asks a question every ~6 s."""
+    callers = [Caller(url=url, name=f"c{i}") for i in range(calls)]
+    stop = asyncio.Event()
+
+    async def talk(index: int, caller: Caller) -> None:
+        await asyncio.sleep(index * 6.0 / max(1, calls))
+        while not stop.is_set():
+            await caller.say(clips[QUESTIONS[index % len(QUESTIONS)]].audio48, OUT_SAMPLE_RATE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 6.0)
+
+    await asyncio.gather(*(c.connect() for c in callers))
+    tasks = [asyncio.create_task(talk(i, c)) for i, c in enumerate(callers)]
+    await asyncio.sleep(2.0)  # settle: connections up, first frames through
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, t1 = server.cpu_seconds(), time.monotonic()
+    stop.set()
+    await asyncio.gather(*tasks)
+    await asyncio.gather(*(c.hangup() for c in callers))
+    return 100.0 * (cpu1 - cpu0) / (t1 - t0) / calls
+
+
+def _progress(name: str, done: int, total: int, value: float) -> None:
+    print(f"\r  {name}: {done}/{total}  last {value * 1000:.0f} ms   ", end="", file=sys.stderr, flush=True)
+    if done == total:
+        print(file=sys.stderr)
+
+
+def summary(results: Results) -> str:
+    def row(name: str, values: list[float], target: str) -> str:
+        ms = [v * 1000 for v in values]
+        return f"| {name} | {len(ms)} | {pct(ms, 50):.0f} | {pct(ms, 95):.0f} | {min(ms, default=float('nan')):.0f} | {max(ms, default=float('nan')):.0f} | {target} |"
+
+    lines = [
+        "| metric (ms) | n | p50 | p95 | min | max | target |",
+        "|---|---|---|---|---|---|---|",
+        row("voice-to-voice", results.voice_to_voice, "p50 <= 600 (aim 400)"),
+        row("barge-in stop", results.barge_in_stop, "p95 <= 250"),
+    ]
+    if results.cpu:
+        lines += ["", "| concurrent calls | echo % core/call | bot % core/call | bot / echo |", "|---|---|---|---|"]
+        for n in sorted(results.cpu.get("echo", {})):
+            echo, bot = results.cpu["echo"][n], results.cpu.get("bot", {}).get(n, float("nan"))
+            lines.append(f"| {n} | {echo:.1f} | {bot:.1f} | {bot / echo:.2f}x |")
+    return "\n".join(lines)
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    print(f"presence bench latency: {args.trials} trials each, machine: {os.cpu_count()} cores", file=sys.stderr)
+    clips = make_clips([*QUESTIONS, INTERRUPTION])
+    results = Results()
+    bot = await start_bot(settings, greeting="")
+    try:
+        await voice_to_voice(bot.url, clips, args.trials, results)
+        if not args.skip_cpu:
+            for n in [int(x) for x in args.calls.split(",")]:
+                results.cpu.setdefault("bot", {})[n] = await cpu_per_call(bot.url, clips, n, args.cpu_seconds, bot)
+                print(f"  bot CPU with {n} calls: {results.cpu['bot'][n]:.1f}% of a core per call", file=sys.stderr)
+    finally:
+        await bot.stop()
+    talker = await start_bot(settings, greeting=LONG_REPLY)
+    try:
+        await barge_in(talker.url, clips, args.trials, results)
+    finally:
+        await talker.stop()
+    if not args.skip_cpu:
+        echo = await start_echo()
+        try:
+            for n in [int(x) for x in args.calls.split(",")]:
+                results.cpu.setdefault("echo", {})[n] = await cpu_per_call(echo.url, clips, n, args.cpu_seconds, echo)
+                print(f"  echo CPU with {n} calls: {results.cpu['echo'][n]:.1f}% of a core per call", file=sys.stderr)
+        finally:
+            await echo.stop()
+    print(summary(results))
+    for failure in results.failures:
+        print(f"failure: {failure}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "voice_to_voice_s": results.voice_to_voice,
+                    "barge_in_stop_s": results.barge_in_stop,
+                    "cpu_percent_per_call": results.cpu,
+                    "failures": results.failures,
+                    "machine": {"cores": os.cpu_count()},
+                    "median_v2v_ms": statistics.median(results.voice_to_voice) * 1000 if results.voice_to_voice else None,
+                },
+                indent=2,
+            )
+        )
+    return 0 if not results.failures else 1

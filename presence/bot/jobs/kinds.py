@@ -1,0 +1,46 @@
+"""Registry of job kinds: name -> handler, imported lazily so a worker loads only what it serves."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+from presence.bot.jobs.worker import Handler
+
+HANDLERS: dict[str, str] = {
+    "search": "presence.bot.jobs.search:handle",
+    "code": "presence.bot.jobs.code:handle",
+    "think": "presence.bot.jobs.think:handle",
+    "noop": "presence.bot.jobs.basic:noop",
+    "echo": "presence.bot.jobs.basic:echo",
+    "sleep": "presence.bot.jobs.basic:sleep",
+    "fail": "presence.bot.jobs.basic:fail",
+}
+
+
+def load_handlers(kinds: Iterable[str]) -> dict[str, Handler]:
+    handlers: dict[str, Handler] = {}
+    for kind in kinds:
+        target = HANDLERS.get(kind)
+        if target is None:
+            raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(sorted(HANDLERS))}")
+        module, _, attr = target.partition(":")
+        handlers[kind] = getattr(importlib.import_module(module), attr)
+    return handlers
+
+
+def options_from_settings(settings: Any) -> dict[str, Any]:
+    """Worker options taken from :class:`presence.config.Settings` (absent fields are skipped)."""
+    options: dict[str, Any] = {}
+    for option, attr in (
+        ("think_url", "llm_url"),
+        ("think_api_key", "llm_api_key"),
+        ("think_model", "llm_model"),
+        ("docs_dir", "jobs_docs_dir"),
+        ("web_search_url", "web_search_url"),
+    ):
+        value = getattr(settings, attr, None)
+        if value:
+            options[option] = value
+    return options

@@ -1,0 +1,775 @@
+"""The durable job layer against a real Redis (127.0.0.1:6379, or PRESENCE_TEST_REDIS_URL).
+
+Each test uses its own key prefix. Without Redis the tests skip, except under CI=true where a
+missing Redis is a failure. The restart test runs a private redis-server on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from presence.bot.jobs import (
+    LOST_ERROR,
+    Backoff,
+    JobBroker,
+    JobError,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    TransientJobError,
+    Worker,
+)
+from presence.bot.jobs.code import SandboxLimits, run_python
+from presence.bot.jobs.kinds import load_handlers, options_from_settings
+from presence.bot.jobs.redisio import Keys
+
+REDIS_URL = os.environ.get("PRESENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+KINDS = ["noop", "echo", "sleep", "fail"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _redis_up(url: str) -> str | None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    problem = _redis_up(REDIS_URL)
+    if problem:
+        message = f"Redis at {REDIS_URL} is unreachable: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI=true: the job tests need a running Redis)")
+        pytest.skip(message)
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    value = f"test-jobs-{uuid.uuid4().hex[:10]}"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{value}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+async def broker(redis_url: str, prefix: str) -> AsyncIterator[JobBroker]:
+    b = JobBroker(redis_url, prefix=prefix, kinds=[*KINDS, "code"], max_args_bytes=4096)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+class Collector:
+    """Drains broker.results(call_id) in the background so tests can wait for counts."""
+
+    def __init__(self, broker: JobBroker, call_id: str) -> None:
+        self.items: list[JobResult] = []
+        self._task = asyncio.create_task(self._run(broker, call_id))
+
+    async def _run(self, broker: JobBroker, call_id: str) -> None:
+        async for result in broker.results(call_id, block_ms=200):
+            self.items.append(result)
+
+    async def wait(self, n: int, timeout: float = 10.0) -> list[JobResult]:
+        end = time.monotonic() + timeout
+        while len(self.items) < n:
+            if self._task.done():
+                self._task.result()
+                raise AssertionError(f"results() ended after {len(self.items)} of {n}")
+            if time.monotonic() > end:
+                raise AssertionError(f"only {len(self.items)} of {n} results: {self.items}")
+            await asyncio.sleep(0.02)
+        return list(self.items)
+
+    def by_id(self) -> dict[str, JobResult]:
+        return {r.job_id: r for r in self.items}
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    redis_url: str, prefix: str, kinds: list[str] = KINDS, **kw: Any
+) -> AsyncIterator[Worker]:
+    kw.setdefault("idle_reclaim_ms", 2_000)
+    worker = Worker(redis_url, kinds, load_handlers(kinds), kw.pop("name", "w1"), prefix=prefix, **kw)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.started.wait(), 10)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+
+
+def spawn_worker(redis_url: str, prefix: str, name: str, kinds: str, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "presence.bot.jobs", "--redis-url", redis_url),
+            *("--prefix", prefix, "--kinds", kinds, "--consumer", name, *extra),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until "ready <name>" (or EOF on a crash)
+    if not line.startswith("ready"):
+        proc.kill()
+        raise AssertionError(
+            f"worker {name} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return proc
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- types (no Redis)
+def test_request_roundtrip_and_validation() -> None:
+    req = JobRequest.new("call-1", "echo", {"x": [1, 2]}, timeout_s=5, urgent=True)
+    assert JobRequest.from_json(req.to_json()) == req
+    with pytest.raises(JobError, match="not JSON"):
+        JobRequest.from_json("{nope")
+    with pytest.raises(JobError, match="expected a JSON object"):
+        JobRequest.from_json("[1, 2]")
+    with pytest.raises(JobError, match="missing args, deadline"):
+        JobRequest.from_json(json.dumps({"job_id": "a", "call_id": "b", "kind": "echo"}))
+    with pytest.raises(JobError, match="unknown kind 'teleport'"):
+        JobRequest.from_json(JobRequest.new("c", "teleport").to_json())
+    with pytest.raises(JobError, match=r"args too large: \d+ bytes > limit 100"):
+        JobRequest.new("c", "echo", {"blob": "x" * 200}).validate(max_args_bytes=100)
+    with pytest.raises(JobError, match="call_id must be"):
+        JobRequest.new("bad call id!", "echo").validate()
+    with pytest.raises(JobError, match="deadline must be a finite number"):
+        JobRequest.from_json(json.dumps({**json.loads(req.to_json()), "deadline": "soon"}))
+    res = JobResult.failure(req, "cancelled: test")
+    assert JobResult.from_json(res.to_json()) == res
+    assert res.status is JobStatus.CANCELLED
+    with pytest.raises(JobError, match="ok must be a bool"):
+        JobResult.from_json(json.dumps({"job_id": "a", "call_id": "b", "kind": "k", "ok": "yes"}))
+
+
+# ---------------------------------------------------------------------- broker + worker
+async def test_submit_to_result_exactly_once(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    await broker.open_call("call-a")
+    results = Collector(broker, "call-a")
+    async with running_worker(redis_url, prefix) as worker:
+        ids = [await broker.submit(JobRequest.new("call-a", "echo", {"n": i})) for i in range(3)] + [
+            await broker.submit(JobRequest.new("call-a", "noop"))
+        ]
+        got = await results.wait(4)
+        await asyncio.sleep(0.3)  # nothing more may arrive
+        assert sorted(r.job_id for r in results.items) == sorted(ids)
+        assert {r.value.get("n") for r in got if r.kind == "echo"} == {0, 1, 2}  # type: ignore[union-attr]
+        assert all(r.ok and r.worker == "w1" for r in got)
+        assert await broker.status(ids[0]) is JobStatus.DONE
+        assert raw.xlen(Keys(prefix).results("call-a")) == 4
+        assert await broker.queue_depth("echo") == 0
+        assert broker.pending == {}
+        assert worker.stats.done == 4
+        # the same request delivered again (e.g. a retried XADD) is acked without a new result
+        raw.xadd(
+            Keys(prefix).jobs("echo"), {"job": JobRequest.new("call-a", "echo", job_id=ids[0]).to_json()}
+        )
+        await until(lambda: worker.stats.redelivered_finished == 1, what="redelivery ack")
+        assert raw.xlen(Keys(prefix).results("call-a")) == 4
+    await results.stop()
+
+
+async def test_duplicate_result_is_yielded_once(broker: JobBroker, prefix: str, raw: redis.Redis) -> None:
+    await broker.open_call("call-d")
+    req = JobRequest.new("call-d", "noop")
+    await broker.submit(req)
+    result = JobResult(req.job_id, "call-d", "noop", True, {"v": 1}, None, 1.0, 2.0, "w")
+    stream = Keys(prefix).results("call-d")
+    raw.xadd(stream, {"result": result.to_json()})
+    raw.xadd(stream, {"result": result.to_json()})  # delivered twice
+    raw.xadd(stream, {"result": "not json"})  # and a broken entry, skipped with a log
+    results = Collector(broker, "call-d")
+    await results.wait(1)
+    await asyncio.sleep(0.5)
+    assert results.items == [result]
+    assert broker.stats["duplicates"] == 1
+    assert broker.stats["malformed_results"] == 1
+    assert broker.pending == {}
+    await results.stop()
+
+
+async def test_killed_worker_job_is_reclaimed(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    await broker.open_call("call-k")
+    a = spawn_worker(redis_url, prefix, "A", "sleep", "--idle-reclaim-ms", "600")
+    b: subprocess.Popen[str] | None = None
+    results = Collector(broker, "call-k")
+    try:
+        job_id = await broker.submit(JobRequest.new("call-k", "sleep", {"seconds": 1.0}, timeout_s=30))
+        await until(lambda: raw.hget(Keys(prefix).job(job_id), "worker") == "A", what="A running the job")
+        a.send_signal(signal.SIGKILL)  # dies mid-job: the entry stays pending for A
+        a.wait(5)
+        b = spawn_worker(redis_url, prefix, "B", "sleep", "--idle-reclaim-ms", "600")
+        got = await results.wait(1, timeout=20)
+        await asyncio.sleep(1.0)  # A is gone for good: no second result may follow
+        assert len(results.items) == 1
+        assert got[0].job_id == job_id and got[0].ok and got[0].worker == "B"
+        assert raw.xlen(Keys(prefix).results("call-k")) == 1
+        assert raw.hget(Keys(prefix).job(job_id), "deliveries") == "2"
+        b.send_signal(signal.SIGTERM)  # graceful: exits 0
+        assert b.wait(10) == 0
+        assert "reclaimed" in (b.stderr.read() if b.stderr else "")
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await results.stop()
+
+
+async def test_stalled_worker_does_not_answer_twice(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    """A worker frozen past idle_reclaim_ms loses the job to another and stays quiet on waking."""
+    await broker.open_call("call-st")
+    a = spawn_worker(redis_url, prefix, "A", "sleep", "--idle-reclaim-ms", "600")
+    results = Collector(broker, "call-st")
+    job_key = Keys(prefix).job("stalled-1")
+    try:
+        await broker.submit(JobRequest("stalled-1", "call-st", "sleep", {"seconds": 1.0}, time.time() + 30))
+        await until(lambda: raw.hget(job_key, "worker") == "A", what="A running the job")
+        a.send_signal(signal.SIGSTOP)  # a long GC pause, a swapped-out VM...
+        async with running_worker(redis_url, prefix, ["sleep"], name="B", idle_reclaim_ms=600) as b:
+            await until(lambda: raw.hget(job_key, "worker") == "B", what="B reclaiming the job")
+            a.send_signal(signal.SIGCONT)  # A wakes up still "running" its copy
+            got = await results.wait(1)
+            await asyncio.sleep(0.6)
+            assert [r.worker for r in results.items] == ["B"] and got[0].ok
+            assert raw.xlen(Keys(prefix).results("call-st")) == 1
+            assert b.stats.reclaimed == 1
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(10) == 0
+        stderr = a.stderr.read() if a.stderr else ""
+        assert "another worker took it over" in stderr or "was reclaimed by B" in stderr, stderr
+    finally:
+        if a.poll() is None:
+            a.send_signal(signal.SIGCONT)
+            a.kill()
+            a.wait()
+        await results.stop()
+
+
+async def test_bad_entries_are_rejected_or_dead_lettered(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    await broker.open_call("call-m")
+    with pytest.raises(JobError, match="unknown kind 'teleport'"):
+        await broker.submit(JobRequest.new("call-m", "teleport"))
+    with pytest.raises(JobError, match="args too large"):
+        await broker.submit(JobRequest.new("call-m", "echo", {"blob": "x" * 5000}))
+    keys = Keys(prefix)
+    good = json.loads(JobRequest.new("call-m", "echo").to_json())
+    bad_entries = [
+        {"job": "{this is not json"},
+        {"job": json.dumps({"job_id": "j1", "kind": "echo"})},
+        {"job": json.dumps({**good, "job_id": "j2", "kind": "teleport"})},
+        {"job": json.dumps({**good, "job_id": "j3", "args": {"blob": "x" * 70_000}})},
+        {"job": json.dumps({**good, "job_id": "j4", "kind": "noop"})},  # on the echo stream
+        {"payload": "no job field"},
+    ]
+    results = Collector(broker, "call-m")
+    async with running_worker(redis_url, prefix) as worker:
+        for fields in bad_entries:
+            raw.xadd(keys.jobs("echo"), fields)
+        await until(lambda: worker.stats.malformed == len(bad_entries), what="dead letters")
+        letters = await broker.dead_letters(10)
+        errors = " | ".join(d.error for d in letters)
+        for needle in (
+            "not JSON",
+            "missing",
+            "unknown kind 'teleport'",
+            "args too large",
+            "does not belong",
+            "no 'job' field",
+        ):
+            assert needle in errors
+        assert {d.job_id for d in letters} >= {"j2", "j3", "j4"}
+        # the worker is alive and serves the next job
+        job_id = await broker.submit(JobRequest.new("call-m", "echo", {"ok": 1}))
+        got = await results.wait(1)
+        assert got[0].job_id == job_id and got[0].ok
+    await results.stop()
+
+
+async def test_results_for_ended_or_unknown_calls_are_dropped(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    keys = Keys(prefix)
+    async with running_worker(redis_url, prefix) as worker:
+        # never opened: the job is not even run
+        unknown = await broker.submit(JobRequest.new("call-unknown", "echo"))
+        await until(lambda: worker.stats.dropped_jobs == 1, what="dropped job")
+        assert await broker.status(unknown) is JobStatus.CANCELLED
+        # ended while the job ran: the result is dropped, logged and counted
+        await broker.open_call("call-e")
+        job_id = await broker.submit(JobRequest.new("call-e", "sleep", {"seconds": 0.4}))
+        await until(lambda: raw.hget(keys.job(job_id), "status") == "running", what="running")
+        raw.srem(keys.live, "call-e")
+        await until(lambda: worker.stats.dropped_results == 1, what="dropped result")
+        assert raw.xlen(keys.results("call-e")) == 0
+        assert raw.hget(keys.stats, "dropped_results") == "1"
+        assert raw.hget(keys.job(job_id), "dropped") == "1"
+
+
+async def test_deadlines(broker: JobBroker, redis_url: str, prefix: str) -> None:
+    await broker.open_call("call-t")
+    results = Collector(broker, "call-t")
+    async with running_worker(redis_url, prefix) as worker:
+        expired = JobRequest("late-1", "call-t", "echo", {}, time.time() - 1.0)
+        await broker.submit(expired)
+        too_long = await broker.submit(JobRequest.new("call-t", "sleep", {"seconds": 5}, timeout_s=0.5))
+        got = {r.job_id: r for r in await results.wait(2, timeout=5)}
+        assert not got["late-1"].ok and got["late-1"].error == "deadline passed before the job started"
+        assert not got[too_long].ok and got[too_long].error.startswith("deadline:")  # type: ignore[union-attr]
+        assert got[too_long].finished_at - got[too_long].started_at < 1.5
+        assert worker.stats.deadline == 1
+    await results.stop()
+
+
+async def test_cancel(broker: JobBroker, redis_url: str, prefix: str) -> None:
+    await broker.open_call("call-c")
+    results = Collector(broker, "call-c")
+    # queued (no worker yet): cancelled at once, the worker later just acknowledges it
+    queued = await broker.submit(JobRequest.new("call-c", "echo"))
+    assert await broker.cancel(queued, "user changed topic") is True
+    got = await results.wait(1)
+    assert got[0].error == "cancelled: user changed topic" and got[0].status is JobStatus.CANCELLED
+    assert await broker.status(queued) is JobStatus.CANCELLED
+    async with running_worker(redis_url, prefix) as worker:
+        running = await broker.submit(JobRequest.new("call-c", "sleep", {"seconds": 10}))
+        await until(lambda: _eq(broker.status(running), JobStatus.RUNNING), what="running")
+        t0 = time.monotonic()
+        assert await broker.cancel(running, "barge-in") is True
+        got = await results.wait(2)
+        assert got[1].job_id == running and got[1].error == "cancelled: barge-in"
+        assert time.monotonic() - t0 < 1.0  # noticed within the poll interval
+        assert await broker.cancel(running) is False  # finished: nothing to cancel
+        assert await broker.cancel("no-such-job") is False
+        assert worker.stats.cancelled == 1
+        # ending the call cancels its jobs and ends the results() iterator
+        last = await broker.submit(JobRequest.new("call-c", "sleep", {"seconds": 10}))
+        assert await broker.cancel_call("call-c") == 1
+        await asyncio.wait_for(results._task, 3)
+        # stopped by the cancel key, or never started because the call is no longer live
+        await until(lambda: _eq(broker.status(last), JobStatus.CANCELLED), what="last cancelled")
+        await until(lambda: worker.stats.cancelled + worker.stats.dropped_jobs == 2, what="stop")
+    assert len(results.items) == 2
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return (await value) == expected
+
+
+async def test_max_attempts_dead_letter(
+    broker: JobBroker, redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    await broker.open_call("call-x")
+    results = Collector(broker, "call-x")
+    async with running_worker(redis_url, prefix, max_attempts=3) as worker:
+        flaky = await broker.submit(
+            JobRequest.new("call-x", "fail", {"transient": True, "message": "backend 503"})
+        )
+        plain = await broker.submit(JobRequest.new("call-x", "fail", {"message": "bad input"}))
+        # a job whose earlier deliveries all died with their workers (counter already at 3)
+        crashed = JobRequest.new("call-x", "echo")
+        raw.hset(Keys(prefix).job(crashed.job_id), mapping={"status": "running", "deliveries": 3})
+        raw.xadd(Keys(prefix).jobs("echo"), {"job": crashed.to_json()})
+        got = {r.job_id: r for r in await results.wait(3)}
+        assert got[flaky].error == "dead: TransientJobError: backend 503 (after 3 attempts)"
+        assert got[plain].error == "RuntimeError: bad input"  # not transient: no retry
+        assert (
+            got[crashed.job_id].error
+            == "dead: worker died or stalled on each of 3 deliveries (after 3 attempts)"
+        )
+        assert worker.stats.retried == 2 and worker.stats.dead == 2
+        letters = {d.job_id: d for d in await broker.dead_letters()}
+        assert letters[flaky].error == got[flaky].error
+        assert json.loads(letters[flaky].payload)["args"]["message"] == "backend 503"
+        assert crashed.job_id in letters
+        assert await broker.status(flaky) is JobStatus.DEAD
+    await results.stop()
+
+
+# ---------------------------------------------------------------------- Redis restart
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis(port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/bin") or "redis-server"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    end = time.monotonic() + 10
+    while _redis_up(f"redis://127.0.0.1:{port}/0"):
+        if time.monotonic() > end or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("private redis-server did not start")
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.parametrize("on_lost", ["resubmit", "fail"])
+async def test_redis_restart_loses_nothing(on_lost: str) -> None:
+    if not shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/bin"):
+        pytest.skip("redis-server binary not installed")
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    prefix = f"test-jobs-{uuid.uuid4().hex[:10]}"  # a private server: nothing to clean up
+    server = _start_redis(port)
+    fast = Backoff(initial_s=0.02, max_s=0.2, give_up_s=20)
+    broker = JobBroker(url, prefix=prefix, on_lost=on_lost, backoff=fast)  # type: ignore[arg-type]
+    try:
+        await broker.open_call("call-r")
+        results = Collector(broker, "call-r")
+        async with running_worker(url, prefix, concurrency=1) as worker:
+            running = await broker.submit(JobRequest.new("call-r", "sleep", {"seconds": 0.6}))
+            await until(lambda: _eq(broker.status(running), JobStatus.RUNNING), what="running")
+            queued = [await broker.submit(JobRequest.new("call-r", "echo", {"i": i})) for i in range(2)]
+            doomed = await broker.submit(JobRequest.new("call-r", "echo", timeout_s=0.3))
+            server.kill()  # SIGKILL: no goodbye, nothing on disk
+            server.wait()
+            await asyncio.sleep(0.4)  # past the doomed job's deadline
+            server = _start_redis(port)
+            got = await results.wait(4, timeout=20)
+            await asyncio.sleep(0.8)
+            assert len(results.items) == 4, results.items  # each job exactly once
+            by_id = results.by_id()
+            assert set(by_id) == {running, doomed, *queued}
+            assert by_id[doomed].error == LOST_ERROR
+            for job_id in queued:
+                if on_lost == "resubmit":
+                    assert by_id[job_id].ok, by_id[job_id]
+                else:
+                    assert by_id[job_id].error == LOST_ERROR
+            assert by_id[running].ok or by_id[running].error == LOST_ERROR
+            assert broker.pending == {}
+            assert broker._rc.restarts >= 1
+            assert worker._rc.restarts >= 1
+            # both sides keep working on the new server
+            after = await broker.submit(JobRequest.new("call-r", "echo"))
+            got = await results.wait(5)
+            assert got[-1].job_id == after and got[-1].ok
+        await results.stop()
+    finally:
+        await broker.close()
+        server.kill()
+        server.wait()
+
+
+async def test_broker_gives_up_clearly_when_redis_stays_down() -> None:
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    broker = JobBroker(url, prefix="test-jobs-down", backoff=Backoff(0.01, 0.05, 0.3))
+    with pytest.raises(ConnectionError, match="unreachable for"):
+        await broker.submit(JobRequest.new("call-z", "noop"))
+    assert broker.pending == {}
+    await broker.close()
+
+
+# ---------------------------------------------------------------------- code sandbox
+ESCAPES = {
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 6379), timeout=2)\nprint('CONNECTED')",
+    "secrets": (
+        "import os\nprint('ENV', sorted(os.environ))\n"
+        "for pid in (os.getppid(), 1):\n"
+        "    for name in ('environ', 'cmdline'):\n"
+        "        try:\n            print(open(f'/proc/{pid}/{name}').read())\n"
+        "        except OSError as e:\n            print('denied', e)\n"
+    ),
+    "write": "import sys\nfor p in sys.stdin.read().split():\n    try:\n        open(p, 'w').write('x')\n"
+    "        print('WROTE', p)\n    except OSError as e:\n        print('blocked', e)\n",
+    "fork_bomb": "import os\nwhile True:\n    os.fork()",
+    "infinite_loop": "while True:\n    pass",
+    "alloc_10gb": "x = bytearray(10 * 1024**3)\nprint('ALLOCATED')",
+    "output_100mb": "import sys\nchunk = 'x' * 1_000_000\nfor _ in range(100):\n    sys.stdout.write(chunk)",
+}
+
+
+def _sandbox_pids() -> list[int]:
+    """Live processes of a sandbox uid (2,000,000-2,999,999): there must be none left."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status = Path(f"/proc/{entry}/status").read_text()
+                uid = int(status.split("Uid:")[1].split()[0])
+                zombie = status.split("State:")[1].split()[0] == "Z"  # dead, awaiting init's reap
+                if 2_000_000 <= uid < 3_000_000 and not zombie:
+                    found.append(int(entry))
+    return found
+
+
+async def test_sandbox_escapes_are_contained(
+    broker: JobBroker, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("PRESENCE_TEST_SECRET", secret)  # the worker (this process) has it
+    targets = [f"/tmp/escape-{uuid.uuid4().hex}", str(ROOT / f"escape-{uuid.uuid4().hex}")]
+    await broker.open_call("call-s")
+    results = Collector(broker, "call-s")
+    options = {"code_limits": SandboxLimits(timeout_s=1.5, cpu_s=2)}
+    async with running_worker(redis_url, prefix, ["code", "noop"], concurrency=3, options=options) as worker:
+        ids = {}
+        for name, code in ESCAPES.items():
+            args = {"code": code, "stdin": " ".join(targets)} if name == "write" else {"code": code}
+            ids[await broker.submit(JobRequest.new("call-s", "code", args))] = name
+        out = {ids[r.job_id]: r for r in await results.wait(len(ESCAPES), timeout=30)}
+        v = {name: r.value for name, r in out.items()}
+        assert all(r.ok for r in out.values())  # each ran and came back with an error report
+        expected_mode = "netns" if os.geteuid() == 0 else v["network"]["sandbox"]
+        assert all(x["sandbox"] == expected_mode for x in v.values())  # type: ignore[index]
+        assert "CONNECTED" not in v["network"]["stdout"]  # type: ignore[index]
+        assert "Network is unreachable" in v["network"]["error"] or "blocked" in v["network"]["error"]  # type: ignore[index]
+        env_out = v["secrets"]["stdout"] + v["secrets"]["stderr"]  # type: ignore[index]
+        assert secret not in env_out and "pytest" not in env_out  # nor the worker's cmdline
+        # empty but for the LC_CTYPE that Python's C-locale coercion (PEP 538) sets itself
+        assert "ENV []" in env_out or "ENV ['LC_CTYPE']" in env_out
+        assert "WROTE" not in v["write"]["stdout"]  # type: ignore[index]
+        assert not any(map(os.path.exists, targets))
+        assert v["fork_bomb"]["exit_code"] != 0 or v["fork_bomb"]["timed_out"]  # type: ignore[index]
+        assert v["infinite_loop"]["timed_out"] is True  # type: ignore[index]
+        assert "timed out after 1.5 s" in v["infinite_loop"]["error"]  # type: ignore[index]
+        assert "MemoryError" in v["alloc_10gb"]["error"]  # type: ignore[index]
+        assert "ALLOCATED" not in v["alloc_10gb"]["stdout"]  # type: ignore[index]
+        assert v["output_100mb"]["truncated"] is True  # type: ignore[index]
+        assert len(v["output_100mb"]["stdout"]) < 70_000  # type: ignore[index]
+        assert "output truncated" in v["output_100mb"]["stdout"]  # type: ignore[index]
+        assert _sandbox_pids() == []
+        assert not glob.glob("/tmp/presence-code-*")
+        # the worker is still alive
+        job_id = await broker.submit(JobRequest.new("call-s", "noop"))
+        got = await results.wait(len(ESCAPES) + 1)
+        assert got[-1].job_id == job_id and got[-1].ok
+        assert worker.stats.failed == 0
+    await results.stop()
+
+
+async def test_sandbox_plain_run_and_audit_fallback() -> None:
+    ok = await run_python(
+        "import sys\nopen('a.txt', 'w').write(sys.stdin.read())\nprint(open('a.txt').read())", stdin="hi"
+    )
+    assert ok["exit_code"] == 0 and ok["stdout"] == "hi\n" and ok["error"] is None
+    net = await run_python(ESCAPES["network"], mode="audit")
+    assert net["sandbox"] == "audit" and "network access is blocked" in net["error"]
+    target = f"/tmp/escape-{uuid.uuid4().hex}"
+    wr = await run_python(f"open({target!r}, 'w')", mode="audit")
+    assert "writing outside the working directory is blocked" in wr["error"]
+    assert not os.path.exists(target)  # noqa: ASYNC240
+    ct = await run_python("import ctypes\nctypes.CDLL(None)", mode="audit")
+    assert "ctypes is blocked" in ct["error"]
+
+
+# ---------------------------------------------------------------------- search
+class _Ctx:
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def remaining(self) -> float:
+        return 30.0
+
+
+async def test_search_bm25(tmp_path: Path) -> None:
+    from presence.bot.jobs import search
+
+    (tmp_path / "hours.md").write_text("# Opening hours\n\nThe shop opens at nine and closes at six.\n")
+    (tmp_path / "returns.txt").write_text("Returns are accepted within thirty days with a receipt.")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parking.html").write_text("<p>Free <b>parking</b> behind the shop.</p>")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    ctx = _Ctx(docs_dir=str(tmp_path))
+    out = await search.handle({"query": "when does the shop close", "k": 2}, ctx)
+    assert out["mode"] == ("hybrid" if search.embeddings_available() else "bm25")
+    assert out["hits"][0]["path"] == "hours.md"
+    out = await search.handle({"query": "parking", "mode": "bm25"}, ctx)
+    assert [h["path"] for h in out["hits"]] == [os.path.join("sub", "parking.html")]
+    # the index follows changes of the folder
+    (tmp_path / "returns.txt").write_text("Refunds and parking permits are handled at the desk.")
+    out = await search.handle({"query": "refunds", "mode": "bm25"}, ctx)
+    assert out["hits"][0]["path"] == "returns.txt"
+    with pytest.raises(JobError, match="no docs_dir"):
+        await search.handle({"query": "x"}, _Ctx())
+    with pytest.raises(JobError, match="non-empty string"):
+        await search.handle({"query": ""}, ctx)
+    if not search.embeddings_available():
+        with pytest.raises(JobError, match="needs sentence_transformers"):
+            await search.handle({"query": "x", "mode": "hybrid"}, ctx)
+    bm = search.BM25([["a", "b"], ["b", "c", "c"], ["d"]])
+    assert bm.top(["c"], 3)[0][0] == 1 and bm.top(["zzz"], 3) == []
+
+
+# ---------------------------------------------------------------------- think + web search
+@contextlib.asynccontextmanager
+async def fake_http(routes: dict[str, Any]) -> AsyncIterator[str]:
+    from aiohttp import web
+
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_think_openai_compatible_and_local() -> None:
+    from aiohttp import web
+
+    from presence.bot.jobs import think
+
+    seen: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        if body["messages"][-1]["content"] == "fail":
+            return web.Response(status=503, text="overloaded")
+        if body["messages"][-1]["content"] == "bad":
+            return web.Response(status=400, text="bad request")
+        if not body["stream"]:
+            return web.json_response(
+                {"model": "m", "choices": [{"message": {"content": "forty-two"}, "finish_reason": "stop"}]}
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in ("for", "ty-", "two"):
+            chunk = {"model": "m", "choices": [{"delta": {"content": piece}, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async with fake_http({"/v1/chat/completions": chat}) as base:
+        ctx = _Ctx(think_url=f"{base}/v1", think_model="m", think_api_key="k")
+        out = await think.handle({"prompt": "meaning?", "system": "be brief", "stream": False}, ctx)
+        assert out["text"] == "forty-two" and out["source"] == "http" and out["finish_reason"] == "stop"
+        assert seen[0]["messages"][0] == {"role": "system", "content": "be brief"}
+        out = await think.handle({"prompt": "meaning?"}, ctx)  # streaming is the default
+        assert out["text"] == "forty-two"
+        with pytest.raises(TransientJobError, match="answered 503"):
+            await think.handle({"prompt": "fail"}, ctx)
+        with pytest.raises(JobError, match="answered 400"):
+            await think.handle({"prompt": "bad"}, ctx)
+    with pytest.raises(TransientJobError, match="cannot reach"):
+        await think.handle({"prompt": "x"}, _Ctx(think_url=f"http://127.0.0.1:{_free_port()}/v1"))
+    with pytest.raises(JobError, match="no model configured"):
+        await think.handle({"prompt": "x"}, _Ctx())
+    with pytest.raises(JobError, match=r"args\.prompt"):
+        await think.handle({}, _Ctx())
+
+    def local_sync(messages: list[dict[str, str]], max_tokens: int) -> str:
+        return f"sync:{messages[-1]['content']}:{max_tokens}"
+
+    async def local_stream(messages: list[dict[str, str]], max_tokens: int) -> AsyncIterator[str]:
+        for piece in ("a", "b"):
+            yield piece
+
+    assert (await think.handle({"prompt": "q", "max_tokens": 7}, _Ctx(think_fn=local_sync)))[
+        "text"
+    ] == "sync:q:7"
+    assert (await think.handle({"prompt": "q"}, _Ctx(think_fn=local_stream)))["text"] == "ab"
+
+
+async def test_web_search_client() -> None:
+    from aiohttp import web
+
+    from presence.bot.jobs.search import WebSearch
+
+    async def search(request: web.Request) -> web.Response:
+        body = await request.json()
+        items = [{"title": f"t{i}", "url": f"https://e/{i}", "snippet": body["query"]} for i in range(5)]
+        return web.json_response({"results": items})
+
+    async with fake_http({"/search": search}) as base:
+        hits = await WebSearch(f"{base}/search").search("cats", k=2)
+        assert hits == [{"title": f"t{i}", "url": f"https://e/{i}", "snippet": "cats"} for i in range(2)]
+
+
+async def test_run_worker_entry_point(broker: JobBroker, redis_url: str, prefix: str) -> None:
+    code = (
+        "import asyncio\nfrom presence.config import Settings\nfrom presence.bot.jobs import run_worker\n"
+        f"asyncio.run(run_worker(Settings(redis_url={redis_url!r}), ['echo'], prefix={prefix!r}))"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=ROOT)
+    try:
+        await broker.open_call("call-rw")
+        results = Collector(broker, "call-rw")
+        job_id = await broker.submit(JobRequest.new("call-rw", "echo", {"hi": 1}))
+        got = await results.wait(1, timeout=20)
+        assert got[0].job_id == job_id and got[0].value == {"hi": 1}
+        await results.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_options_from_settings() -> None:
+    from presence.config import Settings
+
+    options = options_from_settings(Settings(llm_url="http://x/v1", llm_api_key="k"))
+    assert options == {"think_url": "http://x/v1", "think_api_key": "k"}
