@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_worker = sub.add_parser("worker", help="run a background-job worker (Redis Streams)")
     p_worker.add_argument("--kinds", default="search,code,think", help="job kinds to serve, comma separated")
-    p_worker.add_argument("--docs", default="", help="folder of documents the search kind indexes")
+    p_worker.add_argument(
+        "--docs", default="", help="folder of documents the search kind indexes (default: jobs_docs_dir)"
+    )
     Settings.add_arguments(p_worker)
 
     p_bench = sub.add_parser("bench", help="benchmarks that print numbers")
@@ -181,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             _logging(settings.log_level)
             from presence.bot.jobs.worker import run_worker
 
-            asyncio.run(run_worker(settings, [k.strip() for k in args.kinds.split(",") if k.strip()]))
+            kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+            print(
+                f"presence worker: kinds {', '.join(kinds)} on {settings.redis_url or 'redis://127.0.0.1:6379/0'}"
+            )
+            asyncio.run(run_worker(settings, kinds, docs_dir=args.docs or settings.jobs_docs_dir or None))
             return 0
         if args.command == "bench":
             if args.bench != "latency":

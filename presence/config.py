@@ -59,7 +59,9 @@ class Settings:
     policy: str = _opt("rules", "floor policy", choices=("rules",))
     eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
     eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
-    speculate_ms: int = _opt(20, "silence after which a reply is prepared speculatively (>= 20: one unvoiced frame)")
+    speculate_ms: int = _opt(
+        20, "silence after which a reply is prepared speculatively (>= 20: one unvoiced frame)"
+    )
     min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
     hold_onset_ms: int = _opt(60, "caller speech over the bot that pauses its output at once")
     barge_in_ms: int = _opt(
@@ -126,8 +128,12 @@ class Settings:
         "background jobs: auto (Redis if one answers, else a private redis-server + in-process worker), redis, off",
         choices=("auto", "redis", "off"),
     )
-    redis_url: str = _opt("", "Redis URL for background jobs (empty = redis://127.0.0.1:6379/0 if it answers)")
-    jobs_docs_dir: str = _opt("", "folder of documents the search job indexes (empty = the bundled docs/ folder)")
+    redis_url: str = _opt(
+        "", "Redis URL for background jobs (empty = redis://127.0.0.1:6379/0 if it answers)"
+    )
+    jobs_docs_dir: str = _opt(
+        "", "folder of documents the search job indexes (empty = the bundled docs/ folder)"
+    )
     web_search_url: str = _opt("", "HTTP search API for the search job (empty = local documents only)")
     job_timeout_s: float = _opt(20.0, "deadline of one background job")
     # --- logging

@@ -23,7 +23,9 @@ async def test_browser_call_audio_both_ways_captions_and_video(tmp_path: Path, b
     require_chromium()
     # Chromium loops the fake microphone file: a question, then enough silence to answer it.
     question = speech("What is your name?")
-    mic = np.concatenate([np.zeros(OUT_SAMPLE_RATE // 2, np.float32), question, np.zeros(OUT_SAMPLE_RATE * 8, np.float32)])
+    mic = np.concatenate(
+        [np.zeros(OUT_SAMPLE_RATE // 2, np.float32), question, np.zeros(OUT_SAMPLE_RATE * 8, np.float32)]
+    )
     wav = tmp_path / "mic.wav"
     write_wav(str(wav), mic, OUT_SAMPLE_RATE)
     y4m = make_y4m(tmp_path / "camera.y4m", 2.0)

@@ -137,7 +137,12 @@ def _env(**settings: object) -> dict[str, str]:
 
 
 async def start_bot(settings: Settings, **overrides: object) -> ServerProcess:
-    values = {"port": 0, "log_level": "warning", "responder": settings.responder, "eot_silence_ms": settings.eot_silence_ms}
+    values = {
+        "port": 0,
+        "log_level": "warning",
+        "responder": settings.responder,
+        "eot_silence_ms": settings.eot_silence_ms,
+    }
     values.update(overrides)
     server = ServerProcess([sys.executable, "-m", "presence.cli", "serve"], _env(**values))
     await server.start("Presence is listening on")
@@ -212,7 +217,9 @@ async def barge_in(url: str, clips: dict[str, Clip], trials: int, results: Resul
             await caller.hangup()
 
 
-async def cpu_per_call(url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess) -> float:
+async def cpu_per_call(
+    url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess
+) -> float:
     """% of one core per call while each caller asks a question every ~6 s."""
     callers = [Caller(url=url, name=f"c{i}") for i in range(calls)]
     stop = asyncio.Event()
@@ -254,7 +261,11 @@ def summary(results: Results) -> str:
         row("barge-in stop", results.barge_in_stop, "p95 <= 250"),
     ]
     if results.cpu:
-        lines += ["", "| concurrent calls | echo % core/call | bot % core/call | bot / echo |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| concurrent calls | echo % core/call | bot % core/call | bot / echo |",
+            "|---|---|---|---|",
+        ]
         for n in sorted(results.cpu.get("echo", {})):
             echo, bot = results.cpu["echo"][n], results.cpu.get("bot", {}).get(n, float("nan"))
             lines.append(f"| {n} | {echo:.1f} | {bot:.1f} | {bot / echo:.2f}x |")
@@ -262,7 +273,9 @@ def summary(results: Results) -> str:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
-    print(f"presence bench latency: {args.trials} trials each, machine: {os.cpu_count()} cores", file=sys.stderr)
+    print(
+        f"presence bench latency: {args.trials} trials each, machine: {os.cpu_count()} cores", file=sys.stderr
+    )
     clips = make_clips([*QUESTIONS, INTERRUPTION])
     results = Results()
     bot = await start_bot(settings, greeting="")
@@ -270,8 +283,13 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         await voice_to_voice(bot.url, clips, args.trials, results)
         if not args.skip_cpu:
             for n in [int(x) for x in args.calls.split(",")]:
-                results.cpu.setdefault("bot", {})[n] = await cpu_per_call(bot.url, clips, n, args.cpu_seconds, bot)
-                print(f"  bot CPU with {n} calls: {results.cpu['bot'][n]:.1f}% of a core per call", file=sys.stderr)
+                results.cpu.setdefault("bot", {})[n] = await cpu_per_call(
+                    bot.url, clips, n, args.cpu_seconds, bot
+                )
+                print(
+                    f"  bot CPU with {n} calls: {results.cpu['bot'][n]:.1f}% of a core per call",
+                    file=sys.stderr,
+                )
     finally:
         await bot.stop()
     talker = await start_bot(settings, greeting=LONG_REPLY)
@@ -283,8 +301,13 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         echo = await start_echo()
         try:
             for n in [int(x) for x in args.calls.split(",")]:
-                results.cpu.setdefault("echo", {})[n] = await cpu_per_call(echo.url, clips, n, args.cpu_seconds, echo)
-                print(f"  echo CPU with {n} calls: {results.cpu['echo'][n]:.1f}% of a core per call", file=sys.stderr)
+                results.cpu.setdefault("echo", {})[n] = await cpu_per_call(
+                    echo.url, clips, n, args.cpu_seconds, echo
+                )
+                print(
+                    f"  echo CPU with {n} calls: {results.cpu['echo'][n]:.1f}% of a core per call",
+                    file=sys.stderr,
+                )
         finally:
             await echo.stop()
     print(summary(results))
@@ -299,7 +322,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                     "cpu_percent_per_call": results.cpu,
                     "failures": results.failures,
                     "machine": {"cores": os.cpu_count()},
-                    "median_v2v_ms": statistics.median(results.voice_to_voice) * 1000 if results.voice_to_voice else None,
+                    "median_v2v_ms": statistics.median(results.voice_to_voice) * 1000
+                    if results.voice_to_voice
+                    else None,
                 },
                 indent=2,
             )

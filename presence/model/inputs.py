@@ -94,9 +94,7 @@ def event_flags(turn_events: tuple[str, ...], state: FloorState | None) -> np.nd
     return np.array([float(flags[name]) for name in EVENT_NAMES], dtype=np.float32)
 
 
-def encode_turn(
-    turn: MicroTurn, state: FloorState | None, config: PresenceInteractionConfig
-) -> TurnArrays:
+def encode_turn(turn: MicroTurn, state: FloorState | None, config: PresenceInteractionConfig) -> TurnArrays:
     """Validate one micro-turn and turn it into model inputs (raises ValueError/TypeError)."""
     if not isinstance(turn, MicroTurn):
         raise TypeError(f"expected a MicroTurn, got {type(turn).__name__}")

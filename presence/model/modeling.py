@@ -58,15 +58,23 @@ def rope_cos_sin(
     Phases are reduced modulo 2*pi in float64: a two-hour call reaches position ~10^6, where a
     float32 phase would already be off by a sizeable fraction of a radian.
     """
-    half = head_dim // 2
-    inv_freq = theta ** (
-        -torch.arange(0, half, device=positions.device, dtype=torch.float64) * 2.0 / head_dim
-    )
-    phase = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    phase = positions.to(torch.float64).unsqueeze(-1) * _inv_freq(head_dim, theta, positions.device)
     phase = torch.remainder(phase, 2.0 * math.pi)
     cos = torch.cos(phase).to(dtype)
     sin = torch.sin(phase).to(dtype)
     return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
+_INV_FREQ: dict[tuple[int, float, str], torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    # Cached: also keeps a host-to-device copy out of CUDA-graph captures.
+    key = (head_dim, float(theta), str(device))
+    if key not in _INV_FREQ:
+        half = torch.arange(0, head_dim // 2, dtype=torch.float64) * 2.0 / head_dim
+        _INV_FREQ[key] = (float(theta) ** -half).to(device)
+    return _INV_FREQ[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,17 +159,15 @@ class Attention(nn.Module):
         d = config.hidden_size
         self.heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)  # one matmul for q, k and v
         self.o_proj = nn.Linear(d, d, bias=False)
         # Learned offsets tell the memory slots (timescales) apart.
         self.mem_k_bias = nn.Parameter(torch.zeros(config.num_memory, d))
         self.mem_v_bias = nn.Parameter(torch.zeros(config.num_memory, d))
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        shape = (*h.shape[:-1], self.heads, self.head_dim)
-        return self.q_proj(h).view(shape), self.k_proj(h).view(shape), self.v_proj(h).view(shape)
+        q, k, v = self.qkv_proj(h).view(*h.shape[:-1], 3, self.heads, self.head_dim).unbind(-3)
+        return q, k, v
 
     def mem_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.mem_k_bias.shape[0]
@@ -300,7 +306,9 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         s = torch.arange(n, device=device).view(1, n)
         age = (t - w - s).to(torch.float64)  # >= 0 where s was evicted before t
         decays = self._decays(device).view(-1, 1, 1)
-        raw = torch.where(age >= 0, decays ** age.clamp(min=0), torch.zeros((), dtype=torch.float64, device=device))
+        raw = torch.where(
+            age >= 0, decays ** age.clamp(min=0), torch.zeros((), dtype=torch.float64, device=device)
+        )
         den = raw.sum(-1, keepdim=True)
         weights = raw / den.clamp(min=1e-300)
         valid = (den.squeeze(-1) > 0).transpose(0, 1)  # (N, M)
@@ -452,7 +460,7 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
             count=torch.zeros(slots, device=dev, dtype=torch.long),
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_step(
         self,
         cache: StreamCache,
@@ -536,7 +544,10 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
             mem_v = (num_v * inv_den).to(dtype) + bv.transpose(0, 1)
             k_rot = apply_rope(k, cos_h, sin_h)
             if contiguous is not None:
-                keys, values = cache.k[i][contiguous[0] : contiguous[1]], cache.v[i][contiguous[0] : contiguous[1]]
+                keys, values = (
+                    cache.k[i][contiguous[0] : contiguous[1]],
+                    cache.v[i][contiguous[0] : contiguous[1]],
+                )
                 keys.index_put_((bidx, hidx, pidx), k_rot)
                 values.index_put_((bidx, hidx, pidx), v)
                 keys.index_put_((bidx, hidx, midx), mem_k)

@@ -261,7 +261,11 @@ class InteractionStreamer:
         idx = torch.tensor(slots, device=self.device, dtype=torch.long)
         # Calls that step together usually hold slots 0..n-1 (lowest-first allocation): then
         # the cache is read through views, not gathered.
-        run = (slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        run = (
+            (slots[0], slots[0] + len(slots))
+            if slots == list(range(slots[0], slots[0] + len(slots)))
+            else None
+        )
         action, vap, alert = self.model.forward_step(self.cache, idx, **self._tensors(inputs), contiguous=run)
         return self._pack(action, vap, alert)
 

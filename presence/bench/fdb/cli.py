@@ -186,7 +186,13 @@ async def run_benchmark(
     run_dirs: dict[Config, list[Path]] = {}
     for config in configs:
         run_dirs[config] = await run_config(
-            config, stimuli, out, backends, responder=responder, transport=transport, show_progress=show_progress
+            config,
+            stimuli,
+            out,
+            backends,
+            responder=responder,
+            transport=transport,
+            show_progress=show_progress,
         )
     scorer = scoring.Scorer(asr=backends.transcriber)
     results: dict[str, dict[str, Any]] = {}
@@ -195,7 +201,11 @@ async def run_benchmark(
             scorer.score_dirs, dirs, _progress(f"score {config.label}") if show_progress else None
         )
         results[config.label] = {
-            "settings": {"policy": config.policy, "eot_silence_ms": config.eot_silence_ms, "responder": responder},
+            "settings": {
+                "policy": config.policy,
+                "eot_silence_ms": config.eot_silence_ms,
+                "responder": responder,
+            },
             "aggregate": scoring.aggregate(samples),
             "samples": samples,
             "dir": out / config.dirname,

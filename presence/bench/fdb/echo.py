@@ -24,7 +24,7 @@ from presence.seams import OUT_SAMPLE_RATE
 from presence.signaling.contract import Answer, CallRejected
 from presence.signaling.rtc import new_peer_connection, set_audio_prefetch
 
-from .timeline import ArrivalPlacer
+from .timeline import ArrivalPlacer, stream_offset
 
 FRAME = OUT_SAMPLE_RATE // 50  # 20 ms at 48 kHz
 
@@ -40,8 +40,9 @@ class DelayLine:
         # Frames laid by arrival with a min-filter anchor (see timeline.py).
         self._placer = ArrivalPlacer(rate, self.t0)
 
-    def write(self, audio: np.ndarray, arrived: float) -> None:
-        start = self._placer.place(audio.size, arrived)
+    def write(self, audio: np.ndarray, arrived: float, offset: int | None = None) -> None:
+        """Lay a frame by arrival; ``offset`` is its position in the sender's stream."""
+        start, _new = self._placer.place(audio.size, arrived, offset)
         end = min(self._buf.size, start + audio.size)
         if end > start:
             self._buf[start:end] = audio[: end - start]
@@ -126,10 +127,13 @@ class DelayEchoHost:
 
     async def _pump(self, track: MediaStreamTrack, line: DelayLine) -> None:
         resampler = FrameResampler(OUT_SAMPLE_RATE)
+        first_pts: int | None = None
         with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
             while True:
                 frame = await track.recv()
-                line.write(resampler(frame), now())
+                arrived = now()
+                offset, first_pts = stream_offset(frame, first_pts, OUT_SAMPLE_RATE)
+                line.write(resampler(frame), arrived, offset)
 
     async def hangup(self, peer_id: str) -> bool:
         pc = self.peers.pop(peer_id, None)

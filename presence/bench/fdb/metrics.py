@@ -146,11 +146,7 @@ def _segment_words(words: Sequence[Word], start: float, end: float) -> list[Word
     out = []
     for w in words:
         ws, we = w[1], w[2]
-        if (
-            (ws >= start and we <= end)
-            or (ws <= end and we > end)
-            or (ws <= start and we > start)
-        ):
+        if (ws >= start and we <= end) or (ws <= end and we > end) or (ws <= start and we > start):
             out.append(w)
     return out
 
@@ -410,7 +406,9 @@ def voice_to_voice(
     None when the bot never spoke.
     """
     floor = user_start if reply_sent_at is None else max(user_start, reply_sent_at - 0.02)
-    start = next((s for s, e in sorted(bot_segments) if s >= floor or (reply_sent_at is not None and e > floor)), None)
+    start = next(
+        (s for s, e in sorted(bot_segments) if s >= floor or (reply_sent_at is not None and e > floor)), None
+    )
     if start is None:
         return None
     return max(start, floor) - user_end if reply_sent_at is not None else start - user_end
@@ -484,7 +482,9 @@ def latency_breakdown(
         times = sorted(
             float(e["t"])  # type: ignore[arg-type]
             for e in events
-            if e.get("name") == name and isinstance(e.get("t"), int | float) and lo <= float(e["t"]) <= user_end + window_s  # type: ignore[arg-type]
+            if e.get("name") == name
+            and isinstance(e.get("t"), int | float)
+            and lo <= float(e["t"]) <= user_end + window_s  # type: ignore[arg-type]
         )
         if times:
             out[name] = times[0] - user_end

@@ -17,11 +17,61 @@ from .stimuli import RATE
 
 # Published Full-Duplex-Bench v1 rows (shared/notes/benchmarks.md; Parakeet ASR).
 PUBLISHED_V1: tuple[dict[str, Any], ...] = (
-    {"system": "GPT-Realtime", "pause_tor_synth": 0.010, "pause_tor_real": 0.120, "bc_tor": 0.000, "bc_freq": 0.007, "tt_tor": 1.000, "tt_latency": 1.470, "int_tor": 0.970, "int_latency": 1.500},
-    {"system": "Gemini Live 2.0", "pause_tor_synth": 0.255, "pause_tor_real": 0.310, "bc_tor": 0.091, "bc_freq": 0.012, "tt_tor": 0.655, "tt_latency": 1.301, "int_tor": 0.891, "int_latency": 1.183},
-    {"system": "Moshi", "pause_tor_synth": 0.985, "pause_tor_real": 0.980, "bc_tor": 1.000, "bc_freq": 0.001, "tt_tor": 0.941, "tt_latency": 0.265, "int_tor": 1.000, "int_latency": 0.257},
-    {"system": "Freeze-Omni", "pause_tor_synth": 0.642, "pause_tor_real": 0.481, "bc_tor": 0.636, "bc_freq": 0.001, "tt_tor": 0.336, "tt_latency": 0.953, "int_tor": 0.867, "int_latency": 1.409},
-    {"system": "PersonaPlex", "pause_tor_synth": 0.584, "pause_tor_real": 0.662, "bc_tor": 0.327, "bc_freq": 0.025, "tt_tor": 0.992, "tt_latency": 0.070, "int_tor": 1.000, "int_latency": 0.400},
+    {
+        "system": "GPT-Realtime",
+        "pause_tor_synth": 0.010,
+        "pause_tor_real": 0.120,
+        "bc_tor": 0.000,
+        "bc_freq": 0.007,
+        "tt_tor": 1.000,
+        "tt_latency": 1.470,
+        "int_tor": 0.970,
+        "int_latency": 1.500,
+    },
+    {
+        "system": "Gemini Live 2.0",
+        "pause_tor_synth": 0.255,
+        "pause_tor_real": 0.310,
+        "bc_tor": 0.091,
+        "bc_freq": 0.012,
+        "tt_tor": 0.655,
+        "tt_latency": 1.301,
+        "int_tor": 0.891,
+        "int_latency": 1.183,
+    },
+    {
+        "system": "Moshi",
+        "pause_tor_synth": 0.985,
+        "pause_tor_real": 0.980,
+        "bc_tor": 1.000,
+        "bc_freq": 0.001,
+        "tt_tor": 0.941,
+        "tt_latency": 0.265,
+        "int_tor": 1.000,
+        "int_latency": 0.257,
+    },
+    {
+        "system": "Freeze-Omni",
+        "pause_tor_synth": 0.642,
+        "pause_tor_real": 0.481,
+        "bc_tor": 0.636,
+        "bc_freq": 0.001,
+        "tt_tor": 0.336,
+        "tt_latency": 0.953,
+        "int_tor": 0.867,
+        "int_latency": 1.409,
+    },
+    {
+        "system": "PersonaPlex",
+        "pause_tor_synth": 0.584,
+        "pause_tor_real": 0.662,
+        "bc_tor": 0.327,
+        "bc_freq": 0.025,
+        "tt_tor": 0.992,
+        "tt_latency": 0.070,
+        "int_tor": 1.000,
+        "int_latency": 0.400,
+    },
 )
 PUBLISHED_FD_BENCH = {"IRD (Moshi, best)": 1.35, "EIR (best)": 0.09}
 
@@ -170,9 +220,25 @@ def render_markdown(
     for label in configs:
         fd = _get(agg[label], "overall", "fd_bench") or {}
         rows.append(
-            [label, fd.get("srr"), fd.get("eir"), fd.get("fsed_median_s"), fd.get("sir"), fd.get("ird_median_s")]
+            [
+                label,
+                fd.get("srr"),
+                fd.get("eir"),
+                fd.get("fsed_median_s"),
+                fd.get("sir"),
+                fd.get("ird_median_s"),
+            ]
         )
-    rows.append(["published best", None, PUBLISHED_FD_BENCH["EIR (best)"], None, None, PUBLISHED_FD_BENCH["IRD (Moshi, best)"]])
+    rows.append(
+        [
+            "published best",
+            None,
+            PUBLISHED_FD_BENCH["EIR (best)"],
+            None,
+            None,
+            PUBLISHED_FD_BENCH["IRD (Moshi, best)"],
+        ]
+    )
     lines += _table(["config", "SRR ↑", "EIR ↓", "FSED s", "SIR ↑", "IRD s"], rows)
 
     lines += ["## Engineering", ""]
@@ -199,7 +265,13 @@ def render_markdown(
         rows,
     )
     lines += ["Latency breakdown (p50 s after the user's scripted speech end, from the bot's events):", ""]
-    names = ["caller_speech_end", "end_of_turn_decided", "responder_first_token", "tts_first_audio", "bot_first_packet_sent"]
+    names = [
+        "caller_speech_end",
+        "end_of_turn_decided",
+        "responder_first_token",
+        "tts_first_audio",
+        "bot_first_packet_sent",
+    ]
     rows = [
         [label, *[_get(agg[label], "overall", "breakdown_s", n, "p50") for n in names]] for label in configs
     ]
@@ -222,12 +294,20 @@ def render_markdown(
                     _get(a, "fd_bench", "srr"),
                 ]
             )
-        lines += _table(["category", "n", "errors", "missed injections", "v2v p50 s", "false barge-in", "EIR", "SRR"], rows)
+        lines += _table(
+            ["category", "n", "errors", "missed injections", "v2v p50 s", "false barge-in", "EIR", "SRR"],
+            rows,
+        )
         by_snr = cat(label, "background", "by_snr")
         if by_snr:
-            lines += ["Background by SNR (dB): " + ", ".join(
-                f"{snr}: TOR {_fmt(v.get('tor'))}, latency {_fmt(v.get('latency_s'))}" for snr, v in by_snr.items()
-            ), ""]
+            lines += [
+                "Background by SNR (dB): "
+                + ", ".join(
+                    f"{snr}: TOR {_fmt(v.get('tor'))}, latency {_fmt(v.get('latency_s'))}"
+                    for snr, v in by_snr.items()
+                ),
+                "",
+            ]
     if plots:
         lines += ["## Plots", ""]
         for name, path in plots.items():
@@ -247,7 +327,9 @@ def _plt() -> Any:
     return plt
 
 
-def write_plots(out: Path, configs: Mapping[str, Mapping[str, Any]], *, timelines: int = 4) -> dict[str, Path]:
+def write_plots(
+    out: Path, configs: Mapping[str, Mapping[str, Any]], *, timelines: int = 4
+) -> dict[str, Path]:
     plt = _plt()
     plots: dict[str, Path] = {}
     # Latency CDFs.
@@ -356,12 +438,19 @@ def plot_timeline(sample_dir: Path, scored: Mapping[str, Any], path: Path, title
         if "start" in inj:
             axes[0].axvspan(inj["start"], inj["end"], color="tab:red", alpha=0.15)
             axes[0].text(
-                inj["start"], 0.9, inj.get("kind", ""), fontsize=7, color="tab:red", transform=axes[0].get_xaxis_transform()
+                inj["start"],
+                0.9,
+                inj.get("kind", ""),
+                fontsize=7,
+                color="tab:red",
+                transform=axes[0].get_xaxis_transform(),
             )
     axes[1].plot(t_b, bot, lw=0.4, color="tab:blue")
     axes[1].set_ylabel("bot (received)")
     for word, start, _end in scored.get("words", [])[:40]:
-        axes[1].text(start, 0.03, word, fontsize=6, rotation=45, color="navy", transform=axes[1].get_xaxis_transform())
+        axes[1].text(
+            start, 0.03, word, fontsize=6, rotation=45, color="navy", transform=axes[1].get_xaxis_transform()
+        )
     levels: dict[str, int] = {}
     for event in run.get("events", []):
         style = EVENT_STYLE.get(str(event.get("name")))
@@ -372,7 +461,12 @@ def plot_timeline(sample_dir: Path, scored: Mapping[str, Any], path: Path, title
             ax.axvline(t, color=style[0], lw=0.8, alpha=0.8)
         k = levels.setdefault(style[1], len(levels))
         axes[1].text(
-            t, 0.92 - 0.1 * (k % 6), style[1], fontsize=7, color=style[0], transform=axes[1].get_xaxis_transform()
+            t,
+            0.92 - 0.1 * (k % 6),
+            style[1],
+            fontsize=7,
+            color=style[0],
+            transform=axes[1].get_xaxis_transform(),
         )
     for ax, wave in zip(axes, (caller, bot), strict=True):
         peak = max(0.05, float(np.abs(wave).max(initial=0.0))) * 1.1  # speech is quiet: zoom in

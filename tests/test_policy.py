@@ -1,0 +1,118 @@
+"""The rule-based floor policy on hand-built states (no audio needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from presence.bot.policy import RuleBasedPolicy, RuleParams, is_backchannel, sounds_unfinished
+from presence.config import Settings
+from presence.seams import Floor, FloorState, MicroTurn
+
+BC = frozenset({"yeah", "okay", "mm-hm", "uh-huh", "right"})
+
+
+def turn(start: float = 10.0) -> MicroTurn:
+    return MicroTurn(
+        call_id="t",
+        index=0,
+        start=start,
+        duration=0.2,
+        caller_audio=np.zeros(3200, np.float32),
+        bot_audio=np.zeros(3200, np.float32),
+        lost=np.zeros(10, bool),
+        vad=np.zeros(10, np.float32),
+    )
+
+
+@pytest.fixture
+def policy() -> RuleBasedPolicy:
+    return RuleBasedPolicy(RuleParams(backchannel_words=BC))
+
+
+def test_listens_while_the_caller_talks(policy: RuleBasedPolicy) -> None:
+    s = FloorState(caller_spoke=True, caller_speech_ms=900, caller_silence_ms=0)
+    assert policy.step(turn(), s).floor is Floor.LISTEN
+
+
+def test_end_of_turn_after_the_silence_threshold(policy: RuleBasedPolicy) -> None:
+    s = FloorState(
+        caller_spoke=True, caller_speech_ms=900, caller_silence_ms=299, partial_text="what time is it"
+    )
+    assert policy.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 300
+    assert policy.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_a_pause_after_a_continuation_word_waits_longer(policy: RuleBasedPolicy) -> None:
+    s = FloorState(
+        caller_spoke=True,
+        caller_speech_ms=900,
+        caller_silence_ms=500,
+        partial_text="i want to book a table for",
+    )
+    assert policy.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 800
+    assert policy.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_a_click_is_not_a_turn(policy: RuleBasedPolicy) -> None:
+    s = FloorState(caller_spoke=True, caller_speech_ms=60, caller_silence_ms=2000)
+    assert policy.step(turn(), s).floor is Floor.LISTEN
+
+
+def test_onset_over_the_bot_holds_at_once(policy: RuleBasedPolicy) -> None:
+    s = FloorState(bot_speaking=True, overlap_speech_ms=40)
+    assert policy.on_frame(0.9, s) is None
+    s.overlap_speech_ms = 60
+    action = policy.on_frame(0.9, s)
+    assert action is not None and action.floor is Floor.HOLD
+    s.bot_held = True
+    assert policy.on_frame(0.9, s) is None  # already held
+
+
+def test_barge_in_needs_a_real_word_or_long_speech(policy: RuleBasedPolicy) -> None:
+    s = FloorState(bot_speaking=True, bot_held=True, overlap_speech_ms=600, partial_text="")
+    assert policy.step(turn(), s).floor is Floor.HOLD  # no words yet: keep holding
+    s.partial_text = "yeah okay"
+    assert policy.step(turn(), s).floor is Floor.HOLD  # backchannel words only
+    s.partial_text = "wait stop"
+    assert policy.step(turn(), s).floor is Floor.YIELD
+    s.partial_text = ""
+    s.overlap_speech_ms = 1000
+    assert policy.step(turn(), s).floor is Floor.YIELD  # long speech, words or not
+
+
+def test_false_interruption_resumes(policy: RuleBasedPolicy) -> None:
+    s = FloorState(
+        bot_speaking=True, bot_held=True, overlap_speech_ms=250, caller_silence_ms=300, partial_text="yeah"
+    )
+    assert policy.step(turn(), s).floor is Floor.RESUME
+
+
+def test_bot_keeps_talking_without_overlap(policy: RuleBasedPolicy) -> None:
+    assert policy.step(turn(), FloorState(bot_speaking=True)).floor is Floor.CONTINUE
+
+
+def test_bot_backchannels_in_a_short_pause_of_a_long_turn(policy: RuleBasedPolicy) -> None:
+    s = FloorState(
+        caller_spoke=True, caller_speech_ms=3500, caller_silence_ms=200, partial_text="so then we went to the"
+    )
+    action = policy.step(turn(start=100.0), s)
+    assert action.floor is Floor.BACKCHANNEL and action.text
+    s.last_backchannel_at = 99.0  # one second ago: too soon for another
+    assert policy.step(turn(start=100.0), s).floor is Floor.LISTEN
+
+
+def test_word_helpers() -> None:
+    assert is_backchannel("Mm-hm, yeah.", frozenset({"mm-hm", "yeah"}))
+    assert not is_backchannel("", BC)
+    assert not is_backchannel("yeah but wait", BC)
+    assert sounds_unfinished("I went to the")
+    assert not sounds_unfinished("what time is it")
+    assert not sounds_unfinished("")
+
+
+def test_params_come_from_settings() -> None:
+    params = RuleParams.from_settings(Settings(eot_silence_ms=500, backchannel_words=["Yeah"]))
+    assert params.eot_silence_ms == 500 and params.backchannel_words == frozenset({"yeah"})
