@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import aioice.ice
 import numpy as np
 import pytest
 
-from presence.bot.backends.factory import Backends, build_backends
+from presence.bot.backends.factory import Backends, build_backends, warm_up
 from presence.bot.calls import CallManager
 from presence.config import Settings
 from presence.seams import OUT_SAMPLE_RATE
@@ -42,7 +43,10 @@ def test_settings(**overrides: object) -> Settings:
 
 @pytest.fixture(scope="session")
 def backends() -> Backends:
-    return build_backends(test_settings())
+    # Warm up once, as `presence serve` does: first loads in a call would stall its clock.
+    built = build_backends(test_settings())
+    asyncio.run(warm_up(built))
+    return built
 
 
 @pytest.fixture(scope="session")

@@ -239,3 +239,25 @@ async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> 
         await bob.hangup()
     await asyncio.sleep(0.3)
     assert not bot.manager.sessions
+
+
+async def test_asr_worker_dying_mid_call_loses_no_turn(bot: BotServer, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    caller = await _connect(bot)
+    try:
+        await caller.say(speech("Hello there."), SR_OUT)
+        await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
+        host = backends.asr_factory.args[0]  # the ProcessHost behind the streaming ASR
+        for _ in range(200):
+            if host._proc is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert host._proc is not None
+        host._proc.kill()  # the pocketsphinx worker dies mid-utterance
+        await caller.wait_event(Ev.BOT_SPEECH_END, timeout=30)
+        sent_at = await caller.say(speech("What is your name?"), SR_OUT)
+        await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=30)
+        session = _session(bot)
+        assert [m for m in session.engine.history if m.role == "user"], "no caller turn reached the context"
+        assert host._proc is not None and host._proc.poll() is None  # a new worker took over
+    finally:
+        await caller.hangup()

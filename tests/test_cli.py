@@ -69,7 +69,7 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
         result = run_cli("call", url, "--wav", str(wav), "--record", str(out), "--tail", "6", timeout=90)
         assert result.returncode == 0, result.stderr
         assert "recorded" in result.stdout
-        audio, rate = read_wav(str(out), 16_000)
+        audio, _ = read_wav(str(out), 16_000)
         text = backends.transcriber.transcribe(audio).text.lower()
         assert "presence" in text, text
     finally:

@@ -373,10 +373,13 @@ class Engine:
             return
         end, self._turn_end_t = self._turn_end_t, None
         marks = {"voice_to_voice": event.t}
-        for name in (Ev.END_OF_TURN_DECIDED, Ev.RESPONDER_FIRST_TOKEN, Ev.TTS_FIRST_AUDIO):
-            found = self.events.first(name, after=end - 5.0)
-            if found is not None:
-                marks[str(name)] = found.t
+        decided = self.events.first(Ev.END_OF_TURN_DECIDED, after=end)
+        if decided is not None:
+            marks[str(Ev.END_OF_TURN_DECIDED)] = decided.t
+        for name in (Ev.RESPONDER_FIRST_TOKEN, Ev.TTS_FIRST_AUDIO):
+            mine = [e for e in self.events.named(name) if e.data.get("utterance") == live.utterance.id]
+            if mine:
+                marks[str(name)] = mine[0].t
         for name, t in marks.items():
             self.events.emit(Ev.LATENCY, metric=name, ms=round((t - end) * 1000, 1))
         if self.on_latency is not None:
@@ -434,34 +437,50 @@ class Engine:
 
     # ------------------------------------------------------------------ background loops
     async def _asr_loop(self) -> None:
-        """Feeds the streaming ASR in order, off the event loop; answers 'finish' requests."""
-        asr = self._asr
+        """Feeds the streaming ASR in order, off the event loop; answers 'finish' requests.
+
+        A failing ASR (its worker process died) must not leave a turn waiting forever: the
+        failure is logged, and a finish falls back to the whole-turn transcriber.
+        """
         while True:
             kind, payload = await self._asr_q.get()
-            if kind == "start":
-                if asr is not None:
-                    await run_blocking(asr.start)
-                self._asr_started = True
-            elif kind == "audio":
-                if asr is None or not self._asr_started:
-                    continue
-                partial = await run_blocking(asr.accept, payload)
-                if partial is not None and partial.text and self._utt_start is not None:
-                    self.state.partial_text = partial.text
-                    self.events.emit(
-                        Ev.CAPTION, who="caller", text=partial.text, final=False, turn=self.turns
-                    )
-            elif kind == "finish":
-                text = ""
-                if self._asr_started:
-                    self._asr_started = False
-                    if asr is not None:
-                        text = (await run_blocking(asr.finish)).text
-                    elif self.backends.transcriber is not None and self._turn_audio:
-                        audio = np.concatenate(self._turn_audio)
-                        text = (await run_blocking(self.backends.transcriber.transcribe, audio)).text
-                if isinstance(payload, asyncio.Future) and not payload.done():
-                    payload.set_result(text.strip())
+            try:
+                await self._asr_step(kind, payload)
+            except Exception:
+                log.exception("call %s: streaming ASR %s failed", self.call_id, kind)
+                if kind == "finish" and isinstance(payload, asyncio.Future) and not payload.done():
+                    payload.set_result(await self._transcribe_turn())
+
+    async def _asr_step(self, kind: str, payload: object) -> None:
+        asr = self._asr
+        if kind == "start":
+            self._asr_started = True
+            if asr is not None:
+                await run_blocking(asr.start)
+        elif kind == "audio":
+            if asr is None or not self._asr_started:
+                return
+            partial = await run_blocking(asr.accept, payload)
+            if partial is not None and partial.text and self._utt_start is not None:
+                self.state.partial_text = partial.text
+                self.events.emit(Ev.CAPTION, who="caller", text=partial.text, final=False, turn=self.turns)
+        elif kind == "finish":
+            text = ""
+            if self._asr_started:
+                self._asr_started = False
+                text = (await run_blocking(asr.finish)).text if asr is not None else await self._transcribe_turn()
+            if isinstance(payload, asyncio.Future) and not payload.done():
+                payload.set_result(text.strip())
+
+    async def _transcribe_turn(self) -> str:
+        if self.backends.transcriber is None or not self._turn_audio:
+            return ""
+        audio = np.concatenate(self._turn_audio)
+        try:
+            return (await run_blocking(self.backends.transcriber.transcribe, audio)).text.strip()
+        except Exception:
+            log.exception("call %s: transcriber failed", self.call_id)
+            return ""
 
     async def _load_backchannel(self) -> None:
         key = id(self.backends.tts)

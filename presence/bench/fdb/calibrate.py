@@ -119,10 +119,13 @@ async def calibrate(
     """Measure the transport with a run at ``base_delay_s``, then each D.
 
     The base run is not at D = 0: an echo cannot send a frame before it has arrived, so a
-    zero-delay echo would race its own input.
+    zero-delay echo would race its own input. A warm-up call comes first and is discarded.
     """
     with tempfile.TemporaryDirectory() as tmp:
         sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
+        # The first call of a process pays one-time costs (codec and thread start-up) that
+        # shift its timing by ~10 ms: make it a throw-away.
+        await measure_echo(base_delay_s, sample_dir)
         base = await measure_echo(base_delay_s, sample_dir)
         runs = [base]
         for delay in delays:
