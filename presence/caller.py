@@ -24,23 +24,22 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from presence.clock import now
-from presence.media.audio import FrameResampler, make_frame, resample
+from presence.media.audio import FrameResampler, resample
+from presence.media.paced import FRAME_OUT, PacedAudioTrack
 from presence.seams import OUT_SAMPLE_RATE
 from presence.signaling.rtc import new_peer_connection, set_audio_prefetch
 
 log = logging.getLogger(__name__)
 
-FRAME = OUT_SAMPLE_RATE // 50
+FRAME = FRAME_OUT
 
 
 class CallError(RuntimeError):
     pass
 
 
-class PlayerTrack(MediaStreamTrack):
+class PlayerTrack(PacedAudioTrack):
     """Plays queued clips in real time (silence in between); remembers when each clip started."""
-
-    kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,8 +47,6 @@ class PlayerTrack(MediaStreamTrack):
         self._current: np.ndarray | None = None
         self._current_future: asyncio.Future[float] | None = None
         self._offset = 0
-        self._start: float | None = None
-        self._pts = 0
 
     def play(self, audio48: np.ndarray) -> asyncio.Future[float]:
         """Queue a clip; the future resolves to the bot-clock time its first sample is sent."""
@@ -65,16 +62,7 @@ class PlayerTrack(MediaStreamTrack):
     def busy(self) -> bool:
         return self._current is not None or bool(self._queue)
 
-    async def recv(self):  # type: ignore[no-untyped-def]
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = now()
-        else:
-            self._pts += FRAME
-            delay = self._start + self._pts / OUT_SAMPLE_RATE - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    def next_samples(self) -> np.ndarray:
         out = np.zeros(FRAME, dtype=np.float32)
         filled = 0
         while filled < FRAME:
@@ -84,14 +72,14 @@ class PlayerTrack(MediaStreamTrack):
                 self._current, future = self._queue.popleft()
                 self._offset = 0
                 if not future.done():
-                    future.set_result(now() + filled / OUT_SAMPLE_RATE)
+                    future.set_result(self.frame_time + filled / OUT_SAMPLE_RATE)
             part = self._current[self._offset : self._offset + FRAME - filled]
             out[filled : filled + part.size] = part
             filled += part.size
             self._offset += part.size
             if self._offset >= self._current.size:
                 self._current = None
-        return make_frame(out, self._pts)
+        return out
 
 
 class Recorder:

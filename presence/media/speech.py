@@ -10,22 +10,20 @@ transcript at what the caller actually heard.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from presence.clock import now
 from presence.events import Ev
-from presence.media.audio import decimate_3, make_frame
+from presence.media.audio import decimate_3
 from presence.media.microturn import FrameBuffer
+from presence.media.paced import FRAME_OUT, PacedAudioTrack
 from presence.seams import OUT_SAMPLE_RATE
 
-FRAME_OUT = OUT_SAMPLE_RATE // 50  # 960 samples = 20 ms
 # Audio sent but still in flight or in the caller's jitter buffer when we stop is not heard.
 HEARD_LAG_S = 0.1
 
@@ -113,8 +111,7 @@ class Utterance:
         return " ".join(words)
 
 
-class SpeechTrack(MediaStreamTrack):
-    kind = "audio"
+class SpeechTrack(PacedAudioTrack):
 
     def __init__(self, emit: EventSink, bot_buffer: FrameBuffer | None = None) -> None:
         super().__init__()
@@ -125,8 +122,6 @@ class SpeechTrack(MediaStreamTrack):
         self.held = False
         self.frames_sent = 0
         self._overlay = np.zeros(0, dtype=np.float32)
-        self._start: float | None = None
-        self._pts = 0
         self._on_end: list[Callable[[Utterance], None]] = []
 
     # ------------------------------------------------------------------ control (event loop)
@@ -173,24 +168,12 @@ class SpeechTrack(MediaStreamTrack):
         return True
 
     # ------------------------------------------------------------------ media (aiortc pulls)
-    async def recv(self):  # type: ignore[no-untyped-def]
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = now()
-        else:
-            self._pts += FRAME_OUT
-            delay = self._start + self._pts / OUT_SAMPLE_RATE - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif delay < -0.2:
-                # The loop stalled: re-anchor instead of bursting out a backlog of frames.
-                self._start = now() - self._pts / OUT_SAMPLE_RATE
+    def next_samples(self) -> np.ndarray:
         samples = self._next_samples()
         self.frames_sent += 1
         if self.bot_buffer is not None:
             self.bot_buffer.push(decimate_3(samples), 1.0 if samples.any() else 0.0)
-        return make_frame(samples, self._pts)
+        return samples
 
     def _next_samples(self) -> np.ndarray:
         t = now()

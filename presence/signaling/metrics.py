@@ -24,6 +24,8 @@ from prometheus_client import (
 VOICE_TO_VOICE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 BARGE_IN_BUCKETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 MICROTURN_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
+# A background job: milliseconds of queueing overhead up to a think job's tens of seconds.
+JOB_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -38,6 +40,11 @@ class Metrics:
     barge_in_stop: Histogram  # presence_barge_in_stop_seconds
     microturn_step: Histogram  # presence_microturn_step_seconds
     microturns: Counter  # presence_microturns_total
+    # background jobs, kept current by presence.bot.jobs.bridge.JobBridge
+    job_queue_depth: Gauge  # presence_job_queue_depth{kind}
+    job_latency: Histogram  # presence_job_latency_seconds (dispatch -> result delivered)
+    job_retries: Counter  # presence_job_retries_total
+    job_dead_letters: Counter  # presence_job_dead_letters_total
 
     @classmethod
     def create(cls, active_calls: Callable[[], float] | None = None) -> Metrics:
@@ -82,6 +89,28 @@ class Metrics:
             microturns=Counter(
                 "presence_microturns",
                 "Micro-turns decided",
+                registry=registry,
+            ),
+            job_queue_depth=Gauge(
+                "presence_job_queue_depth",
+                "Background jobs queued or running, by kind",
+                ["kind"],
+                registry=registry,
+            ),
+            job_latency=Histogram(
+                "presence_job_latency_seconds",
+                "Background job dispatch to its result delivered to the call",
+                buckets=JOB_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            job_retries=Counter(
+                "presence_job_retries",
+                "Background job re-runs: transient failures, reclaims from dead workers, resubmits",
+                registry=registry,
+            ),
+            job_dead_letters=Counter(
+                "presence_job_dead_letters",
+                "Background jobs or entries given up on and dead-lettered",
                 registry=registry,
             ),
         )

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 
-from presence.bot.jobs.kinds import load_handlers
+from presence.bot.jobs.kinds import load_handlers, resolve_docs_dir
 from presence.bot.jobs.redisio import DEFAULT_REDIS_URL
 from presence.bot.jobs.worker import Worker, default_consumer_name
 
@@ -25,14 +25,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-reclaim-ms", type=int, default=30_000)
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--docs-dir", default="", help="folder the search kind indexes")
+    p.add_argument("--docs-dir", default="", help="folder the search kind indexes (default: bundled docs/)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 async def amain(args: argparse.Namespace) -> None:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    options = {"docs_dir": args.docs_dir} if args.docs_dir else {}
+    options: dict[str, str] = {}
+    if args.docs_dir or "search" in kinds:
+        docs_dir = resolve_docs_dir(args.docs_dir)  # empty: the bundled docs/ folder
+        if docs_dir:
+            options["docs_dir"] = docs_dir
     worker = Worker(
         args.redis_url,
         kinds,

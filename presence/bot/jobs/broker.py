@@ -77,6 +77,7 @@ class JobBroker:
         result_grace_s: float = 5.0,
         backoff: Backoff | None = None,
         name: str = "broker",
+        max_connections: int = 32,
     ) -> None:
         if on_lost not in ("resubmit", "fail"):
             raise ValueError(f"on_lost must be 'resubmit' or 'fail', got {on_lost!r}")
@@ -90,7 +91,8 @@ class JobBroker:
         self.on_lost = on_lost
         self.result_grace_s = result_grace_s
         self.stats: Counter[str] = Counter()
-        self._rc = Reconnecting(redis_url, name=name, backoff=backoff)
+        # Each results() iterator holds a connection in XREAD BLOCK: size the pool for the calls.
+        self._rc = Reconnecting(redis_url, name=name, backoff=backoff, max_connections=max_connections)
         self._pending: dict[str, JobRequest] = {}  # submitted, result not yet yielded
         self._submitting: set[str] = set()  # submit() still writing these
         self._calls: dict[str, _CallState] = {}
@@ -147,6 +149,17 @@ class JobBroker:
             state.closed = True
             state.wake.set()
         return unfinished
+
+    def forget_call(self, call_id: str) -> None:
+        """Drop a call's local state without Redis (when :meth:`cancel_call` could not reach it):
+        no overdue failures are made up for it and its results() iterator ends."""
+        self._live.discard(call_id)
+        for job_id in [j for j, req in self._pending.items() if req.call_id == call_id]:
+            del self._pending[job_id]
+        state = self._calls.pop(call_id, None)
+        if state is not None:
+            state.closed = True
+            state.wake.set()
 
     # ------------------------------------------------------------------ jobs
     async def submit(self, request: JobRequest) -> str:

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from presence.bot.jobs.worker import Handler
+
+log = logging.getLogger(__name__)
+
+# The bundled sample corpus lives in ``docs/`` at the repository root (not package data): found
+# next to the source tree in a checkout or an editable install, else in the working directory.
+_BUNDLED_DOCS_CANDIDATES = (
+    Path(__file__).resolve().parents[3] / "docs",
+    Path("docs"),
+)
 
 HANDLERS: dict[str, str] = {
     "search": "presence.bot.jobs.search:handle",
@@ -44,3 +56,18 @@ def options_from_settings(settings: Any) -> dict[str, Any]:
         if value:
             options[option] = value
     return options
+
+
+def resolve_docs_dir(configured: str = "") -> str | None:
+    """The folder the ``search`` kind indexes: ``configured`` when set (even if missing: the
+    search job then fails with a clear message), else the bundled ``docs/`` folder, else None."""
+    if configured:
+        return os.path.expanduser(configured)
+    for candidate in _BUNDLED_DOCS_CANDIDATES:
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    log.warning(
+        "jobs: no documents folder for the search job (looked for %s); set PRESENCE_JOBS_DOCS_DIR",
+        " and ".join(str(c) for c in _BUNDLED_DOCS_CANDIDATES),
+    )
+    return None

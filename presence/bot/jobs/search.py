@@ -134,7 +134,9 @@ def split_passages(text: str, size: int = PASSAGE_CHARS) -> list[str]:
         if current and len(current) + len(para) + 1 > size:
             out.append(current)
             current = ""
-        current = f"{current} {para}".strip()
+        # A newline between paragraphs keeps headings apart from the text after them, so that
+        # a caller of the hits (the call bridge) can pick a clean sentence to speak.
+        current = f"{current}\n{para}".strip()
     if current:
         out.append(current)
     return out

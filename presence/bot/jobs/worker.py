@@ -291,6 +291,7 @@ class Worker:
                     continue
                 claimed += 1
                 self.stats.reclaimed += 1
+                await self._rc.call("stats", lambda r: r.hincrby(self.keys.stats, "reclaimed", 1))
                 log.warning(
                     "worker %s: reclaimed %s %s from a dead or stalled consumer", self.name, stream, entry_id
                 )
@@ -567,6 +568,7 @@ class Worker:
                 pipe.hset(self.keys.job(request.job_id), mapping={"status": "queued", "error": error})
                 pipe.xadd(stream, {"job": retry.to_json()}, maxlen=self.queue_maxlen, approximate=True)
                 pipe.xack(stream, GROUP, entry_id)
+                pipe.hincrby(self.keys.stats, "retried", 1)  # deployment-wide, for metrics
                 return await pipe.execute()
 
         await self._rc.call("requeue", write)
@@ -599,9 +601,13 @@ class Worker:
             "worker": self.name,
             "at": repr(time.time()),
         }
-        await self._rc.call(
-            "dead letter", lambda r: r.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
-        )
+        async def write(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)
+                pipe.hincrby(self.keys.stats, "dead_letters", 1)  # deployment-wide, for metrics
+                return await pipe.execute()
+
+        await self._rc.call("dead letter", write)
         if job_id:
             with contextlib.suppress(rexc.RedisError):
                 await self._rc.call(
@@ -659,11 +665,15 @@ async def run_worker(
     options: Mapping[str, Any] | None = None,
 ) -> None:
     """Entry point of ``presence worker --kinds search,code,think``: serves until SIGTERM."""
-    from presence.bot.jobs.kinds import load_handlers, options_from_settings
+    from presence.bot.jobs.kinds import load_handlers, options_from_settings, resolve_docs_dir
 
     opts = options_from_settings(settings)
     if docs_dir is not None:
         opts["docs_dir"] = docs_dir
+    elif "search" in kinds and "docs_dir" not in opts:
+        bundled = resolve_docs_dir()  # the config's promise: empty = the bundled docs/ folder
+        if bundled:
+            opts["docs_dir"] = bundled
     opts.update(options or {})
     worker = Worker(
         getattr(settings, "redis_url", "") or DEFAULT_REDIS_URL,
