@@ -281,7 +281,6 @@ class _Builder:
         self.bot = np.zeros(self.length, np.float32)
         self.fg_act = np.zeros(n_act, bool)
         self.other_act = np.zeros(n_act, bool)
-        self.bot_act = np.zeros(n_act, bool)
         r = rng.random
         pool = [Voice("espeak", n, int(rng.choice(SPEEDS))) for n in ESPEAK_NAMES]
         self.caller_voice = pool[int(rng.integers(len(pool)))]
@@ -421,6 +420,7 @@ class _Builder:
         clip = clip * self._gain(clip, level)
         yield_at: float | None = None
         interrupt_end: float | None = None
+        onset = 0.0
         roll = rng.random()
         if overlaps and roll < 0.25 and nominal > 2.0:
             onset = start + rng.uniform(0.8, nominal - 0.5)
@@ -479,7 +479,7 @@ class _Builder:
             self.held.append((held_since, end))
         self.bot_turns.append((start, end))
         if yield_at is not None:
-            self.interruptions.append((yield_at - 0.0 if False else onset, end))
+            self.interruptions.append((onset, end))
         return end, interrupt_end
 
     # -------------------------------------------------------------- the whole call
@@ -666,7 +666,7 @@ def generate_dialogue(
             alert[k] = last_alert
 
     labels, events = _labels(b, n)
-    vap = _vap(b.fg_act, b.bot_act_rendered(bot) if False else activity_track(bot), n)
+    vap = _vap(b.fg_act, activity_track(bot), n)
     meta = {
         "seed": seed,
         "split": split,

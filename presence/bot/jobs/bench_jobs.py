@@ -151,7 +151,7 @@ async def bench(redis_url: str = DEFAULT_REDIS_URL, n: int = 300) -> dict[str, A
         await _ready(procs)
         rescuer.send_signal(signal.SIGSTOP)
         job = await broker.submit(JobRequest.new(call_id, "sleep", {"seconds": 0.3}, timeout_s=60))
-        while (await broker.info(job)).get("worker") != "victim":  # noqa: ASYNC110 - polling Redis
+        while (await broker.info(job)).get("worker") != "victim":
             await asyncio.sleep(0.005)
         rescuer.send_signal(signal.SIGCONT)
         victim.send_signal(signal.SIGKILL)
