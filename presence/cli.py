@@ -27,6 +27,7 @@ Presence: a real-time, full-duplex call bot.
   presence worker --kinds search,code,think
                                        run a background-job worker against Redis
   presence bench latency               voice-to-voice and barge-in latency, CPU per call
+  presence bench fdb --limit 5         Full-Duplex-Bench-style scores, report.md and plots
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
 Defaults run offline on a CPU: Silero VAD, pocketsphinx + whisper tiny.en, piper (joe),
@@ -49,7 +50,9 @@ def _logging(level: str) -> None:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     from presence.bot.backends.factory import build_backends, warm_up
     from presence.bot.calls import CallManager
+    from presence.bot.jobs.bridge import JobBridge
     from presence.signaling.app import dev_join_url, run_server
+    from presence.signaling.metrics import Metrics
 
     print(f"presence {__version__}: loading models (first start assembles the LLM, ~10 s)...", flush=True)
     started = time.monotonic()
@@ -57,7 +60,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     timings = await warm_up(backends)
     summary = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
     print(f"models ready in {time.monotonic() - started:.1f} s ({summary})", flush=True)
-    manager = CallManager(settings, backends)
+    metrics = Metrics.create()
+    jobs = await JobBridge.start(settings, metrics)
+    print(f"background jobs: {jobs.describe()['mode'] if jobs is not None else 'off'}", flush=True)
+    manager = CallManager(settings, backends, metrics, jobs)
+    metrics.calls_active.set_function(lambda: manager.active_calls)
     runner = await run_server(settings, manager)
     print(f"Presence is listening on {settings.base_url}", flush=True)
     print(f"Open this URL to call the bot: {dev_join_url(settings)}", flush=True)
@@ -160,10 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_lat.add_argument("--skip-cpu", action="store_true")
     p_lat.add_argument("--json", help="also write the results here")
     Settings.add_arguments(p_lat)
+    bench_sub.add_parser(
+        "fdb",
+        help="Full-Duplex-Bench-style interaction quality over real WebRTC (see --help)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
+        from presence.bench.fdb.cli import main as fdb_main
+
+        _logging("warning")
+        return asyncio.run(fdb_main(argv[2:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -199,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return asyncio.run(run_latency(settings, args))
     except ValueError as exc:  # bad settings: say what and exit, no traceback
+        print(f"presence: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "JobsUnavailable":
+            raise
         print(f"presence: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ class Ev(enum.StrEnum):
     PARTICIPANT_JOINED = "participant_joined"
     PARTICIPANT_LEFT = "participant_left"
     VIDEO_FRAME = "video_frame"  # {"participant", "width", "height"}
+    JOB = "job"  # {"job_id", "kind", "status", "summary", "title"}: the page's job feed
 
 
 Listener = Callable[[CallEvent], None]

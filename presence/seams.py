@@ -103,6 +103,8 @@ class FloorState:
     overlap_speech_ms: float = 0.0  # caller speech while the bot talks or is held
     partial_text: str = ""  # the streaming ASR partial of the current caller utterance
     last_backchannel_at: float = -1e9
+    result_waiting: bool = False  # a background job's result is ready to be woven in
+    result_urgent: bool = False  # ...and it may interrupt the caller
 
 
 @runtime_checkable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ def _restore_aioice() -> object:
 
 
 def test_settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"port": 0, "greeting": "", "peer_timeout_s": 5.0}
+    base: dict[str, object] = {"port": 0, "greeting": "", "peer_timeout_s": 5.0, "jobs": "off"}
     base.update(overrides)
     return Settings.from_env({}, **base)
 
@@ -82,7 +83,14 @@ async def bot_factory(backends: Backends) -> AsyncIterator[Callable[..., object]
 
     async def start(**overrides: object) -> BotServer:
         settings = test_settings(**overrides)
-        manager = CallManager(settings, backends)
+        jobs = None
+        if settings.jobs != "off":
+            from presence.bot.jobs.bridge import JobBridge
+
+            # A prefix of its own: no other test's streams or workers interfere.
+            jobs = await JobBridge.start(settings, prefix=f"presence-test-{uuid.uuid4().hex[:8]}")
+            need(jobs is not None, "background jobs need Redis (127.0.0.1:6379 or redis-server)")
+        manager = CallManager(settings, backends, jobs=jobs)
         runners.append(await run_server(settings, manager))
         return BotServer(settings, manager, settings.base_url)
 

@@ -13,7 +13,13 @@ import pytest
 from conftest import need
 
 from presence.bench.fdb import metrics as m
-from presence.bench.fdb.score import SampleData, activity_segments, score_sample, vad_segments
+from presence.bench.fdb.score import (
+    SampleData,
+    activity_segments,
+    join_hyphenated,
+    score_sample,
+    vad_segments,
+)
 from presence.bench.fdb.stimuli import (
     CATEGORIES,
     RATE,
@@ -199,7 +205,9 @@ class ScriptedVAD:
 
 def test_vad_segments_follow_silero_rules() -> None:
     w = 512 / RATE  # 32 ms
-    probs = [0.0] * 10 + [0.9] * 20 + [0.0] * 10 + [0.9] * 3 + [0.0] * 20 + [0.9] * 15 + [0.2] * 2 + [0.9] * 10
+    probs = (
+        [0.0] * 10 + [0.9] * 20 + [0.0] * 10 + [0.9] * 3 + [0.0] * 20 + [0.9] * 15 + [0.2] * 2 + [0.9] * 10
+    )
     audio = np.zeros(len(probs) * 512, dtype=np.float32)
     segs = vad_segments(audio, ScriptedVAD(probs), decimals=None)  # type: ignore[arg-type]
     # The 3-chunk blip (96 ms < 250 ms) is dropped; the 2-chunk dip (64 ms < 100 ms) is bridged.
@@ -208,6 +216,12 @@ def test_vad_segments_follow_silero_rules() -> None:
     assert segs[1][0] == pytest.approx(63 * w - 0.03) and segs[1][1] == pytest.approx(len(probs) * w)
     rounded = vad_segments(audio, ScriptedVAD(probs))  # type: ignore[arg-type]
     assert rounded[0] == (round(10 * w - 0.03, 1), round(30 * w + 0.03, 1))
+
+
+def test_hyphenated_pieces_are_one_word() -> None:
+    words = [("M", 1.0, 1.1), ("-H", 1.1, 1.2), ("-M.", 1.2, 1.5), ("yes", 2.0, 2.2)]
+    assert join_hyphenated(words) == [("M-H-M.", 1.0, 1.5), ("yes", 2.0, 2.2)]
+    assert join_hyphenated([("-odd", 0.0, 0.1)]) == [("-odd", 0.0, 0.1)]
 
 
 def test_activity_segments() -> None:
@@ -238,7 +252,9 @@ def test_comma_pause_is_found_and_stretched() -> None:
     span = find_comma_pause(audio)
     assert span is not None and abs(span[0] - RATE) <= 160 and abs(span[1] - RATE - 3200) <= 160
     out, start, end = stretch_pause(audio, span, 1.5)
-    assert end - start == pytest.approx(1.5, abs=0.011) and out.size == audio.size + int(1.5 * RATE) - (span[1] - span[0])
+    assert end - start == pytest.approx(1.5, abs=0.011) and out.size == audio.size + int(1.5 * RATE) - (
+        span[1] - span[0]
+    )
     assert find_comma_pause(tone) is None
 
 
@@ -288,7 +304,9 @@ def test_score_sample_on_a_built_timeline() -> None:
                               ("date", 0.6, 0.9), ("is", 0.9, 1.0), ("monday", 1.0, 1.5)))  # fmt: skip
 
     res = score_sample(
-        SampleData(meta, output, played, events, injections), Words(), lambda: ScriptedVAD([])  # type: ignore[arg-type]
+        SampleData(meta, output, played, events, injections),
+        Words(),
+        lambda: ScriptedVAD([]),  # type: ignore[arg-type]
     )
     assert res["tor"] == 1 and res["latency_s"] == pytest.approx(0.3, abs=0.011)
     assert res["barge_in_stop_s"] == [pytest.approx(0.2, abs=0.011)]
@@ -313,7 +331,10 @@ async def test_calibration_measures_a_known_echo_delay(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_small_live_run_writes_the_report(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
-    need(importlib.util.find_spec("matplotlib") is not None, "matplotlib is not installed (pip install matplotlib)")
+    need(
+        importlib.util.find_spec("matplotlib") is not None,
+        "matplotlib is not installed (pip install matplotlib)",
+    )
     from presence.bench.fdb.cli import Config, run_benchmark
     from presence.bot.backends.factory import warm_up
     from presence.bot.backends.responder import RuleResponder

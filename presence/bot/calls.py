@@ -6,6 +6,7 @@ import logging
 import uuid
 
 from presence.bot.backends.factory import Backends
+from presence.bot.jobs.bridge import JobBridge
 from presence.bot.session import CallSession
 from presence.config import Settings
 from presence.signaling.contract import Answer, CallRejected
@@ -17,9 +18,16 @@ log = logging.getLogger(__name__)
 class CallManager:
     """Implements ``signaling.contract.CallHost``."""
 
-    def __init__(self, settings: Settings, backends: Backends, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backends: Backends,
+        metrics: Metrics | None = None,
+        jobs: JobBridge | None = None,
+    ) -> None:
         self.settings = settings
         self.backends = backends
+        self.jobs = jobs
         self.metrics = metrics if metrics is not None else Metrics.create(lambda: self.active_calls)
         self.sessions: dict[str, CallSession] = {}  # call id -> session
         self._rooms: dict[str, CallSession] = {}
@@ -41,7 +49,9 @@ class CallManager:
                     503, "busy", f"all {self.settings.max_calls} call slots are taken; try later"
                 )
             call_id = uuid.uuid4().hex[:16]
-            session = CallSession(call_id, room, self.settings, self.backends, self.metrics, self._ended)
+            session = CallSession(
+                call_id, room, self.settings, self.backends, self.metrics, self._ended, self.jobs
+            )
             self.sessions[call_id] = session
             if room:
                 self._rooms[room] = session
@@ -77,3 +87,5 @@ class CallManager:
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             await self._ended(session)
+        if self.jobs is not None:
+            await self.jobs.close()

@@ -15,12 +15,14 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from presence.aio import run_blocking
 from presence.bot.backends.factory import Backends
-from presence.bot.policy import is_backchannel
+from presence.bot.jobs.types import JobResult
+from presence.bot.policy import RESULT, is_backchannel
 from presence.bot.reply import ReplyTask, synthesize
 from presence.clock import now, sleep_until
 from presence.config import Settings
@@ -28,6 +30,9 @@ from presence.events import Ev, EventLog
 from presence.media.microturn import MicroTurnAssembler
 from presence.media.speech import SpeechTrack, Utterance
 from presence.seams import Action, CallEvent, ChatMessage, Floor, FloorPolicy, FloorState, MicroTurn
+
+if TYPE_CHECKING:
+    from presence.bot.jobs.bridge import CallJobs
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,9 @@ class Engine:
         self._cut: Utterance | None = None
         self._cut_at = -1e9
         self._state_name = ""
+        self.jobs: CallJobs | None = None  # set by the session when background jobs are on
+        self._results: deque[tuple[JobResult, ReplyTask]] = deque()
+        self._urgent_jobs: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._main: asyncio.Task[None] | None = None
         track.on_utterance_end(self._on_utterance_end)
@@ -102,9 +110,10 @@ class Engine:
 
     async def stop(self) -> None:
         tasks = [t for t in (self._main, *self._tasks) if t is not None]
-        for reply in (self._pending, self._live):
+        for reply in (self._pending, self._live, *(r for _, r in self._results)):
             if reply is not None:
                 await reply.cancel()
+        self._results.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -161,6 +170,8 @@ class Engine:
         s.bot_speaking = self.track.speaking
         s.bot_held = self.track.held
         s.reply_ready = self._pending is not None and bool(self._pending.utterance.segments)
+        s.result_waiting = bool(self._results)
+        s.result_urgent = any(r.job_id in self._urgent_jobs for r, _ in self._results)
         if not s.bot_speaking:
             s.overlap_speech_ms = 0.0
         self._maybe_speculate()
@@ -330,7 +341,12 @@ class Engine:
         self._user_index = len(self.history) - 1
         self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns)
         reply = self._pending
-        if reply is None or _norm(self._pending_user_text) != _norm(text):
+        spoken = self._route_jobs(text)
+        if spoken is not None:  # background work: acknowledge it and keep the conversation going
+            if reply is not None:
+                self._spawn(reply.cancel(), "cancel-reply")
+            reply = self._fixed_reply(spoken)
+        elif reply is None or _norm(self._pending_user_text) != _norm(text):
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
             reply = ReplyTask(self.backends.responder, self.backends.tts, list(self.history), self.events)
@@ -339,6 +355,46 @@ class Engine:
         if self.backends.transcriber is not None and audio.size:
             self._spawn(self._final_pass(reply, audio, self._user_index, self.turns), "final-asr")
         self.turns += 1
+
+    def _fixed_reply(self, text: str) -> ReplyTask:
+        return ReplyTask(self.backends.responder, self.backends.tts, [], self.events, fixed_text=text)
+
+    # ------------------------------------------------------------------ background jobs
+    def _route_jobs(self, text: str) -> str | None:
+        """Dispatch the jobs the caller asked for; returns what to say instead of a reply."""
+        jobs = self.jobs
+        if jobs is None:
+            return None
+        if jobs.is_cancel_request(text) and jobs.unfinished():
+            self._spawn(jobs.cancel_all("the caller said never mind"), "jobs-cancel")
+            return "Okay, I've stopped that."
+        requests = jobs.route(text)
+        if not requests:
+            return None
+        self._urgent_jobs.update(r.job_id for r in requests if r.urgent)
+        self._spawn(jobs.dispatch(requests), "jobs-dispatch")
+        for request in requests:
+            self.events.emit(Ev.JOB_DISPATCHED, job_id=request.job_id, kind=request.kind)
+        return jobs.acknowledgement(requests)
+
+    def on_job_result(self, result: JobResult) -> None:
+        """The one door for background results: its speech is prepared now, and the policy
+        picks the moment to say it."""
+        text = self.jobs.speakable(result) if self.jobs is not None else ""
+        if not text:
+            return
+        self._results.append((result, self._fixed_reply(text)))
+        self.assembler.add_event("result")
+
+    def _speak_result(self) -> None:
+        # The first result whose speech is ready goes first: no silence while another renders.
+        ready = next((i for i, (_, r) in enumerate(self._results) if r.utterance.segments), 0)
+        result, reply = self._results[ready]
+        del self._results[ready]
+        self._urgent_jobs.discard(result.job_id)
+        self.history.append(ChatMessage("tool", f"{result.kind} result: {reply.fixed_text}"))
+        self.events.emit(Ev.JOB_RESULT_INJECTED, job_id=result.job_id, kind=result.kind, ok=result.ok)
+        self._commit(reply)
 
     def _commit(self, reply: ReplyTask) -> None:
         if self._live is not None and not self._live.done:
@@ -388,7 +444,14 @@ class Engine:
     # ------------------------------------------------------------------ actions
     def _apply(self, action: Action, turn: MicroTurn) -> None:
         floor = action.floor
-        if floor is Floor.SPEAK:
+        if floor is Floor.SPEAK and action.reason == RESULT:
+            if self._results:
+                self._speak_result()
+        elif floor is Floor.INTERRUPT:
+            if self._results:
+                self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "", by="bot")
+                self._speak_result()
+        elif floor is Floor.SPEAK:
             if self._commit_when_ready:
                 return  # already taken; waiting for the ASR's final text
             self.events.emit(Ev.END_OF_TURN_DECIDED, silence_ms=self.state.caller_silence_ms)
@@ -468,7 +531,11 @@ class Engine:
             text = ""
             if self._asr_started:
                 self._asr_started = False
-                text = (await run_blocking(asr.finish)).text if asr is not None else await self._transcribe_turn()
+                text = (
+                    (await run_blocking(asr.finish)).text
+                    if asr is not None
+                    else await self._transcribe_turn()
+                )
             if isinstance(payload, asyncio.Future) and not payload.done():
                 payload.set_result(text.strip())
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from presence.config import Settings
 from presence.seams import Action, Floor, FloorState, MicroTurn
 
+RESULT = "result"  # Action.reason of a turn taken to speak a background result
 _WORD = re.compile(r"[a-z']+(?:-[a-z']+)?")
 # A turn rarely ends on these: the caller is pausing mid-sentence ("I want to book a table for").
 CONTINUATION_WORDS = frozenset(
@@ -81,6 +82,13 @@ class RuleBasedPolicy:
 
     def step(self, turn: MicroTurn, state: FloorState) -> Action:
         p = self.p
+        if state.result_waiting and not state.bot_speaking:
+            # A background result is woven in when nobody holds the floor; an urgent one may
+            # talk over the caller, a routine one never does.
+            if not state.caller_spoke:
+                return Action(Floor.SPEAK, reason=RESULT)
+            if state.result_urgent:
+                return Action(Floor.INTERRUPT, reason="urgent result")
         if state.bot_speaking:
             # The hold already silenced the bot, so confirming can wait for the ASR's words:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.

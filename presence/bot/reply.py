@@ -86,7 +86,11 @@ class ReplyTask:
     async def _run(self) -> None:
         try:
             if self.fixed_text is not None:
-                await self._speak(self.fixed_text)
+                # Piece by piece, like a streamed reply: the first clause is ready soonest.
+                pieces, rest = pop_speakable(self.fixed_text + " ", first=True)
+                for piece in [*pieces, rest.strip()]:
+                    if piece:
+                        await self._speak(piece)
                 return
             buffer = ""
             first_token = True

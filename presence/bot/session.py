@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from presence.bot.backends.factory import Backends
 from presence.bot.engine import Engine
+from presence.bot.jobs.bridge import JobBridge
 from presence.bot.policy import build_policy
 from presence.clock import now
 from presence.config import Settings
@@ -62,6 +63,7 @@ class CallSession:
         backends: Backends,
         metrics: Metrics | None,
         on_empty: Callable[[CallSession], Awaitable[None]],
+        jobs: JobBridge | None = None,
     ) -> None:
         self.call_id = call_id
         self.room = room
@@ -69,6 +71,7 @@ class CallSession:
         self.backends = backends
         self.metrics = metrics
         self.on_empty = on_empty
+        self.jobs_bridge = jobs
         self.events = EventLog(call_id)
         self.assembler = MicroTurnAssembler(
             call_id, settings.micro_turn_ms, settings.max_playout_ms, settings.vad_threshold
@@ -143,6 +146,7 @@ class CallSession:
             await self.remove_peer(peer.id, notify=False)
             raise CallRejected(400, "bad_offer", f"cannot answer this offer: {exc}") from exc
         self._start()
+        await self._open_jobs()
         self.events.emit(Ev.PARTICIPANT_JOINED, participant=peer.participant, peer=peer.id)
         return Answer(call_id=self.call_id, peer_id=peer.id, sdp=pc.localDescription.sdp)
 
@@ -207,6 +211,17 @@ class CallSession:
             self._watch(), name=f"watchdog-{self.call_id}"
         )
 
+    async def _open_jobs(self) -> None:
+        if self.jobs_bridge is None or self.engine.jobs is not None:
+            return
+        try:
+            jobs = await self.jobs_bridge.open_call(self.call_id, self.engine.on_job_result)
+        except Exception as exc:  # Redis away: the call goes on without background jobs
+            log.warning("call %s: background jobs unavailable: %s", self.call_id, exc)
+            return
+        jobs.on_change(lambda job: self.events.emit(Ev.JOB, **job))
+        self.engine.jobs = jobs
+
     async def _watch(self) -> None:
         """A caller that vanished without hanging up stops sending: let them go."""
         timeout = self.settings.peer_timeout_s
@@ -229,6 +244,9 @@ class CallSession:
         for peer_id in list(self.peers):
             await self.remove_peer(peer_id)
         await self.engine.stop()
+        if self.engine.jobs is not None:
+            with contextlib.suppress(Exception):
+                await self.engine.jobs.close()
         self.track.stop()
 
     # ------------------------------------------------------------------ events out

@@ -112,7 +112,6 @@ class Utterance:
 
 
 class SpeechTrack(PacedAudioTrack):
-
     def __init__(self, emit: EventSink, bot_buffer: FrameBuffer | None = None) -> None:
         super().__init__()
         self.emit = emit

@@ -268,7 +268,9 @@ def _split_lines(lines: tuple[str, ...], split: str) -> list[str]:
 class _Builder:
     """Scripts one dialogue (see the module docstring). Times in seconds."""
 
-    def __init__(self, bank: ClipBank, rng: np.random.Generator, seconds: float, split: str, espeak_only: bool):
+    def __init__(
+        self, bank: ClipBank, rng: np.random.Generator, seconds: float, split: str, espeak_only: bool
+    ):
         self.bank = bank
         self.rng = rng
         self.split = split
@@ -303,7 +305,7 @@ class _Builder:
         self.ready: list[tuple[float, float]] = []
         self.results: list[float] = []
         self.caller_bcs: list[tuple[float, float]] = []
-        self.side_talk: list[tuple[float, float, bool]] = []
+        self.side_spans: list[tuple[float, float, bool]] = []
         self.utterances: list[tuple[float, float, str]] = []
         self._last_bc_label = -1e9
 
@@ -387,7 +389,9 @@ class _Builder:
         fade = min(cut.size, 320)
         cut[-fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
         self._place("fg", cut, t, self.level)
-        self.utterances.append((t, stop, " ".join(line.split()[: max(1, int(len(line.split()) * (stop - t) / dur))])))
+        self.utterances.append(
+            (t, stop, " ".join(line.split()[: max(1, int(len(line.split()) * (stop - t) / dur))]))
+        )
         self.results.append(arrival)
         self.urgent.append((arrival, bot_start))
         end, _ = self.bot_turn(bot_start, self._line(texts.BOT_URGENT), overlaps=False, holds_from=stop + 0.1)
@@ -398,14 +402,18 @@ class _Builder:
         rng = self.rng
         start = t
         line = self._line(texts.SIDE_SELF)
-        t = self._place("fg", self.bank.clip(self.caller_voice, line), t, self.level * 10 ** (-rng.uniform(6, 10) / 20))
+        t = self._place(
+            "fg", self.bank.clip(self.caller_voice, line), t, self.level * 10 ** (-rng.uniform(6, 10) / 20)
+        )
         self.utterances.append((start, t, line))
         t += rng.uniform(0.2, 0.6)
         t = self._place(
-            "other", self.bank.clip(self.other_voice, self._line(texts.SIDE_OTHER)), t,
+            "other",
+            self.bank.clip(self.other_voice, self._line(texts.SIDE_OTHER)),
+            t,
             self.level * 10 ** (-rng.uniform(8, 14) / 20),
         )
-        self.side_talk.append((start, t, False))
+        self.side_spans.append((start, t, False))
         return t
 
     def bot_turn(
@@ -432,7 +440,12 @@ class _Builder:
             at = start + rng.uniform(0.5, max(0.6, nominal - 0.5))
             for _ in range(1 if rng.random() < 0.7 else 2):
                 word = self._line(texts.CALLER_BACKCHANNELS)
-                end = self._place("fg", self.bank.clip(self.caller_voice, word), at, self.level * 10 ** (-rng.uniform(0, 4) / 20))
+                end = self._place(
+                    "fg",
+                    self.bank.clip(self.caller_voice, word),
+                    at,
+                    self.level * 10 ** (-rng.uniform(0, 4) / 20),
+                )
                 self.caller_bcs.append((at, end))
                 self.utterances.append((at, end, word))
                 at = end + rng.uniform(1.5, 3.0)
@@ -441,10 +454,12 @@ class _Builder:
         elif overlaps and roll < 0.7:
             at = start + rng.uniform(0.3, max(0.4, nominal - 0.3))
             end = self._place(
-                "other", self.bank.clip(self.other_voice, self._line(texts.SIDE_OTHER)), at,
+                "other",
+                self.bank.clip(self.other_voice, self._line(texts.SIDE_OTHER)),
+                at,
                 self.level * 10 ** (-rng.uniform(8, 14) / 20),
             )
-            self.side_talk.append((at, end, True))
+            self.side_spans.append((at, end, True))
         if rng.random() < 0.3:
             self.results.append(start + rng.uniform(0.0, nominal + 1.0))  # not urgent: no action
 
@@ -536,7 +551,11 @@ def _background_speech(bank: ClipBank, n: int, rng: np.random.Generator, espeak_
     t = int(rng.uniform(0, 1.0) * SR)
     while t < n:
         name = ESPEAK_NAMES[int(rng.integers(len(ESPEAK_NAMES)))]
-        voice = PIPER if not espeak_only and rng.random() < 0.2 else Voice("espeak", name, int(rng.choice(SPEEDS)))
+        voice = (
+            PIPER
+            if not espeak_only and rng.random() < 0.2
+            else Voice("espeak", name, int(rng.choice(SPEEDS)))
+        )
         clip = bank.clip(voice, str(lines[int(rng.integers(len(lines)))]))
         end = min(n, t + clip.size)
         track[t:end] += clip[: end - t] / (np.sqrt(np.mean(clip**2)) + 1e-9)
@@ -592,7 +611,11 @@ class _Scene:
         if self.alert_at(t):
             s = rng.uniform(0.35, 0.55)
             ox, oy = rng.uniform(0, 1 - s), rng.uniform(0, 1 - s)
-            tri = (self.yy > oy) & (self.yy < oy + s) & (np.abs(self.xx - ox - s / 2) < (self.yy - oy) / 2 + 0.02)
+            tri = (
+                (self.yy > oy)
+                & (self.yy < oy + s)
+                & (np.abs(self.xx - ox - s / 2) < (self.yy - oy) / 2 + 0.02)
+            )
             flash = 255 if int(t * 4) % 2 == 0 else 200
             img[tri] = [flash, rng.uniform(40, 140), 0]
         img += rng.normal(0, 6, img.shape)
@@ -609,7 +632,9 @@ def _silero_frames(audio: np.ndarray) -> np.ndarray:
     n_chunks = int(math.ceil(audio.size / chunk))
     padded = np.zeros(n_chunks * chunk, np.float32)
     padded[: audio.size] = audio
-    probs = np.array([vad.probability(padded[i * chunk : (i + 1) * chunk]) for i in range(n_chunks)], np.float32)
+    probs = np.array(
+        [vad.probability(padded[i * chunk : (i + 1) * chunk]) for i in range(n_chunks)], np.float32
+    )
     frames = audio.size // FRAME
     ends = (np.arange(frames) + 1) * FRAME - 1
     return probs[np.minimum(ends // chunk, n_chunks - 1)]
@@ -680,7 +705,7 @@ def generate_dialogue(
         "pauses": b.pauses,
         "interruptions": b.interruptions,
         "caller_backchannels": b.caller_bcs,
-        "side_talk": b.side_talk,
+        "side_talk": b.side_spans,
         "urgent": b.urgent,
         "bot_turns": b.bot_turns,
         "held": b.held,
@@ -865,6 +890,8 @@ class StateTracker:
         s.caller_spoke = self._utt_start is not None
         s.bot_speaking, s.bot_held = bot, held
         s.reply_ready = bool(d.reply_ready[k])
-        s.overlap_speech_ms = (turn.end - self._run_start) * 1000 if bot and self._run_start is not None else 0.0
+        s.overlap_speech_ms = (
+            (turn.end - self._run_start) * 1000 if bot and self._run_start is not None else 0.0
+        )
         self._prev_bot, self._prev_held = bot, held
         return s

@@ -368,12 +368,13 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         mem_cos, mem_sin = cos[::t_per][:, None, None, :], sin[::t_per][:, None, None, :]  # (N, 1, 1, hd)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: (L, 1, hd)
         turn = torch.arange(length, device=dev) // t_per
-        allowed = (turn[None, :] <= turn[:, None]) & (turn[None, :] > turn[:, None] - c.window_turns)
-        win_bias = torch.where(allowed, 0.0, _NEG).to(dtype)  # (L, L)
-        mem_w, mem_valid = self.memory_weights(n, dev)
+        window = (turn[None, :] <= turn[:, None]) & (turn[None, :] > turn[:, None] - c.window_turns)
+        mem_w, mem_valid = self.memory_weights(n, dev)  # (M, N, N), (N, M)
         mem_w = mem_w.to(dtype)
-        mem_bias = torch.where(mem_valid, 0.0, _NEG).to(dtype)  # (N, M)
-        mem_bias = mem_bias.view(1, 1, n, 1, m)
+        # Every micro-turn has its own M memory keys; a query sees its own micro-turn's only.
+        mem_turn = torch.arange(n, device=dev).repeat_interleave(m)  # (N*M,)
+        own = (turn[:, None] == mem_turn[None, :]) & mem_valid.reshape(1, n * m)
+        mask = torch.cat((window, own), dim=1)  # (L, L + N*M), True = attend
 
         for layer in self.layers:
             attn = layer.attn
@@ -384,16 +385,15 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
             mem_k = torch.einsum("mts,bshd->btmhd", mem_w, k_sum) + bk  # (B, N, M, H, hd)
             mem_v = torch.einsum("mts,bshd->btmhd", mem_w, v_sum) + bv
             mem_k = apply_rope(mem_k, mem_cos, mem_sin)
-            qr = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, L, hd)
-            kr = apply_rope(k, cos, sin).transpose(1, 2)
-            s_win = (qr @ kr.transpose(-1, -2)) * scale + win_bias
-            q_turn = qr.reshape(b, heads, n, t_per, hd)
-            s_mem = torch.einsum("bhntd,bnmhd->bhntm", q_turn, mem_k) * scale + mem_bias
-            scores = torch.cat((s_win, s_mem.reshape(b, heads, length, m)), dim=-1)
-            probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-            out = probs[..., :length] @ v.transpose(1, 2)  # (B, H, L, hd)
-            p_mem = probs[..., length:].reshape(b, heads, n, t_per, m)
-            out = out + torch.einsum("bhntm,bnmhd->bhntd", p_mem, mem_v).reshape(b, heads, length, hd)
+            keys = torch.cat((apply_rope(k, cos, sin), mem_k.reshape(b, n * m, heads, hd)), dim=1)
+            values = torch.cat((v, mem_v.reshape(b, n * m, heads, hd)), dim=1)
+            out = F.scaled_dot_product_attention(
+                apply_rope(q, cos, sin).transpose(1, 2),
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=mask,
+                scale=scale,
+            )  # (B, H, L, hd)
             out = out.transpose(1, 2).reshape(b, length, -1)
             x = x + layer.dropout(attn.o_proj(out))
             x = x + layer.dropout(layer.mlp(layer.norm2(x)))

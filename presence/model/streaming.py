@@ -76,13 +76,20 @@ class DecodeParams:
     backchannel_text: str = "mm-hm"
 
 
+def decode_params_of(config: object) -> DecodeParams:
+    """The thresholds calibrated at training time (``config.decode_params``), else defaults."""
+    saved = getattr(config, "decode_params", None) or {}
+    known = set(DecodeParams.__dataclass_fields__)
+    return DecodeParams(**{k: v for k, v in dict(saved).items() if k in known})
+
+
 def decide_action(probs: np.ndarray, state: FloorState, turn_start: float, p: DecodeParams) -> Action:
     """Pick the action from the model's probabilities, constrained by what the state allows:
     continue/yield while the bot talks (HOLD/RESUME when the reflex holds it), listen/speak/
     backchannel/interrupt otherwise."""
     if state.bot_speaking or state.bot_held:
         cont, yld = float(probs[_IDX["continue"]]), float(probs[_IDX["yield"]])
-        if yld / max(cont + yld, 1e-9) >= p.yield_threshold:
+        if yld / max(cont + yld, 1e-9) > p.yield_threshold:
             return Action(Floor.YIELD, reason="model: barge-in")
         if state.bot_held:
             # The model says "not a real barge-in": resume once the caller is quiet again.
@@ -94,13 +101,13 @@ def decide_action(probs: np.ndarray, state: FloorState, turn_start: float, p: De
     sub = np.array([probs[_IDX[n]] for n in names], dtype=np.float64)
     sub = sub / max(float(sub.sum()), 1e-9)
     share = dict(zip(names, sub.tolist(), strict=True))
-    if share["interrupt"] >= p.interrupt_threshold:
+    if share["interrupt"] > p.interrupt_threshold:
         return Action(Floor.INTERRUPT, reason="model: urgent result")
     # SPEAK needs something to answer: the engine prepares a reply from the caller's words.
-    if share["speak"] >= p.speak_threshold and state.caller_spoke:
+    if share["speak"] > p.speak_threshold and state.caller_spoke:
         return Action(Floor.SPEAK, reason="model: end of turn")
     if (
-        share["backchannel"] >= p.backchannel_threshold
+        share["backchannel"] > p.backchannel_threshold
         and turn_start - state.last_backchannel_at >= p.backchannel_gap_s
     ):
         return Action(Floor.BACKCHANNEL, text=p.backchannel_text)
@@ -136,7 +143,7 @@ class InteractionStreamer:
         self.max_slots = max_slots
         self.scratch = max_slots  # padding rows of a CUDA-graph bucket write here
         self.cache = self.model.new_cache(max_slots + 1, dev)
-        self.decode = decode or DecodeParams()
+        self.decode = decode or decode_params_of(self.config)
         self._free = list(range(max_slots))
         heapq.heapify(self._free)
         self._owners: dict[int, str | None] = {}

@@ -389,7 +389,9 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
         except Exception:  # a scrape must not fail because the host is mid-shutdown
             return math.nan
 
-    metrics = Metrics.create(active_calls)
+    # The bot observes its histograms on its own Metrics: serve those when the host has them.
+    host_metrics = getattr(host, "metrics", None)
+    metrics = host_metrics if isinstance(host_metrics, Metrics) else Metrics.create(active_calls)
     app[SETTINGS_KEY] = settings
     app[HOST_KEY] = host
     app[METRICS_KEY] = metrics

@@ -89,6 +89,8 @@ NOTES: tuple[str, ...] = (
     f"{DEFAULT_HUMAN_BACKCHANNEL_DIST} (uniform) is used when no reference is given. JSD is the "
     "Jensen-Shannon distance (scipy's jensenshannon, natural log), as FDB computes it.",
     "Latencies in seconds. Interruption relevance (0-5, judged by an LLM in FDB) is not scored.",
+    "FD-Bench uses the output's Silero VAD segments as they are: the bot's own 'mm-hm' "
+    "backchannels during a user turn count as early starts (EIR).",
     "Timeline 0 = the first input sample sent; output.wav is the bot's audio as the caller "
     "received it (loopback WebRTC, ~35 ms transport included, see calibration).",
 )
@@ -114,7 +116,7 @@ def _get(d: Mapping[str, Any] | None, *path: str) -> Any:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def write_report(
@@ -159,9 +161,12 @@ def render_markdown(
     lines = ["# Full-Duplex-Bench-style results", ""]
     lines += [f"- {n}" for n in NOTES] + [""]
     if calibration:
+        transport = _get(calibration, "transport_s")
+        error = _get(calibration, "max_error_s")
         lines += [
-            f"Calibration (echo bot, known delay): transport {_fmt(_get(calibration, 'transport_s'))} s, "
-            f"max error {_fmt(_get(calibration, 'max_error_s'))} s (tolerance 0.010 s).",
+            "Calibration (echo bot with known delays, cross-correlation): loopback transport "
+            f"{_fmt(None if transport is None else transport * 1000, 1)} ms, largest error after "
+            f"subtracting it {_fmt(None if error is None else error * 1000, 1)} ms (tolerance 10 ms).",
             "",
         ]
     agg = {label: cfg.get("aggregate", {}) for label, cfg in configs.items()}
@@ -345,7 +350,14 @@ def write_plots(
                 values += [x for x in (v if isinstance(v, list) else [v]) if x is not None]
             if values:
                 xs = np.sort(values)
-                ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=f"{label} (n={xs.size})")
+                ax.step(
+                    xs,
+                    np.arange(1, xs.size + 1) / xs.size,
+                    where="post",
+                    marker="o",  # a CDF of few trials is mostly its points
+                    markersize=3,
+                    label=f"{label} (n={xs.size})",
+                )
         ax.set_title(title)
         ax.set_xlabel("seconds")
         ax.set_ylabel("share of trials")
@@ -373,10 +385,12 @@ def write_plots(
     x = np.arange(len(metrics_spec))
     for k, (label, cfg) in enumerate(configs.items()):
         vals = [_get(cfg.get("aggregate"), "categories", *path) for _name, path, _d in metrics_spec]
-        ax.bar(x + k * width, [np.nan if v is None else v for v in vals], width, label=label)
+        bars = ax.bar(x + k * width, [0.0 if v is None else v for v in vals], width, label=label)
+        # A zero and a missing value look alike as bars: print the numbers.
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in vals], fontsize=6)
     ax.set_xticks(x + width * (len(configs) - 1) / 2)
     ax.set_xticklabels([n for n, _p, _d in metrics_spec], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("rate")
     ax.set_title("per-category rates (arrows: better direction)")
     ax.grid(axis="y", alpha=0.3)

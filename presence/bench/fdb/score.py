@@ -144,7 +144,22 @@ def transcribe_words(asr: Transcriber, audio: np.ndarray, offset_s: float = 0.0)
         return []
     audio = audio[: min(audio.size, int(loud[-1]) + RATE // 2)]
     transcript = asr.transcribe(audio)
-    return [(w, round(s + offset_s, 3), round(e + offset_s, 3)) for w, s, e in transcript.words]
+    return join_hyphenated(
+        [(w, round(s + offset_s, 3), round(e + offset_s, 3)) for w, s, e in transcript.words]
+    )
+
+
+def join_hyphenated(words: Sequence[m.Word]) -> list[m.Word]:
+    """Join pieces whisper splits off a hyphenated word ("M", "-H", "-M." -> "M-H-M."), so an
+    "mm-hm" counts as the one word it is in the 3-word and 2-word rules."""
+    out: list[m.Word] = []
+    for text, start, end in words:
+        if out and text.startswith("-"):
+            prev = out[-1]
+            out[-1] = (prev[0] + text, prev[1], end)
+        else:
+            out.append((text, start, end))
+    return out
 
 
 @dataclass

@@ -9,13 +9,21 @@ Quick use::
         ...
     await broker.cancel_call(call_id)
 
+In the server: ``bridge = await JobBridge.start(settings, metrics)`` picks or starts a Redis and
+a worker (see ``bridge.py``); per call ``calls = await bridge.open_call(call_id, deliver)``, then
+``calls.route(text)``, ``await calls.dispatch(requests)``, ``acknowledgement`` and ``speakable``.
+
 Workers: ``await run_worker(settings, ["search", "code", "think"])`` or
 ``python -m presence.bot.jobs --kinds search,code,think``. Handlers of the kinds live in
 ``search.py``, ``code.py`` and ``think.py`` and are imported only by workers that serve them.
 """
 
+# after the above: the bridge builds on all of them
+from presence.bot.jobs.bridge import CallJobs, JobBridge, JobsUnavailable
 from presence.bot.jobs.broker import LOST_ERROR, JobBroker
 from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, GROUP, Backoff, Keys, RedisUnavailable
+from presence.bot.jobs.router import RuleToolRouter, ToolRouter, is_cancel_request
+from presence.bot.jobs.speech import acknowledgement, speakable
 from presence.bot.jobs.types import (
     BUILTIN_KINDS,
     DEFAULT_MAX_ARGS_BYTES,
@@ -35,18 +43,26 @@ __all__ = [
     "GROUP",
     "LOST_ERROR",
     "Backoff",
+    "CallJobs",
     "DeadLetter",
     "Handler",
+    "JobBridge",
     "JobBroker",
     "JobContext",
     "JobError",
     "JobRequest",
     "JobResult",
     "JobStatus",
+    "JobsUnavailable",
     "Keys",
     "RedisUnavailable",
+    "RuleToolRouter",
+    "ToolRouter",
     "TransientJobError",
     "Worker",
     "WorkerStats",
+    "acknowledgement",
+    "is_cancel_request",
     "run_worker",
+    "speakable",
 ]

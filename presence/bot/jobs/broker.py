@@ -198,6 +198,10 @@ class JobBroker:
                 pipe.hset(keys.job(request.job_id), mapping=status)
                 pipe.expire(keys.job(request.job_id), ttl)
                 pipe.sadd(keys.call_jobs(request.call_id), request.job_id)
+                if request.call_id in self._live:
+                    # A submit that waited out a restart can land before recovery re-announces
+                    # the call; a worker would then drop the job as "call not live", unreported.
+                    pipe.sadd(keys.live, request.call_id)
                 pipe.expire(keys.call_jobs(request.call_id), ttl)
                 pipe.xadd(
                     keys.jobs(request.kind),
@@ -296,6 +300,25 @@ class JobBroker:
                 )
             )
         return letters
+
+    async def counters(self) -> dict[str, int]:
+        """Deployment-wide counters the workers keep in ``{prefix}:stats`` (retried, reclaimed,
+        dead_letters, dropped_results); empty after a restart of a Redis without persistence."""
+        raw: dict[str, str] = await self._rc.call("counters", lambda r: r.hgetall(self.keys.stats))
+        return {k: int(v) for k, v in raw.items() if str(v).lstrip("-").isdigit()}
+
+    async def consumers(self, kind: str) -> list[dict[str, Any]]:
+        """The worker consumers attached to ``kind``'s stream (name, pending, idle ms ...)."""
+        check_kind(kind, self.kinds)
+        stream = self.keys.jobs(kind)
+
+        async def read(r: Any) -> list[dict[str, Any]]:
+            try:
+                return list(await r.xinfo_consumers(stream, GROUP))
+            except rexc.ResponseError:  # no stream or no group yet: no worker ever attached
+                return []
+
+        return await self._rc.call("consumers", read)
 
     @property
     def pending(self) -> dict[str, JobRequest]:

@@ -601,6 +601,7 @@ class Worker:
             "worker": self.name,
             "at": repr(time.time()),
         }
+
         async def write(r: Any) -> Any:
             async with r.pipeline(transaction=False) as pipe:
                 pipe.xadd(self.keys.dead, fields, maxlen=self.dead_maxlen, approximate=True)

@@ -1,0 +1,73 @@
+"""Background jobs woven into a live call: real Redis, real worker, real sandbox, real WebRTC."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from conftest import SR_OUT, BotServer
+
+from presence.caller import Caller
+from presence.events import Ev
+from presence.seams import SAMPLE_RATE
+
+pytestmark = pytest.mark.slow
+
+
+async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_factory, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    question = speech("Please look up the opening hours, and calculate seventeen times twenty three.")
+    server: BotServer = await bot_factory(jobs="auto")
+    caller = Caller(url=server.url)
+    await caller.connect()
+    try:
+        await asyncio.sleep(0.5)
+        sent = await caller.say(question, SR_OUT)
+        session = next(iter(server.manager.sessions.values()))
+        # Two jobs are dispatched, acknowledged in speech, and both results are injected once.
+        injected = []
+        for _ in range(2):
+            try:
+                event = await caller.wait_event(
+                    Ev.JOB_RESULT_INJECTED, after=max([sent, *injected]) + 1e-6, timeout=40
+                )
+            except TimeoutError:
+                seen = [
+                    (round(float(e["t"]) - sent, 2), e["name"])
+                    for e in caller.events
+                    if e.get("name") != "caption"
+                ]  # type: ignore[arg-type]
+                bot_side = [e.name for e in session.events.history][:40]
+                pytest.fail(f"result {len(injected) + 1} never injected; caller saw: {seen}; bot: {bot_side}")
+            injected.append(float(event["t"]))  # type: ignore[arg-type]
+        await caller.wait_event(Ev.BOT_SPEECH_END, after=max(injected), timeout=30)
+        await asyncio.sleep(0.5)
+        kinds = sorted(str(e.data["kind"]) for e in session.events.named(Ev.JOB_RESULT_INJECTED))
+        assert kinds == ["code", "search"]
+        # The caller heard it: the acknowledgement, then the results, with no silence over 1 s.
+        first = caller.recorder.first_voiced_after(sent + 1.0)
+        assert first is not None
+        voiced = [t for t in caller.recorder.voiced if t >= first]
+        longest = max((b - a for a, b in itertools.pairwise(voiced)), default=0.0)
+        assert longest < 1.0, f"a silent gap of {longest:.2f} s while the jobs ran"
+        heard = caller.recorder.audio()[int((first - caller.recorder.t0) * SAMPLE_RATE) :]
+        text = backends.transcriber.transcribe(heard).text.lower()
+        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+        # Results entered the context; the page got the job feed.
+        assert [m for m in session.engine.history if m.role == "tool"]
+        statuses = {str(e.get("status")) for e in caller.events if e.get("name") == Ev.JOB}
+        assert "done" in statuses, statuses
+    finally:
+        await caller.hangup()
+
+
+async def test_calls_go_on_when_jobs_are_off_or_redis_is_unreachable(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    server: BotServer = await bot_factory(jobs="off")
+    caller = Caller(url=server.url)
+    await caller.connect()
+    try:
+        sent = await caller.say(speech("Please look up the opening hours."), SR_OUT)
+        await caller.wait_event(Ev.BOT_SPEECH_START, after=sent, timeout=30)
+        assert not [e for e in caller.events if e.get("name") == Ev.JOB_DISPATCHED]
+    finally:
+        await caller.hangup()
