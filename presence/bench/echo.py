@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+from collections.abc import Sequence
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import MediaStreamTrack
 
 from presence.config import Settings
 from presence.signaling.contract import Answer, CallRejected
@@ -20,10 +20,16 @@ from presence.signaling.rtc import new_peer_connection
 
 
 class EchoHost:
-    """Implements ``signaling.contract.CallHost`` with an echo behind every offer."""
+    """Implements ``signaling.contract.CallHost`` with an echo behind every offer.
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    ``attach`` wires one answered peer; subclasses (the calibration echo) change only that.
+    """
+
+    def __init__(
+        self, ice_servers: Sequence[str] = (), host_addresses: Sequence[str] = ("127.0.0.1",)
+    ) -> None:
+        self.ice_servers = list(ice_servers)
+        self.host_addresses = list(host_addresses)
         self.relay = MediaRelay()
         self.peers: dict[str, RTCPeerConnection] = {}
 
@@ -32,14 +38,9 @@ class EchoHost:
         return len(self.peers)
 
     async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
-        pc = new_peer_connection(self.settings.ice_servers, self.settings.ice_host_addresses)
+        pc = new_peer_connection(self.ice_servers, self.host_addresses)
         peer_id = secrets.token_hex(8)
         self.peers[peer_id] = pc
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                pc.addTrack(self.relay.subscribe(track))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -48,11 +49,18 @@ class EchoHost:
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            self.attach(pc, peer_id)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await self.hangup(peer_id)
-            raise CallRejected(400, "bad_offer", str(exc)) from exc
+            raise CallRejected(400, "bad_offer", f"cannot answer this offer: {exc}") from exc
         return Answer(call_id=peer_id, peer_id=peer_id, sdp=pc.localDescription.sdp)
+
+    def attach(self, pc: RTCPeerConnection, peer_id: str) -> None:
+        """The bare echo: each received audio track goes straight back."""
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio" and transceiver.receiver.track is not None:
+                pc.addTrack(self.relay.subscribe(transceiver.receiver.track))
 
     async def hangup(self, peer_id: str) -> bool:
         pc = self.peers.pop(peer_id, None)
@@ -70,7 +78,7 @@ async def _serve(port: int) -> None:
     from presence.signaling.app import run_server
 
     settings = Settings.from_env(port=port)
-    runner = await run_server(settings, EchoHost(settings))
+    runner = await run_server(settings, EchoHost(settings.ice_servers, settings.ice_host_addresses))
     print(f"echo server listening on {settings.base_url}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -218,21 +218,34 @@ async def barge_in(url: str, clips: dict[str, Clip], trials: int, results: Resul
 
 
 async def cpu_per_call(
-    url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess
+    url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess, *, talk: str
 ) -> float:
-    """% of one core per call while each caller asks a question every ~6 s."""
+    """% of one core per call for ``calls`` concurrent callers.
+
+    ``talk="listening"``: every caller talks without a break (questions back to back, no pause
+    long enough to end a turn): media, VAD, micro-turns and streaming ASR, no replies.
+    ``talk="conversation"``: a question every 6 s, each answered (ASR, LLM, TTS, whisper).
+    """
     callers = [Caller(url=url, name=f"c{i}") for i in range(calls)]
     stop = asyncio.Event()
+    monologue = np.concatenate(
+        [clips[q].audio48[int(clips[q].voiced_start * OUT_SAMPLE_RATE) :] for q in QUESTIONS]
+    )
 
-    async def talk(index: int, caller: Caller) -> None:
+    async def run(index: int, caller: Caller) -> None:
         await asyncio.sleep(index * 6.0 / max(1, calls))
         while not stop.is_set():
-            await caller.say(clips[QUESTIONS[index % len(QUESTIONS)]].audio48, OUT_SAMPLE_RATE)
+            if talk == "listening":
+                done = await caller.say(monologue, OUT_SAMPLE_RATE)
+                pause = max(0.0, done + monologue.size / OUT_SAMPLE_RATE - now() - 0.1)
+            else:
+                await caller.say(clips[QUESTIONS[index % len(QUESTIONS)]].audio48, OUT_SAMPLE_RATE)
+                pause = 6.0
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 6.0)
+                await asyncio.wait_for(stop.wait(), pause)
 
     await asyncio.gather(*(c.connect() for c in callers))
-    tasks = [asyncio.create_task(talk(i, c)) for i, c in enumerate(callers)]
+    tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(callers)]
     await asyncio.sleep(2.0)  # settle: connections up, first frames through
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     await asyncio.sleep(seconds)
@@ -241,6 +254,21 @@ async def cpu_per_call(
     await asyncio.gather(*tasks)
     await asyncio.gather(*(c.hangup() for c in callers))
     return 100.0 * (cpu1 - cpu0) / (t1 - t0) / calls
+
+
+async def measure_cpu(
+    kind: str,
+    server: ServerProcess,
+    clips: dict[str, Clip],
+    levels: list[int],
+    seconds: float,
+    results: Results,
+) -> None:
+    for talk, counts in (("listening", levels), ("conversation", levels[:1])):
+        for n in counts:
+            value = await cpu_per_call(server.url, clips, n, seconds, server, talk=talk)
+            results.cpu.setdefault(f"{kind}:{talk}", {})[n] = value
+            print(f"  {kind} CPU, {talk}, {n} calls: {value:.1f}% of a core per call", file=sys.stderr)
 
 
 def _progress(name: str, done: int, total: int, value: float) -> None:
@@ -263,12 +291,14 @@ def summary(results: Results) -> str:
     if results.cpu:
         lines += [
             "",
-            "| concurrent calls | echo % core/call | bot % core/call | bot / echo |",
-            "|---|---|---|---|",
+            "| callers | concurrent calls | echo % core/call | bot % core/call | bot / echo |",
+            "|---|---|---|---|---|",
         ]
-        for n in sorted(results.cpu.get("echo", {})):
-            echo, bot = results.cpu["echo"][n], results.cpu.get("bot", {}).get(n, float("nan"))
-            lines.append(f"| {n} | {echo:.1f} | {bot:.1f} | {bot / echo:.2f}x |")
+        for talk in ("listening", "conversation"):
+            for n in sorted(results.cpu.get(f"echo:{talk}", {})):
+                echo = results.cpu[f"echo:{talk}"][n]
+                bot = results.cpu.get(f"bot:{talk}", {}).get(n, float("nan"))
+                lines.append(f"| {talk} | {n} | {echo:.1f} | {bot:.1f} | {bot / echo:.2f}x |")
     return "\n".join(lines)
 
 
@@ -278,18 +308,12 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     )
     clips = make_clips([*QUESTIONS, INTERRUPTION])
     results = Results()
+    levels = [int(x) for x in args.calls.split(",")]
     bot = await start_bot(settings, greeting="")
     try:
         await voice_to_voice(bot.url, clips, args.trials, results)
         if not args.skip_cpu:
-            for n in [int(x) for x in args.calls.split(",")]:
-                results.cpu.setdefault("bot", {})[n] = await cpu_per_call(
-                    bot.url, clips, n, args.cpu_seconds, bot
-                )
-                print(
-                    f"  bot CPU with {n} calls: {results.cpu['bot'][n]:.1f}% of a core per call",
-                    file=sys.stderr,
-                )
+            await measure_cpu("bot", bot, clips, levels, args.cpu_seconds, results)
     finally:
         await bot.stop()
     talker = await start_bot(settings, greeting=LONG_REPLY)
@@ -300,14 +324,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     if not args.skip_cpu:
         echo = await start_echo()
         try:
-            for n in [int(x) for x in args.calls.split(",")]:
-                results.cpu.setdefault("echo", {})[n] = await cpu_per_call(
-                    echo.url, clips, n, args.cpu_seconds, echo
-                )
-                print(
-                    f"  echo CPU with {n} calls: {results.cpu['echo'][n]:.1f}% of a core per call",
-                    file=sys.stderr,
-                )
+            await measure_cpu("echo", echo, clips, levels, args.cpu_seconds, results)
         finally:
             await echo.stop()
     print(summary(results))

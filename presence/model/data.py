@@ -42,7 +42,8 @@ FRAME = 320  # 20 ms
 ACT = 160  # 10 ms activity resolution
 VAP_BINS = 10
 IMAGE_SIZE = 64
-GENERATOR_VERSION = "v3"  # bump when a change alters generated dialogues
+GENERATOR_VERSION = "v4"  # bump when a change alters generated dialogues
+YIELD_AFTER_S = 0.6  # an interruption is labelled "yield" from this much overlap on
 
 ACTION = {name: i for i, name in enumerate(FLOOR_ACTIONS)}
 
@@ -435,7 +436,9 @@ class _Builder:
             text = self._line(texts.INTERRUPTIONS)
             interrupt_end = self._place("fg", self.bank.clip(self.caller_voice, text), onset, self.level)
             self.utterances.append((onset, interrupt_end, text))
-            yield_at = onset + rng.uniform(0.6, 1.2)
+            # The hold reflex silences the bot at once; the turn is given up once the overlap
+            # is clearly more than a backchannel.
+            yield_at = onset + rng.uniform(0.9, 1.5)
         elif overlaps and roll < 0.55 and nominal > 1.5:
             at = start + rng.uniform(0.5, max(0.6, nominal - 0.5))
             for _ in range(1 if rng.random() < 0.7 else 2):
@@ -753,7 +756,8 @@ def _labels(b: _Builder, n: int) -> tuple[np.ndarray, np.ndarray]:
         events[k, EVENT_NAMES.index("reply_ready")] = (not speaking) and inside(b.ready, probe)
         events[k, EVENT_NAMES.index("result")] = any(t_s <= r < t_e for r in b.results)
         if speaking:
-            barge = any(o + 0.4 <= t_e + eps and probe < e for o, e in b.interruptions)
+            # 0.6 s of overlap: longer than a "yeah" / "uh-huh", so the two can be told apart.
+            barge = any(o + YIELD_AFTER_S <= t_e + eps and probe < e for o, e in b.interruptions)
             actions[k] = ACTION["yield" if barge else "continue"]
         elif any(r + 0.2 <= t_e + eps and probe < s for r, s in b.urgent):
             actions[k] = ACTION["interrupt"]

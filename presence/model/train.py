@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from presence.bot.policy import RuleBasedPolicy, RuleParams
 from presence.config import Settings
 from presence.model.configuration import FLOOR_ACTIONS, PresenceInteractionConfig
 from presence.model.data import DataSpec, Dialogue, load_dialogues
-from presence.model.evaluate import Report, format_report, run_model, run_policy, score
+from presence.model.evaluate import Report, calibrate, format_report, run_model, run_policy, score
 from presence.model.modeling import PresenceInteractionModel
 from presence.model.streaming import InteractionStreamer
+from presence.seams import FloorState
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,13 @@ def class_weights(dialogues: Sequence[Dialogue], cap: float = 25.0) -> list[floa
 
 
 class Batcher:
-    """Random crops of ``seq`` micro-turns (a fifth of them from a call's start)."""
+    """Random crops of ``seq`` micro-turns: a fifth from a call's start, half ending shortly
+    after a micro-turn whose label is neither listen nor continue (the decisions that are
+    rare but matter), the rest anywhere."""
 
     def __init__(self, dialogues: Sequence[Dialogue], seq: int, seed: int) -> None:
-        self.items = []
+        self.items: list[dict[str, torch.Tensor]] = []
+        self.events: list[np.ndarray] = []
         for d in dialogues:
             if d.turns < seq:
                 continue
@@ -102,6 +107,8 @@ class Batcher:
             x["vap_labels"] = torch.from_numpy(d.vap)
             x["alert_labels"] = torch.from_numpy(d.alert)
             self.items.append(x)
+            rare = np.flatnonzero(~np.isin(d.actions, [FLOOR_ACTIONS.index("listen"), FLOOR_ACTIONS.index("continue")]))
+            self.events.append(rare)
         if not self.items:
             raise ValueError(f"no dialogue is {seq} micro-turns long")
         self.seq = seq
@@ -114,7 +121,15 @@ class Batcher:
         for i in self.rng.choice(len(self.items), size=size, p=self.p):
             x = self.items[int(i)]
             n = x["action_labels"].shape[0]
-            start = 0 if self.rng.random() < 0.2 else int(self.rng.integers(0, n - self.seq + 1))
+            roll = self.rng.random()
+            events = self.events[int(i)]
+            if roll < 0.2:
+                start = 0
+            elif roll < 0.7 and events.size:
+                end = int(events[self.rng.integers(events.size)]) + int(self.rng.integers(1, 9))
+                start = min(max(0, end - self.seq), n - self.seq)
+            else:
+                start = int(self.rng.integers(0, n - self.seq + 1))
             for k, v in x.items():
                 parts.setdefault(k, []).append(v[start : start + self.seq])
         return {k: torch.stack(v).to(device, non_blocking=True) for k, v in parts.items()}
@@ -296,9 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100_000, help="step cap")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32, help="micro-turns per training crop")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--train-dialogues", type=int, default=160)
     parser.add_argument("--heldout-dialogues", type=int, default=24)
+    parser.add_argument("--val-dialogues", type=int, default=16, help="train-split calls kept for thresholds")
     parser.add_argument("--seconds", type=float, default=40.0, help="length of a generated dialogue")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
@@ -329,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"data ready in {data_seconds:.0f} s: {len(train_set)} train ({hours:.2f} h), {len(heldout)} held-out"
     )
 
+    # A few training-split calls stay out of training: the decoding thresholds are set on them.
+    n_val = min(args.val_dialogues, len(train_set) // 5)
+    train_set, val_set = train_set[: len(train_set) - n_val], train_set[len(train_set) - n_val :]
     config = make_config(args.size, action_class_weights=class_weights(train_set))
     model = PresenceInteractionModel(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -349,6 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.update(batch=args.batch, seq=args.seq)
     model = model.to("cpu").eval()
 
+    if val_set:
+        states: list[list[FloorState]] = []
+        streamer = InteractionStreamer(model, max_slots=len(val_set))
+        _, probs = run_model(streamer, val_set, keep_states=states)
+        decode, value = calibrate(val_set, probs, states)
+        model.config.decode_params = asdict(decode)
+        print(f"decoding thresholds from {len(val_set)} validation calls: {asdict(decode)} (score {value:.3f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
@@ -358,7 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {
         "train": {k: v for k, v in info.items() if k != "history"},
         "history": info["history"],
-        "data": {"train": vars(train_spec), "heldout": vars(heldout_spec), "seconds": round(data_seconds, 1)},
+        "data": {
+            "train": vars(train_spec),
+            "heldout": vars(heldout_spec),
+            "validation_dialogues": n_val,
+            "seconds": round(data_seconds, 1),
+        },
+        "decode_params": getattr(model.config, "decode_params", None),
         "heldout": {name: rep.summary() for name, rep in reports.items()},
         "device": str(device),
         "parameters": n_params,

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from presence.bench.echo import EchoHost
 from presence.clock import now
-from presence.media.audio import FrameResampler, make_frame
+from presence.media.audio import FrameResampler
+from presence.media.paced import FRAME_OUT, PacedAudioTrack
 from presence.seams import OUT_SAMPLE_RATE
-from presence.signaling.contract import Answer, CallRejected
-from presence.signaling.rtc import new_peer_connection, set_audio_prefetch
+from presence.signaling.rtc import set_audio_prefetch
 
 from .timeline import ArrivalPlacer, stream_offset
-
-FRAME = OUT_SAMPLE_RATE // 50  # 20 ms at 48 kHz
 
 
 class DelayLine:
@@ -57,73 +55,34 @@ class DelayLine:
         return out
 
 
-class DelayTrack(MediaStreamTrack):
-    """Paced 20 ms frames read from a :class:`DelayLine` at their own send time."""
-
-    kind = "audio"
+class DelayTrack(PacedAudioTrack):
+    """Paced 20 ms frames read from a :class:`DelayLine` at their scheduled send time, so the
+    delay stays exact even when the loop wakes a millisecond late."""
 
     def __init__(self, line: DelayLine) -> None:
         super().__init__()
         self.line = line
-        self._start: float | None = None
-        self._pts = 0
 
-    async def recv(self):  # type: ignore[no-untyped-def]
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = now()
-        else:
-            self._pts += FRAME
-            delay = self._start + self._pts / OUT_SAMPLE_RATE - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        # Read at the frame's scheduled time (not the wake-up time): the delay stays exact
-        # even when the loop wakes a millisecond late.
-        at = self._start + self._pts / OUT_SAMPLE_RATE
-        return make_frame(self.line.read(at, FRAME), self._pts)
+    def next_samples(self) -> np.ndarray:
+        return self.line.read(self.frame_time, FRAME_OUT)
 
 
-class DelayEchoHost:
+class DelayEchoHost(EchoHost):
     """A CallHost whose every call echoes the caller with a fixed delay."""
 
     def __init__(self, delay_s: float, host_addresses: tuple[str, ...] = ("127.0.0.1",)) -> None:
+        super().__init__((), host_addresses)
         self.delay_s = delay_s
-        self.host_addresses = host_addresses
-        self.peers: dict[str, RTCPeerConnection] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    @property
-    def active_calls(self) -> int:
-        return len(self.peers)
-
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
-        pc = new_peer_connection([], list(self.host_addresses))
-        peer_id = secrets.token_hex(8)
-        self.peers[peer_id] = pc
+    def attach(self, pc: RTCPeerConnection, peer_id: str) -> None:
         line = DelayLine(self.delay_s)
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio" and peer_id not in self._tasks:
+        for transceiver in pc.getTransceivers():
+            track = transceiver.receiver.track
+            if transceiver.kind == "audio" and track is not None and peer_id not in self._tasks:
+                set_audio_prefetch(transceiver.receiver, 1)
                 self._tasks[peer_id] = asyncio.get_running_loop().create_task(self._pump(track, line))
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                await self.hangup(peer_id)
-
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            for transceiver in pc.getTransceivers():
-                if transceiver.kind == "audio":
-                    set_audio_prefetch(transceiver.receiver, 1)
-            pc.addTrack(DelayTrack(line))
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:
-            await self.hangup(peer_id)
-            raise CallRejected(400, "bad_offer", f"cannot answer this offer: {exc}") from exc
-        return Answer(call_id=peer_id, peer_id=peer_id, sdp=pc.localDescription.sdp)
+        pc.addTrack(DelayTrack(line))
 
     async def _pump(self, track: MediaStreamTrack, line: DelayLine) -> None:
         resampler = FrameResampler(OUT_SAMPLE_RATE)
@@ -136,17 +95,9 @@ class DelayEchoHost:
                 line.write(resampler(frame), arrived, offset)
 
     async def hangup(self, peer_id: str) -> bool:
-        pc = self.peers.pop(peer_id, None)
-        if pc is None:
-            return False
         task = self._tasks.pop(peer_id, None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await pc.close()
-        return True
-
-    async def close(self) -> None:
-        for peer_id in list(self.peers):
-            await self.hangup(peer_id)
+        return await super().hangup(peer_id)
