@@ -56,7 +56,7 @@ class Settings:
     vad_threshold: float = _opt(0.5, "speech probability at which a frame counts as voiced")
     peer_timeout_s: float = _opt(10.0, "a peer whose audio stops this long is treated as gone")
     # --- floor policy (rule-based baseline)
-    policy: str = _opt("rules", "floor policy", choices=("rules",))
+    policy: str = _opt("rules", "floor policy: rules, or model (the trained interaction model)", choices=("rules", "model"))
     eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
     eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
     speculate_ms: int = _opt(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -109,3 +111,13 @@ def rms(audio: np.ndarray) -> float:
 
 
 SR_OUT = OUT_SAMPLE_RATE
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def heard_as(transcript: str, said: str, at_least: float = 0.75) -> bool:
+    """The offline ASR of a recording matches what the bot said (whisper tiny.en mishears a
+    word now and then, e.g. "Presence" as "presets", so this compares whole strings)."""
+    return difflib.SequenceMatcher(None, _words(transcript), _words(said)).ratio() >= at_least

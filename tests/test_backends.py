@@ -26,6 +26,7 @@ from presence.bot.backends.factory import (
     build_backends,
     warm_up,
 )
+from presence.bot.backends.isolated import RemoteStream
 from presence.bot.backends.responder import (
     LlamaResponder,
     OpenAIResponder,
@@ -681,7 +682,11 @@ def test_build_backends_defaults() -> None:
     backends = build_backends(Settings())
     assert isinstance(backends, Backends)
     assert isinstance(backends.vad_factory(), SileroVAD)
-    assert backends.asr_factory is PocketsphinxStreamingASR
+    # pocketsphinx holds the GIL: the default hosts it in a worker process behind a proxy.
+    assert backends.asr_factory is not None
+    stream = backends.asr_factory()
+    assert isinstance(stream, RemoteStream) and isinstance(stream, StreamingASR)
+    assert backends.asr_factory.args[0].factory_path.endswith(":PocketsphinxStreamingASR")  # type: ignore[attr-defined]
     assert isinstance(backends.transcriber, WhisperTranscriber)
     assert isinstance(backends.tts, PiperTTS)
     if _under_ci():

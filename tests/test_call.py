@@ -12,7 +12,7 @@ import gc
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import SR_OUT, BotServer
+from conftest import SR_OUT, BotServer, heard_as
 
 from presence.caller import Caller
 from presence.clock import now
@@ -40,10 +40,10 @@ def _session(server: BotServer):  # type: ignore[no-untyped-def]
 
 
 async def test_caller_asks_and_hears_the_answer(bot: BotServer, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    question = speech("What is your name?")
     caller = await _connect(bot)
     try:
         await asyncio.sleep(0.5)
-        question = speech("What is your name?")
         sent_at = await caller.say(question, SR_OUT)
         start = await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
         end = await caller.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=30)  # type: ignore[arg-type]
@@ -53,11 +53,12 @@ async def test_caller_asks_and_hears_the_answer(bot: BotServer, speech, backends
         stop = int((float(end["t"]) - caller.recorder.t0 + 0.4) * SAMPLE_RATE)  # type: ignore[arg-type]
         answer = heard[max(0, begin - 1600) : stop]
         assert answer.size > SAMPLE_RATE // 2, "the bot said nothing audible"
-        text = (await asyncio.to_thread(backends.transcriber.transcribe, answer)).text.lower()
-        assert "presence" in text, f"the answer heard was {text!r}"
-        # The transcript keeps what the caller heard, and captions went out on the data channel.
+        text = (await asyncio.to_thread(backends.transcriber.transcribe, answer)).text
         session = _session(bot)
-        assert any(m.role == "assistant" and "Presence" in m.content for m in session.engine.history)
+        said = [m.content for m in session.engine.history if m.role == "assistant"]
+        assert said and "presence" in said[0].lower(), said  # the bot knows its name...
+        assert heard_as(text, said[0]), f"the caller heard {text!r}, the bot said {said[0]!r}"  # ...and it arrived
+        # Captions went out on the data channel.
         names = {e.get("name") for e in caller.events}
         assert {"caption", "state", "end_of_turn_decided", "bot_first_packet_sent"} <= names
     finally:
@@ -65,12 +66,13 @@ async def test_caller_asks_and_hears_the_answer(bot: BotServer, speech, backends
 
 
 async def test_barge_in_stops_the_bot_at_the_caller(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    interruption = speech("Wait, stop. I have a different question about my bill.")  # before the call
     server = await bot_factory(greeting=LONG_GREETING)
     caller = await _connect(server)
     try:
         start = await caller.wait_event(Ev.BOT_SPEECH_START, timeout=20)
         await asyncio.sleep(1.5)
-        onset = await caller.say(speech("Wait, stop. I have a different question about my bill."), SR_OUT)
+        onset = await caller.say(interruption, SR_OUT)
         flushed = await caller.wait_event(Ev.PLAYBACK_FLUSHED, after=onset, timeout=10)
         await asyncio.sleep(1.0)
         last = caller.recorder.last_voiced_at
@@ -86,12 +88,13 @@ async def test_barge_in_stops_the_bot_at_the_caller(bot_factory, speech) -> None
 
 
 async def test_backchannel_does_not_stop_the_bot(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    okay = speech("Okay.")  # synthesised before the call: the sync TTS would stall the loop
     server = await bot_factory(greeting=LONG_GREETING)
     caller = await _connect(server)
     try:
         start = await caller.wait_event(Ev.BOT_SPEECH_START, timeout=20)
         await asyncio.sleep(2.0)
-        await caller.say(speech("Okay."), SR_OUT)
+        await caller.say(okay, SR_OUT)
         end = await caller.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=30)  # type: ignore[arg-type]
         assert end.get("flushed") is False
         assert not [e for e in caller.events if e.get("name") == Ev.BARGE_IN_DETECTED]
@@ -106,11 +109,12 @@ async def test_backchannel_does_not_stop_the_bot(bot_factory, speech) -> None:  
 
 
 async def test_vanishing_caller_is_cleaned_up(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    words = speech("I was saying something important when")
     gc.collect()
     tasks_before = len(asyncio.all_tasks())
     caller = await _connect(bot)
     session = _session(bot)
-    await caller.say(speech("I was saying something important when"), SR_OUT)
+    await caller.say(words, SR_OUT)
     await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
     # Vanish mid-utterance: no hang-up request, the peer connection just goes away.
     await caller.close()
@@ -141,6 +145,7 @@ async def test_silent_caller_times_out(bot_factory, speech) -> None:  # type: ig
 async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
     from presence.signaling import tokens
 
+    question = speech("What is your name?")
     server = await bot_factory(token_secret="s3cret")
     token = tokens.mint("s3cret", room=None, sub="tester", ttl_s=60)
     caller = await _connect(server, token=token)
@@ -211,7 +216,7 @@ async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) ->
             await second.close()
             # The first call was never disturbed: it still answers.
             assert caller.pc is not None and caller.pc.connectionState == "connected"
-            sent_at = await caller.say(speech("What is your name?"), SR_OUT)
+            sent_at = await caller.say(question, SR_OUT)
             await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
             async with http.get(base + "/healthz") as resp:
                 assert resp.status == 200 and (await resp.json())["calls"] == 1
@@ -220,12 +225,13 @@ async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) ->
 
 
 async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    question = speech("What is your name?")
     ann = await _connect(bot, room="standup", name="ann")
     bob = await _connect(bot, room="standup", name="bob")
     try:
         session = _session(bot)
         assert sorted(p.participant for p in session.peers.values()) == ["ann", "bob"]
-        sent_at = await bob.say(speech("What is your name?"), SR_OUT)
+        sent_at = await bob.say(question, SR_OUT)
         # Both hear the bot answer bob.
         for caller in (ann, bob):
             await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
@@ -242,9 +248,10 @@ async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> 
 
 
 async def test_asr_worker_dying_mid_call_loses_no_turn(bot: BotServer, speech, backends) -> None:  # type: ignore[no-untyped-def]
+    hello, question = speech("Hello there."), speech("What is your name?")
     caller = await _connect(bot)
     try:
-        await caller.say(speech("Hello there."), SR_OUT)
+        await caller.say(hello, SR_OUT)
         await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
         host = backends.asr_factory.args[0]  # the ProcessHost behind the streaming ASR
         for _ in range(200):
@@ -254,7 +261,7 @@ async def test_asr_worker_dying_mid_call_loses_no_turn(bot: BotServer, speech, b
         assert host._proc is not None
         host._proc.kill()  # the pocketsphinx worker dies mid-utterance
         await caller.wait_event(Ev.BOT_SPEECH_END, timeout=30)
-        sent_at = await caller.say(speech("What is your name?"), SR_OUT)
+        sent_at = await caller.say(question, SR_OUT)
         await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=30)
         session = _session(bot)
         assert [m for m in session.engine.history if m.role == "user"], "no caller turn reached the context"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import heard_as
 
 from presence.media.audio import read_wav, write_wav
 
@@ -66,12 +68,21 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
         assert url, "presence serve did not print its URL"
         wav, out = tmp_path / "question.wav", tmp_path / "answer.wav"
         write_wav(str(wav), speech("What is your name?"), 48_000)
-        result = run_cli("call", url, "--wav", str(wav), "--record", str(out), "--tail", "6", timeout=90)
+        events = tmp_path / "events.jsonl"
+        result = run_cli(
+            "call", url, "--wav", str(wav), "--record", str(out), "--events", str(events), "--tail", "6", timeout=90
+        )
         assert result.returncode == 0, result.stderr
         assert "recorded" in result.stdout
+        said = " ".join(
+            e["text"]
+            for e in map(json.loads, events.read_text().splitlines())
+            if e.get("name") == "caption" and e.get("who") == "bot"
+        )
+        assert "presence" in said.lower(), said
         audio, _ = read_wav(str(out), 16_000)
-        text = backends.transcriber.transcribe(audio).text.lower()
-        assert "presence" in text, text
+        text = backends.transcriber.transcribe(audio).text
+        assert heard_as(text, said), f"recorded {text!r}, the bot said {said!r}"
     finally:
         server.terminate()
         server.wait(timeout=20)

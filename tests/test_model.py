@@ -66,7 +66,13 @@ def make_turn(i: int, seed: int = 0, video: bool | None = None, call: str = "c")
 
 
 def make_state(i: int) -> FloorState:
-    return FloorState(bot_speaking=i % 5 < 2, reply_ready=i % 4 == 1, bot_held=i % 10 == 1)
+    return FloorState(
+        bot_speaking=i % 5 < 2,
+        reply_ready=i % 4 == 1,
+        bot_held=i % 10 == 1,
+        result_waiting=i % 6 == 2,
+        result_urgent=i % 12 == 2,
+    )
 
 
 # ---------------------------------------------------------------------- architecture

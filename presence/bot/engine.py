@@ -121,10 +121,11 @@ class Engine:
                 await task
         self._tasks.clear()
         self._main = None
-        close = getattr(self._asr, "close", None)  # a stream hosted in a worker process
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await run_blocking(close)
+        for owner in (self.policy, self._asr):  # a model slot, a stream in a worker process
+            close = getattr(owner, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await run_blocking(close)
 
     def _spawn(self, coro, name: str) -> asyncio.Task[object]:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro, name=f"{name}-{self.call_id}")
@@ -158,13 +159,13 @@ class Engine:
                 next_tick = now() + step
             started = now()
             try:
-                self._process(turn)
+                await self._process(turn)
             except Exception:
                 log.exception("call %s: micro-turn %d failed", self.call_id, turn.index)
             if self.on_step is not None:
                 self.on_step(now() - started)
 
-    def _process(self, turn: MicroTurn) -> None:
+    async def _process(self, turn: MicroTurn) -> None:
         self._track_caller(turn)
         s = self.state
         s.bot_speaking = self.track.speaking
@@ -175,7 +176,9 @@ class Engine:
         if not s.bot_speaking:
             s.overlap_speech_ms = 0.0
         self._maybe_speculate()
-        action = self.policy.step(turn, s)
+        # A model policy batches its forward with every other call's in an executor.
+        decide = getattr(self.policy, "decide", None)
+        action = await decide(turn, s) if decide is not None else self.policy.step(turn, s)
         self.actions[action.floor.value] = self.actions.get(action.floor.value, 0) + 1
         self._apply(action, turn)
         self._update_state_name()
@@ -444,7 +447,9 @@ class Engine:
     # ------------------------------------------------------------------ actions
     def _apply(self, action: Action, turn: MicroTurn) -> None:
         floor = action.floor
-        if floor is Floor.SPEAK and action.reason == RESULT:
+        # Taking the floor with no caller turn pending can only mean saying a waiting result
+        # (a learned policy does not give the rule policy's reason).
+        if floor is Floor.SPEAK and (action.reason == RESULT or (self._results and self._utt_start is None)):
             if self._results:
                 self._speak_result()
         elif floor is Floor.INTERRUPT:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from presence.config import Settings
-from presence.seams import Action, Floor, FloorState, MicroTurn
+from presence.seams import Action, Floor, FloorPolicy, FloorState, MicroTurn
 
 RESULT = "result"  # Action.reason of a turn taken to speak a background result
 _WORD = re.compile(r"[a-z']+(?:-[a-z']+)?")
@@ -120,7 +120,13 @@ class RuleBasedPolicy:
         return Action(Floor.LISTEN)
 
 
-def build_policy(settings: Settings) -> RuleBasedPolicy:
+def build_policy(settings: Settings, call_id: str | None = None) -> FloorPolicy:
+    """The floor policy of one call, chosen by ``settings.policy``."""
     if settings.policy == "rules":
         return RuleBasedPolicy(RuleParams.from_settings(settings))
+    if settings.policy == "model":
+        # torch is imported only when the learned policy is asked for.
+        from presence.model.streaming import build_model_policy
+
+        return build_model_policy(settings, call_id)
     raise ValueError(f"unknown policy {settings.policy!r} (setting: policy)")

@@ -82,7 +82,7 @@ class CallSession:
             call_id,
             settings,
             backends,
-            build_policy(settings),
+            build_policy(settings, call_id),
             self.assembler,
             self.track,
             self.events,

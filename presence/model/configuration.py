@@ -14,8 +14,10 @@ from transformers import PretrainedConfig
 # The floor actions the model predicts, in logit order. Each is a ``seams.Floor`` value; HOLD
 # and RESUME stay with the per-frame reflex of the rule policy (see streaming.ModelFloorPolicy).
 FLOOR_ACTIONS: tuple[str, ...] = ("listen", "backchannel", "speak", "continue", "yield", "interrupt")
-# Event tokens, one per micro-turn each, learned "on" and "off" embeddings.
-EVENT_NAMES: tuple[str, ...] = ("result", "reply_ready", "bot_speaking", "bot_held")
+# Event tokens, one per micro-turn each, learned "on" and "off" embeddings: a background
+# result is waiting (FloorState.result_waiting, or a result event in the micro-turn), it is
+# urgent, a reply is ready, the bot is speaking, the bot is held.
+EVENT_NAMES: tuple[str, ...] = ("result", "result_urgent", "reply_ready", "bot_speaking", "bot_held")
 
 
 class PresenceInteractionConfig(PretrainedConfig):

@@ -42,7 +42,7 @@ FRAME = 320  # 20 ms
 ACT = 160  # 10 ms activity resolution
 VAP_BINS = 10
 IMAGE_SIZE = 64
-GENERATOR_VERSION = "v4"  # bump when a change alters generated dialogues
+GENERATOR_VERSION = "v5"  # bump when a change alters generated dialogues
 YIELD_AFTER_S = 0.6  # an interruption is labelled "yield" from this much overlap on
 
 ACTION = {name: i for i, name in enumerate(FLOOR_ACTIONS)}
@@ -304,7 +304,6 @@ class _Builder:
         self.bc_labels: list[float] = []
         self.pauses: list[tuple[float, float]] = []
         self.ready: list[tuple[float, float]] = []
-        self.results: list[float] = []
         self.caller_bcs: list[tuple[float, float]] = []
         self.side_spans: list[tuple[float, float, bool]] = []
         self.utterances: list[tuple[float, float, str]] = []
@@ -393,7 +392,6 @@ class _Builder:
         self.utterances.append(
             (t, stop, " ".join(line.split()[: max(1, int(len(line.split()) * (stop - t) / dur))]))
         )
-        self.results.append(arrival)
         self.urgent.append((arrival, bot_start))
         end, _ = self.bot_turn(bot_start, self._line(texts.BOT_URGENT), overlaps=False, holds_from=stop + 0.1)
         return end
@@ -463,8 +461,6 @@ class _Builder:
                 self.level * 10 ** (-rng.uniform(8, 14) / 20),
             )
             self.side_spans.append((at, end, True))
-        if rng.random() < 0.3:
-            self.results.append(start + rng.uniform(0.0, nominal + 1.0))  # not urgent: no action
 
         # Render with the hold reflex: pause at a voice onset in the caller's room, resume
         # after 300 ms of quiet; the turn ends when the audio is out or the bot yields.
@@ -748,13 +744,16 @@ def _labels(b: _Builder, n: int) -> tuple[np.ndarray, np.ndarray]:
         return any(s <= t < e for s, e in spans)
 
     for k in range(n):
-        t_s, t_e = k * MT_S, (k + 1) * MT_S
+        t_e = (k + 1) * MT_S
         probe = t_e - eps
         speaking = inside(b.bot_turns, probe)
         events[k, EVENT_NAMES.index("bot_speaking")] = speaking
         events[k, EVENT_NAMES.index("bot_held")] = speaking and inside(b.held, probe)
         events[k, EVENT_NAMES.index("reply_ready")] = (not speaking) and inside(b.ready, probe)
-        events[k, EVENT_NAMES.index("result")] = any(t_s <= r < t_e for r in b.results)
+        # An urgent result waits from its arrival until the bot starts saying it.
+        waiting = any(r <= probe < s for r, s in b.urgent)
+        events[k, EVENT_NAMES.index("result")] = waiting
+        events[k, EVENT_NAMES.index("result_urgent")] = waiting
         if speaking:
             # 0.6 s of overlap: longer than a "yeah" / "uh-huh", so the two can be told apart.
             barge = any(o + YIELD_AFTER_S <= t_e + eps and probe < e for o, e in b.interruptions)
@@ -822,7 +821,8 @@ def microturns(d: Dialogue, call_id: str = "synthetic") -> list[MicroTurn]:
         video: tuple[VideoFrame, ...] = ()
         if d.video_mask[k]:
             video = (VideoFrame(k * MT_S, "caller", np.ascontiguousarray(d.video[k].transpose(1, 2, 0))),)
-        events = ("job_result_injected",) if d.events[k, EVENT_NAMES.index("result")] else ()
+        arrived = any(k * MT_S <= r < (k + 1) * MT_S for r, _ in d.meta["urgent"])
+        events = ("job_result_injected",) if arrived else ()
         out.append(
             MicroTurn(
                 call_id=call_id,
@@ -894,6 +894,8 @@ class StateTracker:
         s.caller_spoke = self._utt_start is not None
         s.bot_speaking, s.bot_held = bot, held
         s.reply_ready = bool(d.reply_ready[k])
+        s.result_waiting = bool(d.events[k, EVENT_NAMES.index("result")])
+        s.result_urgent = bool(d.events[k, EVENT_NAMES.index("result_urgent")])
         s.overlap_speech_ms = (
             (turn.end - self._run_start) * 1000 if bot and self._run_start is not None else 0.0
         )

@@ -86,7 +86,8 @@ def event_flags(turn_events: tuple[str, ...], state: FloorState | None) -> np.nd
     """The event tokens of a micro-turn: see configuration.EVENT_NAMES."""
     names = [e.lower() for e in turn_events]
     flags = {
-        "result": any("result" in e for e in names),
+        "result": any("result" in e for e in names) or bool(state is not None and state.result_waiting),
+        "result_urgent": bool(state is not None and state.result_urgent),
         "reply_ready": bool(state is not None and state.reply_ready) or "reply_ready" in names,
         "bot_speaking": bool(state is not None and state.bot_speaking),
         "bot_held": bool(state is not None and state.bot_held),

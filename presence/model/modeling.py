@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +254,7 @@ class PresenceInteractionPreTrainedModel(PreTrainedModel):
     config_class = PresenceInteractionConfig
     base_model_prefix = "presence"
     main_input_name = "caller_audio"
-    _no_split_modules = ["Block"]
+    _no_split_modules: ClassVar[list[str]] = ["Block"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from presence.bot.policy import RuleBasedPolicy, RuleParams
 from presence.config import Settings
-from presence.model.configuration import FLOOR_ACTIONS
+from presence.model.configuration import EVENT_NAMES, FLOOR_ACTIONS
 from presence.model.inputs import TurnArrays, encode_turn, stack_turns
 from presence.model.modeling import PresenceInteractionModel
 from presence.seams import Action, Floor, FloorState, MicroTurn
@@ -136,6 +136,11 @@ class InteractionStreamer:
     ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be at least 1")
+        if model.config.num_events != len(EVENT_NAMES):
+            raise ValueError(
+                f"the model reads {model.config.num_events} event tokens, this code makes "
+                f"{len(EVENT_NAMES)} ({', '.join(EVENT_NAMES)}): retrain or use a matching checkpoint"
+            )
         dev = torch.device(device) if device is not None else model.device
         self.model = model.to(device=dev, dtype=dtype).eval() if dtype else model.to(dev).eval()
         self.config = model.config
