@@ -96,13 +96,16 @@ def cpu_default(print_: Callable[[str], None], calls: list[int], steps: int) -> 
     state = FloorState()
     fits = None
     for n in calls:
+
         def step(n: int = n, k: list[int] = [0]) -> None:  # noqa: B006 - a step counter
             k[0] += 1
             streamer.step([(slots[j], turn(k[0], j), state) for j in range(n)])
 
         full = timed(step, steps, warmup=3)
         arrays = stack_turns([encode_turn(turn(99, j), state, c) for j in range(n)])
-        model_only = timed(lambda n=n, arrays=arrays: streamer.forward_arrays(slots[:n], arrays), steps, warmup=1)
+        model_only = timed(
+            lambda n=n, arrays=arrays: streamer.forward_arrays(slots[:n], arrays), steps, warmup=1
+        )
         p50, p95, _ = percentiles(full)
         m50, m95, _ = percentiles(model_only)
         print_(
@@ -179,7 +182,9 @@ def gpu_config(print_: Callable[[str], None], name: str, model: PresenceInteract
     for n in sizes:
         arrays = stack_turns([base[j % len(base)] for j in range(n)])
         try:
-            times = timed(lambda n=n, arrays=arrays: streamer.forward_arrays(slots[:n], arrays), steps, warmup=3)
+            times = timed(
+                lambda n=n, arrays=arrays: streamer.forward_arrays(slots[:n], arrays), steps, warmup=3
+            )
         except torch.cuda.OutOfMemoryError:
             print_(f"  {n:>5}  out of memory")
             break
@@ -249,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         gpu_check(print_)
         torch.manual_seed(0)
         # The committed checkpoint's architecture ("small"); weights do not change the timing.
-        gpu_config(print_, "default config (small)", PresenceInteractionModel(make_config("small")), args.steps)
+        gpu_config(
+            print_, "default config (small)", PresenceInteractionModel(make_config("small")), args.steps
+        )
         if not args.no_1b:
             with torch.device("cuda"):
                 big = PresenceInteractionModel(make_config("1b"))

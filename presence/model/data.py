@@ -42,7 +42,7 @@ FRAME = 320  # 20 ms
 ACT = 160  # 10 ms activity resolution
 VAP_BINS = 10
 IMAGE_SIZE = 64
-GENERATOR_VERSION = "v5"  # bump when a change alters generated dialogues
+GENERATOR_VERSION = "v6"  # bump when a change alters generated dialogues
 YIELD_AFTER_S = 0.6  # an interruption is labelled "yield" from this much overlap on
 
 ACTION = {name: i for i, name in enumerate(FLOOR_ACTIONS)}
@@ -758,7 +758,7 @@ def _labels(b: _Builder, n: int) -> tuple[np.ndarray, np.ndarray]:
             # 0.6 s of overlap: longer than a "yeah" / "uh-huh", so the two can be told apart.
             barge = any(o + YIELD_AFTER_S <= t_e + eps and probe < e for o, e in b.interruptions)
             actions[k] = ACTION["yield" if barge else "continue"]
-        elif any(r + 0.2 <= t_e + eps and probe < s for r, s in b.urgent):
+        elif waiting:  # an urgent result while the caller talks: cut in now
             actions[k] = ACTION["interrupt"]
         elif any(e + 0.2 <= t_e + eps and probe < s for e, s in b.turn_ends):
             actions[k] = ACTION["speak"]

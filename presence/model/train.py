@@ -107,7 +107,9 @@ class Batcher:
             x["vap_labels"] = torch.from_numpy(d.vap)
             x["alert_labels"] = torch.from_numpy(d.alert)
             self.items.append(x)
-            rare = np.flatnonzero(~np.isin(d.actions, [FLOOR_ACTIONS.index("listen"), FLOOR_ACTIONS.index("continue")]))
+            rare = np.flatnonzero(
+                ~np.isin(d.actions, [FLOOR_ACTIONS.index("listen"), FLOOR_ACTIONS.index("continue")])
+            )
             self.events.append(rare)
         if not self.items:
             raise ValueError(f"no dialogue is {seq} micro-turns long")
@@ -374,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, probs = run_model(streamer, val_set, keep_states=states)
         decode, value = calibrate(val_set, probs, states)
         model.config.decode_params = asdict(decode)
-        print(f"decoding thresholds from {len(val_set)} validation calls: {asdict(decode)} (score {value:.3f})")
+        print(
+            f"decoding thresholds from {len(val_set)} validation calls: {asdict(decode)} (score {value:.3f})"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))

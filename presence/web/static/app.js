@@ -34,6 +34,7 @@ const presence = {
   callId: null,
   peerId: null,
   error: null, // {code, message} of the last failed join
+  jobs: [], // background jobs of this call: {job_id, kind, status, title, summary}
   remoteLevel() {
     // RMS of what the page receives from the bot (0 when nothing is attached yet)
     if (!analyser) return 0;
@@ -183,6 +184,29 @@ function onLatency(data) {
   );
 }
 
+// background jobs by id, in dispatch order: queued -> running -> done | failed | cancelled
+const jobs = new Map();
+
+function onJob(data) {
+  const id = String(data.job_id ?? "");
+  if (!id) return;
+  jobs.set(id, { kind: String(data.kind ?? "job"), status: String(data.status ?? "?"), title: String(data.title ?? ""), summary: String(data.summary ?? "") });
+  presence.jobs = [...jobs.entries()].map(([job_id, j]) => ({ job_id, ...j }));
+  $("jobs").replaceChildren(
+    ...[...jobs.values()].map((j) => {
+      const li = document.createElement("li");
+      li.className = `job ${j.status}`;
+      const status = document.createElement("span");
+      status.className = "job-status";
+      status.textContent = j.status;
+      const text = document.createElement("span");
+      text.textContent = j.status === "done" || j.status === "failed" ? j.summary || j.title : j.title;
+      li.append(status, text);
+      return li;
+    }),
+  );
+}
+
 function onMessage(raw) {
   let msg;
   try {
@@ -197,6 +221,7 @@ function onMessage(raw) {
   const data = nested ? { ...msg, ...nested, name: msg.name } : msg;
   if (data.name === "state" && BOT_STATES.has(data.state)) setState(data.state);
   else if (data.name === "caption") onCaption(data);
+  else if (data.name === "job") onJob(data);
   else if (data.name === "latency") {
     // the measure's name: nested data.name, or a flat "measure"/"metric" field
     onLatency({ name: nested?.name ?? data.measure ?? data.metric ?? "latency", ms: data.ms });
