@@ -70,7 +70,7 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
         write_wav(str(wav), speech("What is your name?"), 48_000)
         events = tmp_path / "events.jsonl"
         result = run_cli(
-            "call", url, "--wav", str(wav), "--record", str(out), "--events", str(events), "--tail", "6", timeout=90
+            "call", url, "--wav", str(wav), "--record", str(out), "--events", str(events), "--tail", "10", timeout=90
         )
         assert result.returncode == 0, result.stderr
         assert "recorded" in result.stdout
@@ -79,7 +79,7 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
             for e in map(json.loads, events.read_text().splitlines())
             if e.get("name") == "caption" and e.get("who") == "bot"
         )
-        assert "presence" in said.lower(), said
+        assert "presence" in said.lower(), f"bot captions {said!r}; the caller printed: {result.stdout}"
         audio, _ = read_wav(str(out), 16_000)
         text = backends.transcriber.transcribe(audio).text
         assert heard_as(text, said), f"recorded {text!r}, the bot said {said!r}"
