@@ -51,6 +51,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     from presence.bot.backends.factory import build_backends, warm_up
     from presence.bot.calls import CallManager
     from presence.bot.jobs.bridge import JobBridge
+    from presence.bot.jobs.think import responder_think_fn
     from presence.signaling.app import dev_join_url, run_server
     from presence.signaling.metrics import Metrics
 
@@ -61,7 +62,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     summary = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
     print(f"models ready in {time.monotonic() - started:.1f} s ({summary})", flush=True)
     metrics = Metrics.create()
-    jobs = await JobBridge.start(settings, metrics)
+    # Without an LLM endpoint, "think" jobs run on the bot's own responder (the local model).
+    options = {} if settings.llm_url else {"think_fn": responder_think_fn(backends.responder)}
+    jobs = await JobBridge.start(settings, metrics, worker_options=options)
     print(f"background jobs: {jobs.describe()['mode'] if jobs is not None else 'off'}", flush=True)
     manager = CallManager(settings, backends, metrics, jobs)
     metrics.calls_active.set_function(lambda: manager.active_calls)

@@ -56,11 +56,14 @@ class Settings:
     vad_threshold: float = _opt(0.5, "speech probability at which a frame counts as voiced")
     peer_timeout_s: float = _opt(10.0, "a peer whose audio stops this long is treated as gone")
     # --- floor policy (rule-based baseline)
-    policy: str = _opt("rules", "floor policy: rules, or model (the trained interaction model)", choices=("rules", "model"))
+    policy: str = _opt(
+        "rules", "floor policy: rules, or model (the trained interaction model)", choices=("rules", "model")
+    )
     eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
     eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
     speculate_ms: int = _opt(
-        120, "silence after which a reply is prepared speculatively (shorter: faster replies, more CPU on word gaps)"
+        120,
+        "silence after which a reply is prepared speculatively (shorter: faster replies, more CPU on word gaps)",
     )
     min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
     hold_onset_ms: int = _opt(60, "caller speech over the bot that pauses its output at once")

@@ -19,6 +19,7 @@ class Ev(enum.StrEnum):
     CALLER_SPEECH_START = "caller_speech_start"
     CALLER_SPEECH_END = "caller_speech_end"
     END_OF_TURN_DECIDED = "end_of_turn_decided"
+    ASR_FINAL = "asr_final"  # the streaming ASR's final text of a caller utterance is known
     RESPONDER_FIRST_TOKEN = "responder_first_token"
     TTS_FIRST_AUDIO = "tts_first_audio"
     BOT_FIRST_PACKET_SENT = "bot_first_packet_sent"

@@ -57,7 +57,9 @@ async def test_caller_asks_and_hears_the_answer(bot: BotServer, speech, backends
         session = _session(bot)
         said = [m.content for m in session.engine.history if m.role == "assistant"]
         assert said and "presence" in said[0].lower(), said  # the bot knows its name...
-        assert heard_as(text, said[0]), f"the caller heard {text!r}, the bot said {said[0]!r}"  # ...and it arrived
+        assert heard_as(text, said[0]), (
+            f"the caller heard {text!r}, the bot said {said[0]!r}"
+        )  # ...and it arrived
         # Captions went out on the data channel.
         names = {e.get("name") for e in caller.events}
         assert {"caption", "state", "end_of_turn_decided", "bot_first_packet_sent"} <= names

@@ -73,3 +73,13 @@ async def test_calls_go_on_when_jobs_are_off_or_redis_is_unreachable(bot_factory
         assert not [e for e in caller.events if e.get("name") == Ev.JOB_DISPATCHED]
     finally:
         await caller.hangup()
+
+
+async def test_think_jobs_run_on_the_bots_own_responder() -> None:
+    from presence.bot.backends.responder import RuleResponder
+    from presence.bot.jobs.think import chat_local, responder_think_fn
+
+    result = await chat_local(
+        responder_think_fn(RuleResponder()), [{"role": "user", "content": "what is two plus two"}], 50
+    )
+    assert "4" in result["text"] and result["model"] == "responder:rules"

@@ -70,7 +70,17 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
         write_wav(str(wav), speech("What is your name?"), 48_000)
         events = tmp_path / "events.jsonl"
         result = run_cli(
-            "call", url, "--wav", str(wav), "--record", str(out), "--events", str(events), "--tail", "10", timeout=90
+            "call",
+            url,
+            "--wav",
+            str(wav),
+            "--record",
+            str(out),
+            "--events",
+            str(events),
+            "--tail",
+            "10",
+            timeout=90,
         )
         assert result.returncode == 0, result.stderr
         assert "recorded" in result.stdout

@@ -308,6 +308,7 @@ class Engine:
         if fut.cancelled() or fut is not self._pending_text:
             return
         text = fut.result() if fut.exception() is None else ""
+        self.events.emit(Ev.ASR_FINAL, chars=len(text))
         if self._pending is not None and _norm(text) != _norm(self._pending_user_text):
             self._spawn(self._pending.cancel(), "cancel-reply")
             self._pending = None

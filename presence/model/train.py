@@ -91,14 +91,17 @@ def class_weights(dialogues: Sequence[Dialogue], cap: float = 25.0) -> list[floa
     return [round(float(x), 4) for x in w]
 
 
+RARE = ("backchannel", "speak", "yield", "interrupt")  # the decisions crops are centred on
+
+
 class Batcher:
     """Random crops of ``seq`` micro-turns: a fifth from a call's start, half ending shortly
-    after a micro-turn whose label is neither listen nor continue (the decisions that are
-    rare but matter), the rest anywhere."""
+    after a rare decision (class-balanced: an urgent-result interrupt is drawn as often as an
+    end of turn), the rest anywhere."""
 
     def __init__(self, dialogues: Sequence[Dialogue], seq: int, seed: int) -> None:
         self.items: list[dict[str, torch.Tensor]] = []
-        self.events: list[np.ndarray] = []
+        self.events: dict[str, list[tuple[int, int]]] = {}  # class -> (dialogue, micro-turn)
         for d in dialogues:
             if d.turns < seq:
                 continue
@@ -107,34 +110,33 @@ class Batcher:
             x["vap_labels"] = torch.from_numpy(d.vap)
             x["alert_labels"] = torch.from_numpy(d.alert)
             self.items.append(x)
-            rare = np.flatnonzero(
-                ~np.isin(d.actions, [FLOOR_ACTIONS.index("listen"), FLOOR_ACTIONS.index("continue")])
-            )
-            self.events.append(rare)
+            for cls in RARE:
+                for k in np.flatnonzero(d.actions == FLOOR_ACTIONS.index(cls)):
+                    self.events.setdefault(cls, []).append((len(self.items) - 1, int(k)))
         if not self.items:
             raise ValueError(f"no dialogue is {seq} micro-turns long")
         self.seq = seq
         self.rng = np.random.default_rng(seed)
         lengths = np.array([x["action_labels"].shape[0] for x in self.items], dtype=np.float64)
         self.p = lengths / lengths.sum()
+        self.classes = sorted(self.events)
 
     def batch(self, size: int, device: torch.device) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
-        for i in self.rng.choice(len(self.items), size=size, p=self.p):
-            x = self.items[int(i)]
-            n = x["action_labels"].shape[0]
+        for _ in range(size):
             roll = self.rng.random()
-            events = self.events[int(i)]
-            if roll < 0.2:
-                start = 0
-            elif roll < 0.7 and events.size:
-                end = int(events[self.rng.integers(events.size)]) + int(self.rng.integers(1, 9))
-                start = min(max(0, end - self.seq), n - self.seq)
+            if 0.2 <= roll < 0.7 and self.classes:
+                where = self.events[self.classes[int(self.rng.integers(len(self.classes)))]]
+                i, k = where[int(self.rng.integers(len(where)))]
+                n = self.items[i]["action_labels"].shape[0]
+                start = min(max(0, k + int(self.rng.integers(1, 9)) - self.seq), n - self.seq)
             else:
-                start = int(self.rng.integers(0, n - self.seq + 1))
-            for k, v in x.items():
-                parts.setdefault(k, []).append(v[start : start + self.seq])
-        return {k: torch.stack(v).to(device, non_blocking=True) for k, v in parts.items()}
+                i = int(self.rng.choice(len(self.items), p=self.p))
+                n = self.items[i]["action_labels"].shape[0]
+                start = 0 if roll < 0.2 else int(self.rng.integers(0, n - self.seq + 1))
+            for key, value in self.items[i].items():
+                parts.setdefault(key, []).append(value[start : start + self.seq])
+        return {key: torch.stack(v).to(device, non_blocking=True) for key, v in parts.items()}
 
 
 def train(

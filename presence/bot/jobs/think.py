@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -183,3 +183,16 @@ async def handle(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
         timeout_s=max(0.5, min(float(options.get("think_timeout_s", 120.0)), remaining)),
     )
     return {**result, "source": "http"}
+
+
+def responder_think_fn(responder: Any) -> LocalLLM:
+    """The bot's own ``Responder`` (the local LLM by default) as a ``think_fn`` for workers."""
+    from presence.seams import ChatMessage
+
+    async def think(messages: Messages, max_tokens: int) -> AsyncIterator[str]:
+        chat = [ChatMessage(str(m.get("role", "user")), str(m.get("content", ""))) for m in messages]
+        async for piece in responder.stream(chat):
+            yield piece
+
+    think.__name__ = f"responder:{getattr(responder, 'name', 'local')}"
+    return think
