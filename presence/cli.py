@@ -28,6 +28,7 @@ Presence: a real-time, full-duplex call bot.
                                        run a background-job worker against Redis
   presence bench latency               voice-to-voice and barge-in latency, CPU per call
   presence bench fdb --limit 5         Full-Duplex-Bench-style scores, report.md and plots
+  presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
 Defaults run offline on a CPU: Silero VAD, pocketsphinx + whisper tiny.en, piper (joe),
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     Settings.add_arguments(p_worker)
 
+    sub.add_parser("train-interaction", help="train the interaction model (see its --help)", add_help=False)
     p_bench = sub.add_parser("bench", help="benchmarks that print numbers")
     bench_sub = p_bench.add_subparsers(dest="bench", metavar="BENCH")
     p_lat = bench_sub.add_parser(
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-interaction"]:  # its own parser: presence train-interaction --help
+        from presence.model.train import main as train_main
+
+        return int(train_main(argv[1:]) or 0)
     if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
         from presence.bench.fdb.cli import main as fdb_main
 

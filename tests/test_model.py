@@ -100,7 +100,9 @@ def test_config_rejects_inconsistent_sizes() -> None:
 
 
 # ---------------------------------------------------------------------- streaming
-def _full_forward_probs(model: PresenceInteractionModel, turns: list[MicroTurn], states: list[FloorState]):
+def _full_forward_probs(
+    model: PresenceInteractionModel, turns: list[MicroTurn], states: list[FloorState]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     arrays = stack_turns([encode_turn(t, s, model.config) for t, s in zip(turns, states, strict=True)])
     x = {k: torch.from_numpy(v)[None] for k, v in arrays.items()}
     with torch.no_grad():

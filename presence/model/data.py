@@ -271,7 +271,7 @@ class _Builder:
 
     def __init__(
         self, bank: ClipBank, rng: np.random.Generator, seconds: float, split: str, espeak_only: bool
-    ):
+    ) -> None:
         self.bank = bank
         self.rng = rng
         self.split = split

@@ -31,7 +31,7 @@ import torch
 from presence.bot.policy import RuleBasedPolicy, RuleParams
 from presence.config import Settings
 from presence.model.configuration import FLOOR_ACTIONS, PresenceInteractionConfig
-from presence.model.data import DataSpec, Dialogue, load_dialogues
+from presence.model.data import ESPEAK_NAMES, DataSpec, Dialogue, load_dialogues
 from presence.model.evaluate import Report, calibrate, format_report, run_model, run_policy, score
 from presence.model.modeling import PresenceInteractionModel
 from presence.model.streaming import InteractionStreamer
@@ -224,6 +224,7 @@ def model_card(
     device: str,
 ) -> str:
     params = sum(p.numel() for p in PresenceInteractionModel(config).parameters())
+    decode = getattr(config, "decode_params", None) or "defaults"
     size_mb = (
         sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.suffix in (".safetensors", ".json"))
         / 1e6
@@ -249,8 +250,8 @@ A causal transformer that decides the floor of a call every 200 ms micro-turn fr
 the caller's 16 kHz audio in 40 ms patches of raw samples (plus their log-energy, the VAD
 probability and packet-loss flags of their 20 ms frames), the bot's own output audio on its own
 patch projection, raw {config.image_patch}x{config.image_patch} RGB pixel patches of the sampled
-camera frame (Fuyu-style; a learned token when there is none), event tokens (background result,
-reply ready, bot speaking, bot held) and one summary token per micro-turn. Every input goes
+camera frame (Fuyu-style; a learned token when there is none), event tokens (background result
+waiting, result urgent, reply ready, bot speaking, bot held) and one summary token per micro-turn. Every input goes
 through a linear layer: no pretrained encoder. Heads: floor action ({", ".join(FLOOR_ACTIONS)}),
 voice-activity projection of both parties over the next {config.vap_bins} x {config.vap_bin_ms} ms,
 and a visual-alert logit.
@@ -268,7 +269,7 @@ Load offline: `PresenceInteractionModel.from_pretrained("presence/model/checkpoi
 ## Data
 Synthetic two-party calls generated offline (`presence.model.data`): {train_spec.dialogues} training
 and {heldout_spec.dialogues} held-out dialogues of about {train_spec.seconds:g} s. Voices: piper (bundled
-joe) and espeak-ng ({len(__import__("presence.model.data", fromlist=["x"]).ESPEAK_NAMES)} voices, 3 speeds). Caller turns with
+joe) and espeak-ng ({len(ESPEAK_NAMES)} voices, 3 speeds). Caller turns with
 mid-utterance pauses of 0.7-2.5 s cut at a comma (non-final prosody), completed turns followed by
 silence, caller backchannels and interruptions over the bot, side talk with a second person at a
 lower level, urgent background results (the bot interrupts), background speech or noise at
@@ -276,12 +277,16 @@ lower level, urgent background results (the bot interrupts), background speech o
 output is rendered with the rule policy's hold reflex. VAD is Silero over the caller's mix.
 Held-out dialogues use sentences that never occur in training (every fifth line). Labels come
 from the script: per micro-turn floor action, future voice activity, alert.
-Data generation (first run, cached afterwards): {data_seconds:.0f} s.
+Data preparation in this run: {data_seconds:.0f} s (dialogues are cached under
+~/.cache/presence/train; generating all of them from scratch takes about 4-5 minutes on 2 cores).
 
 ## Training
 {train_info["steps"]} steps of {train_info.get("batch", "?")} crops x {train_info.get("seq", "?")} micro-turns,
-AdamW, cosine schedule, class-weighted cross-entropy + VAP/alert BCE, on {device}:
-{train_info["seconds"]:.0f} s of training.
+AdamW, cosine schedule over a time budget, class-weighted cross-entropy + VAP/alert BCE, crops
+class-balanced around rare decisions, on {device}: {train_info["seconds"]:.0f} s of training.
+Command: `{train_info.get("command", "presence train-interaction")}`.
+Decoding thresholds (stored in config.json as `decode_params`, chosen for macro-F1 on
+{train_info.get("validation", "?")} training-split calls kept out of training): {decode}.
 
 ## Held-out scores
 Both policies are stepped through the same held-out micro-turns with the same FloorState (engine
@@ -300,9 +305,13 @@ Per class precision/recall/F1 ({" | ".join(FLOOR_ACTIONS)}):
 {chr(10).join(per_class)}
 
 ## Limits
-Trained on synthetic speech only (robotic espeak voices and one piper voice); real voices,
-accents and rooms will differ. The visual alert is trained on a synthetic flashing shape and
-is a placeholder for real visual events. Treat it as a baseline to fine-tune on real calls.
+Trained on synthetic speech only (robotic espeak voices and one piper voice) for minutes on a
+CPU; real voices, accents and rooms will differ. Read the event columns next to the frame
+scores: mid-sentence pauses are still often taken for turn ends (prosody is the only cue and
+the model is small), and the rule policy, which reads the ASR's words, is better at not
+yielding to backchannels and side talk. Bot backchannels are too rare in the data to be
+learnt. The visual alert is trained on a synthetic flashing shape, a placeholder for real
+visual events. Treat the checkpoint as a baseline to fine-tune on real calls.
 """
 
 
@@ -369,7 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         seed=args.seed,
     )
-    info.update(batch=args.batch, seq=args.seq)
+    info.update(
+        batch=args.batch,
+        seq=args.seq,
+        validation=n_val,
+        command="presence train-interaction " + " ".join(list(argv) if argv is not None else sys.argv[1:]),
+    )
     model = model.to("cpu").eval()
 
     if val_set:
