@@ -13,15 +13,14 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis
+from jobs_support import REDIS_URL, delete_keys, redis_problem, spawn_worker, until
 
 from presence.bot.jobs import LOST_ERROR, Backoff, JobRequest, JobResult, JobStatus
 from presence.bot.jobs.bridge import (
@@ -40,9 +39,7 @@ from presence.bot.jobs.router import RuleToolRouter, find_math
 from presence.config import Settings
 from presence.signaling.metrics import Metrics
 
-REDIS_URL = os.environ.get("PRESENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def need(ok: bool, why: str) -> None:
@@ -52,21 +49,13 @@ def need(ok: bool, why: str) -> None:
         pytest.skip(why)
 
 
-def _redis_problem(url: str) -> str | None:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        return str(exc)
-    return None
-
-
 def dead_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> str:
-    problem = _redis_problem(REDIS_URL)
+    problem = redis_problem(REDIS_URL)
     need(problem is None, f"Redis at {REDIS_URL} is unreachable: {problem}")
     return REDIS_URL
 
@@ -83,12 +72,8 @@ def redis_bin() -> str:
 def prefix() -> Iterator[str]:
     value = f"test-bridge-{uuid.uuid4().hex[:10]}"
     yield value
-    if _redis_problem(REDIS_URL) is None:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{value}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    if redis_problem(REDIS_URL) is None:
+        delete_keys(REDIS_URL, value)
 
 
 @pytest.fixture
@@ -129,45 +114,11 @@ class Inbox:
         return {r.job_id: r for r in self.items}
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def open_call(bridge: JobBridge, call_id: str = "call-1") -> tuple[CallJobs, Inbox]:
     inbox = Inbox()
     calls = await bridge.open_call(call_id, inbox)
     calls.on_change(inbox.changes.append)
     return calls, inbox
-
-
-def spawn_worker(redis_url: str, prefix: str, name: str, kinds: str, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "presence.bot.jobs", "--redis-url", redis_url, "--prefix", prefix),
-            *("--kinds", kinds, "--consumer", name, *extra),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # "ready <name>" once its consumer groups exist
-    if not line.startswith("ready"):
-        proc.kill()
-        raise AssertionError(
-            f"worker {name} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return proc
 
 
 def _code(routes: list[tuple[str, dict[str, Any], bool]]) -> list[str]:
@@ -349,7 +300,7 @@ async def test_auto_with_nothing_answering_starts_a_private_redis(
     proc = bridge.redis_server.proc
     await bridge.close()
     assert proc.poll() is not None  # the private server is gone with the bridge
-    assert _redis_problem(f"redis://127.0.0.1:{port}/0") is not None
+    assert redis_problem(f"redis://127.0.0.1:{port}/0") is not None
 
 
 # ---------------------------------------------------------------------- delivery rules

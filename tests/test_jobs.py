@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,16 @@ from typing import Any
 
 import pytest
 import redis
+from jobs_support import (
+    REDIS_URL,
+    ROOT,
+    delete_keys,
+    free_port,
+    redis_problem,
+    spawn_worker,
+    start_redis,
+    until,
+)
 
 from presence.bot.jobs import (
     LOST_ERROR,
@@ -40,22 +49,12 @@ from presence.bot.jobs.code import SandboxLimits, run_python
 from presence.bot.jobs.kinds import load_handlers, options_from_settings
 from presence.bot.jobs.redisio import Keys
 
-REDIS_URL = os.environ.get("PRESENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KINDS = ["noop", "echo", "sleep", "fail"]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _redis_up(url: str) -> str | None:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        return str(exc)
-    return None
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> str:
-    problem = _redis_up(REDIS_URL)
+    problem = redis_problem(REDIS_URL)
     if problem:
         message = f"Redis at {REDIS_URL} is unreachable: {problem}"
         if os.environ.get("CI") == "true":
@@ -68,11 +67,7 @@ def redis_url() -> str:
 def prefix(redis_url: str) -> Iterator[str]:
     value = f"test-jobs-{uuid.uuid4().hex[:10]}"
     yield value
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{value}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_keys(redis_url, value)
 
 
 @pytest.fixture
@@ -133,40 +128,6 @@ async def running_worker(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)
-
-
-def spawn_worker(redis_url: str, prefix: str, name: str, kinds: str, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "presence.bot.jobs", "--redis-url", redis_url),
-            *("--prefix", prefix, "--kinds", kinds, "--consumer", name, *extra),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until "ready <name>" (or EOF on a crash)
-    if not line.startswith("ready"):
-        proc.kill()
-        raise AssertionError(
-            f"worker {name} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return proc
-
-
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- types (no Redis)
@@ -446,36 +407,14 @@ async def test_max_attempts_dead_letter(
 
 
 # ---------------------------------------------------------------------- Redis restart
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_redis(port: int) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/bin") or "redis-server"
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    end = time.monotonic() + 10
-    while _redis_up(f"redis://127.0.0.1:{port}/0"):
-        if time.monotonic() > end or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError("private redis-server did not start")
-        time.sleep(0.02)
-    return proc
-
-
 @pytest.mark.parametrize("on_lost", ["resubmit", "fail"])
 async def test_redis_restart_loses_nothing(on_lost: str) -> None:
     if not shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/bin"):
         pytest.skip("redis-server binary not installed")
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"test-jobs-{uuid.uuid4().hex[:10]}"  # a private server: nothing to clean up
-    server = _start_redis(port)
+    server = start_redis(port)
     fast = Backoff(initial_s=0.02, max_s=0.2, give_up_s=20)
     broker = JobBroker(url, prefix=prefix, on_lost=on_lost, backoff=fast)  # type: ignore[arg-type]
     try:
@@ -489,7 +428,7 @@ async def test_redis_restart_loses_nothing(on_lost: str) -> None:
             server.kill()  # SIGKILL: no goodbye, nothing on disk
             server.wait()
             await asyncio.sleep(0.4)  # past the doomed job's deadline
-            server = _start_redis(port)
+            server = start_redis(port)
             got = await results.wait(4, timeout=20)
             await asyncio.sleep(0.8)
             assert len(results.items) == 4, results.items  # each job exactly once
@@ -517,7 +456,7 @@ async def test_redis_restart_loses_nothing(on_lost: str) -> None:
 
 
 async def test_broker_gives_up_clearly_when_redis_stays_down() -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     broker = JobBroker(url, prefix="test-jobs-down", backoff=Backoff(0.01, 0.05, 0.3))
     with pytest.raises(ConnectionError, match="unreachable for"):
         await broker.submit(JobRequest.new("call-z", "noop"))
@@ -713,7 +652,7 @@ async def test_think_openai_compatible_and_local() -> None:
         with pytest.raises(JobError, match="answered 400"):
             await think.handle({"prompt": "bad"}, ctx)
     with pytest.raises(TransientJobError, match="cannot reach"):
-        await think.handle({"prompt": "x"}, _Ctx(think_url=f"http://127.0.0.1:{_free_port()}/v1"))
+        await think.handle({"prompt": "x"}, _Ctx(think_url=f"http://127.0.0.1:{free_port()}/v1"))
     with pytest.raises(JobError, match="no model configured"):
         await think.handle({"prompt": "x"}, _Ctx())
     with pytest.raises(JobError, match=r"args\.prompt"):

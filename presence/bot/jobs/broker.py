@@ -142,18 +142,17 @@ class JobBroker:
                 return await pipe.execute()
 
         await self._rc.call("cancel_call", expire)
-        for job_id in [j for j, req in self._pending.items() if req.call_id == call_id]:
-            del self._pending[job_id]
-        state = self._calls.pop(call_id, None)
-        if state is not None:
-            state.closed = True
-            state.wake.set()
+        self._drop_local(call_id)
         return unfinished
 
     def forget_call(self, call_id: str) -> None:
         """Drop a call's local state without Redis (when :meth:`cancel_call` could not reach it):
         no overdue failures are made up for it and its results() iterator ends."""
         self._live.discard(call_id)
+        self._drop_local(call_id)
+
+    def _drop_local(self, call_id: str) -> None:
+        """Forget a call's pending jobs and end its results() iterator."""
         for job_id in [j for j, req in self._pending.items() if req.call_id == call_id]:
             del self._pending[job_id]
         state = self._calls.pop(call_id, None)
