@@ -101,6 +101,7 @@ class FloorState:
     caller_silence_ms: float = 0.0  # length of the current silence after caller speech
     caller_spoke: bool = False  # the caller said something since the bot last took a turn
     overlap_speech_ms: float = 0.0  # caller speech while the bot talks or is held
+    hold_speech_ms: float = 0.0  # caller speech since the current hold began (pauses included)
     partial_text: str = ""  # the streaming ASR partial of the current caller utterance
     last_backchannel_at: float = -1e9
     result_waiting: bool = False  # a background job's result is ready to be woven in

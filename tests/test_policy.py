@@ -116,3 +116,16 @@ def test_word_helpers() -> None:
 def test_params_come_from_settings() -> None:
     params = RuleParams.from_settings(Settings(eot_silence_ms=500, backchannel_words=["Yeah"]))
     assert params.eot_silence_ms == 500 and params.backchannel_words == frozenset({"yeah"})
+
+
+def test_a_long_overlap_waits_for_its_words_before_resuming(policy: RuleBasedPolicy) -> None:
+    # "Wait, stop." then a pause, and the ASR has no words yet: hold, do not talk over it.
+    s = FloorState(
+        bot_speaking=True, bot_held=True, hold_speech_ms=600, caller_silence_ms=300, partial_text=""
+    )
+    assert policy.step(turn(), s).floor is Floor.HOLD
+    s.partial_text = "wait stop"
+    assert policy.step(turn(), s).floor is Floor.YIELD
+    s.partial_text = ""
+    s.caller_silence_ms = 1000  # nothing was recognised for a second: it was noise after all
+    assert policy.step(turn(), s).floor is Floor.RESUME

@@ -229,7 +229,10 @@ async def cpu_per_call(
     callers = [Caller(url=url, name=f"c{i}") for i in range(calls)]
     stop = asyncio.Event()
     # Voiced parts only, back to back: no pause long enough to end a turn.
-    spans = [(int(clips[q].voiced_start * OUT_SAMPLE_RATE), int(clips[q].voiced_end * OUT_SAMPLE_RATE)) for q in QUESTIONS]
+    spans = [
+        (int(clips[q].voiced_start * OUT_SAMPLE_RATE), int(clips[q].voiced_end * OUT_SAMPLE_RATE))
+        for q in QUESTIONS
+    ]
     monologue = np.concatenate([clips[q].audio48[a:b] for q, (a, b) in zip(QUESTIONS, spans, strict=True)])
 
     async def run(index: int, caller: Caller) -> None:

@@ -170,6 +170,8 @@ class Engine:
         s = self.state
         s.bot_speaking = self.track.speaking
         s.bot_held = self.track.held
+        # Speech since the hold began, across the caller's pauses: "Wait, stop." is one barge-in.
+        s.hold_speech_ms = s.hold_speech_ms + 20.0 * int((turn.vad >= self._thr).sum()) if s.bot_held else 0.0
         s.reply_ready = self._pending is not None and bool(self._pending.utterance.segments)
         s.result_waiting = bool(self._results)
         s.result_urgent = any(r.job_id in self._urgent_jobs for r, _ in self._results)

@@ -92,15 +92,18 @@ class RuleBasedPolicy:
         if state.bot_speaking:
             # The hold already silenced the bot, so confirming can wait for the ASR's words:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
-            overlap = state.overlap_speech_ms
+            overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
             words = state.partial_text.strip()
-            if overlap >= p.barge_in_max_ms or (
-                overlap >= p.barge_in_ms and words and not is_backchannel(words, p.backchannel_words)
-            ):
+            real_words = bool(words) and not is_backchannel(words, p.backchannel_words)
+            if overlap >= p.barge_in_max_ms or (overlap >= p.barge_in_ms and real_words):
                 return Action(Floor.YIELD, reason="barge-in")
             if state.bot_held:
                 if state.caller_silence_ms >= p.resume_silence_ms:
-                    return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
+                    # Short speech or backchannel words: resume. Long speech whose words the
+                    # ASR has not delivered yet ("Wait, stop." then a pause): keep holding a
+                    # little longer rather than talk over a real interruption.
+                    if overlap < p.barge_in_ms or words or state.caller_silence_ms >= p.barge_in_max_ms:
+                        return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
                 return Action(Floor.HOLD)
             return Action(Floor.CONTINUE)
         needed = p.eot_incomplete_ms if sounds_unfinished(state.partial_text) else p.eot_silence_ms
