@@ -22,7 +22,7 @@ import numpy as np
 from presence.aio import run_blocking
 from presence.bot.backends.factory import Backends
 from presence.bot.jobs.types import JobResult
-from presence.bot.policy import RESULT, is_backchannel
+from presence.bot.policy import RESULT, RuleParams, is_backchannel
 from presence.bot.reply import ReplyTask, synthesize
 from presence.clock import now, sleep_until
 from presence.config import Settings
@@ -74,6 +74,8 @@ class Engine:
         self.turns = 0
         self.actions: dict[str, int] = {}
         self._thr = settings.vad_threshold
+        # The same vocabulary the rule policy uses (lowercased once, as RuleParams does).
+        self._bc_words = RuleParams.from_settings(settings).backchannel_words
         self._asr = backends.asr_factory() if backends.asr_factory else None
         self._asr_q: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self._asr_started = False
@@ -321,10 +323,6 @@ class Engine:
             return
         if self._pending is None and text and not is_backchannel(text, self._bc_words):
             self._prepare_reply(text)
-
-    @property
-    def _bc_words(self) -> frozenset[str]:
-        return frozenset(self.settings.backchannel_words)
 
     def _take_turn(self, text: str) -> None:
         """End of the caller's turn with its text: commit the reply (or resume after noise)."""
