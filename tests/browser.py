@@ -1,55 +1,41 @@
 """Helpers for tests that drive the Debian Chromium as a real caller (not a test module).
 
 Chromium comes from the distribution (``/usr/lib/chromium/chromium``) and is driven through
-pip ``playwright``; never run ``playwright install`` (downloads fail here). Without the
-browser a test skips, except under ``CI=true`` where a missing browser is a failure.
+pip ``playwright``; never run ``playwright install`` (downloads fail here). The launch code
+(binary, flags, profile) is ``presence.browser``. Without the browser a test skips, except
+under ``CI=true`` where a missing browser is a failure.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import wave
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-if TYPE_CHECKING:
-    from playwright.async_api import BrowserContext, Page, Playwright
+from presence import browser as _browser
+from presence.browser import BASE_ARGS, CHROMIUM, Chromium, chromium_args
 
-CHROMIUM = Path(os.environ.get("PRESENCE_CHROMIUM", "/usr/lib/chromium/chromium"))
-
-# Flags measured to work here (see shared/notes/webrtc-testing.md): fake devices without a
-# permission prompt, autoplay without a gesture, and ICE over loopback with real IPs.
-BASE_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
+__all__ = [
+    "BASE_ARGS",
+    "CHROMIUM",
+    "Chromium",
+    "chromium",
+    "chromium_args",
+    "launch_chromium",
+    "make_wav",
+    "make_y4m",
+    "require_chromium",
 ]
 
 
 def require_chromium() -> Path:
     """The Chromium binary; skips the calling test when absent, fails instead under CI=true."""
-    problem = None
-    if not CHROMIUM.is_file():
-        problem = f"chromium not found at {CHROMIUM} (apt-get install chromium)"
-    elif importlib.util.find_spec("playwright") is None:
-        problem = "the playwright pip package is not installed"
+    problem = _browser.chromium_problem()
     if problem is not None:
         if os.environ.get("CI", "").strip().lower() == "true":
             pytest.fail(problem)
@@ -57,57 +43,11 @@ def require_chromium() -> Path:
     return CHROMIUM
 
 
-def chromium_args(*, wav: Path | None = None, y4m: Path | None = None) -> list[str]:
-    args = list(BASE_ARGS)
-    if wav is not None:
-        args.append(f"--use-file-for-fake-audio-capture={wav}")
-    if y4m is not None:
-        args.append(f"--use-file-for-fake-video-capture={y4m}")
-    return args
-
-
-@dataclass
-class Chromium:
-    """A running headless Chromium with one persistent context (close it when done)."""
-
-    playwright: Playwright
-    context: BrowserContext
-
-    async def new_page(self) -> Page:
-        return await self.context.new_page()
-
-    async def close(self) -> None:
-        try:
-            await self.context.close()
-        finally:
-            await self.playwright.stop()
-
-
 async def launch_chromium(tmp_path: Path, *, wav: Path | None = None, y4m: Path | None = None) -> Chromium:
-    """Start headless Debian Chromium with a fresh profile under ``tmp_path``.
-
-    ``wav`` / ``y4m`` become the fake microphone and camera (looped by Chromium); without
-    them Chromium's built-in beeps and test pattern are used.
-    """
+    """``presence.browser.launch_chromium`` with the profile under ``tmp_path``; skips (or
+    fails under CI=true) when Chromium is missing."""
     require_chromium()
-    from playwright.async_api import async_playwright
-
-    profile = Path(tmp_path) / "chromium-profile"
-    profile.mkdir(parents=True, exist_ok=True)
-    pw = await async_playwright().start()
-    try:
-        context = await pw.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=chromium_args(wav=wav, y4m=y4m),
-            permissions=["microphone", "camera"],
-            viewport={"width": 1280, "height": 800},
-        )
-    except BaseException:
-        await pw.stop()
-        raise
-    return Chromium(playwright=pw, context=context)
+    return await _browser.launch_chromium(tmp_path, wav=wav, y4m=y4m)
 
 
 @pytest.fixture

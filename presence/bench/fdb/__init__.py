@@ -2,7 +2,8 @@
 
 * :mod:`.stimuli` writes deterministic stimuli (``<out>/<category>/<id>/input.wav`` + ``meta.json``)
   from the offline voices (Piper, espeak-ng, flite).
-* :mod:`.runner` plays one to a bot in real time with :class:`presence.caller.Caller`, injects
+* :mod:`.runner` plays one to a bot in real time with :class:`presence.caller.Caller` (or headless
+  Chromium, :mod:`.chromium`), injects
   interruptions / backchannels / side talk live on the bot's events, records ``output.wav`` (as
   long as the input) and ``events.json``.
 * :mod:`.metrics` holds the FDB v1 / v1.5, FD-Bench and engineering metrics as pure functions;

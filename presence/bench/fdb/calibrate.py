@@ -4,7 +4,7 @@ The delay is measured two ways on the recorded timeline: the lag of the cross-co
 between what was sent and what came back, and the difference of their first onsets. The
 loopback transport adds a fixed cost (encode, jitter buffers, decode); a base run with a
 small known delay measures it, and the harness is calibrated when every other run measures D + that cost within
-10 ms.
+10 ms. Each transport (aiortc, chromium) has a cost of its own and is calibrated with its own calls.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from presence.browser import Chromium, launch_chromium
 from presence.config import Settings
 from presence.signaling.app import run_server
 
@@ -57,6 +58,7 @@ class Calibration:
 class CalibrationReport:
     transport_s: float  # the loopback path's own delay: base run's measurement minus its D
     runs: list[Calibration]
+    transport: str = "aiortc"  # which caller made the calls (runner.TRANSPORTS)
 
     def errors(self) -> list[float]:
         """Measured D minus true D for each run, the transport cost taken off."""
@@ -68,6 +70,7 @@ class CalibrationReport:
 
     def to_json(self) -> dict[str, object]:
         return {
+            "transport": self.transport,
             "transport_s": self.transport_s,
             "runs": [asdict(r) for r in self.runs],
             "errors_s": self.errors(),
@@ -95,12 +98,14 @@ def _calibration_sample(directory: Path, synth: Synthesizer | None = None) -> Pa
     return directory
 
 
-async def measure_echo(delay_s: float, sample_dir: Path) -> Calibration:
+async def measure_echo(
+    delay_s: float, sample_dir: Path, transport: str = "aiortc", browser: Chromium | None = None
+) -> Calibration:
     """Serve a DelayEchoHost, play the sample through the harness, measure the delay."""
     settings = Settings.from_env({}, port=0, greeting="")
     runner = await run_server(settings, DelayEchoHost(delay_s))
     try:
-        run = await run_sample(settings.base_url, sample_dir)
+        run = await run_sample(settings.base_url, sample_dir, transport=transport, browser=browser)
     finally:
         await runner.cleanup()
     if run.error:
@@ -114,23 +119,32 @@ async def measure_echo(delay_s: float, sample_dir: Path) -> Calibration:
 
 
 async def calibrate(
-    delays: tuple[float, ...] = (0.3, 0.6), base_delay_s: float = 0.1, out: Path | None = None
+    delays: tuple[float, ...] = (0.3, 0.6),
+    base_delay_s: float = 0.1,
+    out: Path | None = None,
+    transport: str = "aiortc",
 ) -> CalibrationReport:
     """Measure the transport with a run at ``base_delay_s``, then each D.
 
     The base run is not at D = 0: an echo cannot send a frame before it has arrived, so a
     zero-delay echo would race its own input. A warm-up call comes first and is discarded.
+    With ``transport="chromium"`` one browser makes every call (a page each).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
-        # The first call of a process pays one-time costs (codec and thread start-up) that
-        # shift its timing by ~10 ms: make it a throw-away.
-        await measure_echo(base_delay_s, sample_dir)
-        base = await measure_echo(base_delay_s, sample_dir)
-        runs = [base]
-        for delay in delays:
-            runs.append(await measure_echo(delay, sample_dir))
-    report = CalibrationReport(transport_s=base.xcorr_s - base_delay_s, runs=runs)
+    browser = await launch_chromium() if transport == "chromium" else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
+            # The first call of a process pays one-time costs (codec and thread start-up) that
+            # shift its timing by ~10 ms: make it a throw-away.
+            await measure_echo(base_delay_s, sample_dir, transport, browser)
+            base = await measure_echo(base_delay_s, sample_dir, transport, browser)
+            runs = [base]
+            for delay in delays:
+                runs.append(await measure_echo(delay, sample_dir, transport, browser))
+    finally:
+        if browser is not None:
+            await browser.close()
+    report = CalibrationReport(base.xcorr_s - base_delay_s, runs, transport)
     if out is not None:
         (Path(out) / "calibration.json").write_text(json.dumps(report.to_json(), indent=2))
     return report

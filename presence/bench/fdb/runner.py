@@ -1,11 +1,16 @@
 """Plays one stimulus to a bot over real WebRTC and records what comes back.
 
 Timeline: 0 is the moment the first sample of ``input.wav`` went into an outgoing frame. The
-bot's audio is recorded where it arrived on the monotonic clock (``Caller.recorder``) and cut
-to exactly the input's length into ``output.wav``; live injections (interruptions,
-backchannels, side talk) are mixed into the outgoing audio when the bot's event arrives over
-the data channel (its ``t`` is on the same clock: one machine). ``events.json`` keeps the
-bot's events and ours, rebased to the timeline.
+bot's audio is recorded where it arrived and cut to exactly the input's length into
+``output.wav``; live injections (interruptions, backchannels, side talk) are mixed into the
+outgoing audio when the bot's event arrives over the data channel (its ``t`` is on the
+monotonic clock: one machine). ``events.json`` keeps the bot's events and ours, rebased to
+the timeline.
+
+Two transports make the call: ``aiortc`` (an in-process :class:`presence.caller.Caller`; the
+recording is placed by arrival on the monotonic clock, ``TimedRecorder``) and ``chromium``
+(headless Chromium's own WebRTC stack, :mod:`.chromium`). Both hand a :class:`Take` to
+:func:`write_run`, which writes the same files.
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from presence.browser import Chromium, ChromiumUnavailable, chromium_problem
 from presence.caller import Caller, PlayerTrack
 from presence.clock import now, sleep_until
 from presence.media.audio import make_frame, read_wav, resample, to_float32, write_wav
 from presence.seams import OUT_SAMPLE_RATE
 
-from .stimuli import RATE, Injection, load_meta
+from .stimuli import RATE, Injection, SampleMeta, load_meta
 from .timeline import TimedRecorder
 
 log = logging.getLogger(__name__)
@@ -92,11 +99,30 @@ def rebase(events: list[dict[str, Any]], origin: float) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: float(e["t"]))
 
 
-async def _inject(
-    caller: Caller,
-    player: ScriptPlayer,
+@dataclass
+class Take:
+    """What a transport brought back from one call, before it is written out."""
+
+    origin: float  # monotonic time of timeline 0 (the first input sample sent)
+    heard: np.ndarray  # 16 kHz, sample 0 at the origin (cut or padded to the input's length)
+    events: list[dict[str, Any]]  # the bot's events as received, ``t`` on the monotonic clock
+    injections: list[dict[str, Any]]  # performed or missed; start/end on the timeline
+    error: str | None = None
+    receiver: dict[str, Any] = field(default_factory=dict)  # transport details for events.json
+
+
+# Waits for a bot event: (name, not before this monotonic time, timeout s) -> the event.
+EventWaiter = Callable[[str, float, float], Awaitable[dict[str, Any]]]
+# Plays an injection's clip at (or as soon after as possible) a monotonic time; returns
+# where its first sample landed on the timeline.
+ClipPlayer = Callable[[Injection, float], Awaitable[float]]
+
+
+async def inject(
     injection: Injection,
-    clip16: np.ndarray,
+    clip_s: float,
+    wait_event: EventWaiter,
+    play: ClipPlayer,
     origin: float,
     deadline: float,
 ) -> dict[str, Any]:
@@ -110,9 +136,7 @@ async def _inject(
         "wav": injection.wav,
     }
     try:
-        event = await caller.wait_event(
-            injection.after_event, after=origin, timeout=max(0.1, deadline - now())
-        )
+        event = await wait_event(injection.after_event, origin, max(0.1, deadline - now()))
     except TimeoutError:
         record["missed"] = True
         return record
@@ -121,85 +145,109 @@ async def _inject(
         record["missed"] = True
         record["trigger_t"] = round(float(event["t"]) - origin, 4)
         return record
-    await sleep_until(at)
-    started = await player.overlay(resample(clip16, RATE, OUT_SAMPLE_RATE))
+    start = await play(injection, at)
     record.update(
         missed=False,
         trigger_t=round(float(event["t"]) - origin, 4),
-        start=round(started - origin, 4),
-        end=round(started - origin + clip16.size / RATE, 4),
+        start=round(start, 4),
+        end=round(start + clip_s, 4),
     )
     return record
 
 
-async def run_sample(
-    url: str,
-    sample_dir: str | Path,
-    *,
-    transport: str = "aiortc",
-    settle_s: float = 0.5,
-    connect_timeout: float = 20.0,
-) -> SampleRun:
-    """Stream ``sample_dir/input.wav`` to the bot at ``url`` in real time and record the answer.
-
-    Writes ``output.wav`` (same length as the input), ``played.wav`` (the input with the live
-    injections mixed in), ``events.json`` and, for interruptions, FDB's ``interrupt.json``.
-    """
-    if transport == "chromium":
-        raise NotImplementedError(
-            "the chromium transport is not implemented yet: Chromium's fake microphone plays a "
-            "file from its own start and cannot inject clips on the bot's events; use "
-            "transport='aiortc'"
+async def run_injections(
+    injections: list[Injection],
+    clips: dict[str, np.ndarray],
+    wait_event: EventWaiter,
+    play: ClipPlayer,
+    origin: float,
+    duration: float,
+) -> list[dict[str, Any]]:
+    """Perform every live injection while the input plays; returns when the input (and the
+    frames still in flight) is over."""
+    end = origin + duration
+    # An injection must finish inside the recording, with a second to spare for a reply.
+    tasks = [
+        asyncio.create_task(
+            inject(inj, clips[inj.wav].size / RATE, wait_event, play, origin, end - inj.duration_s - 1.0)
         )
-    if transport != "aiortc":
-        raise ValueError(f"unknown transport {transport!r}; use one of {TRANSPORTS}")
-    sample_dir = Path(sample_dir)
-    meta = load_meta(sample_dir)
-    audio, _ = read_wav(str(sample_dir / "input.wav"), RATE)
-    n = audio.size
-    duration = n / RATE
-    clips = {inj.wav: read_wav(str(sample_dir / inj.wav), RATE)[0] for inj in meta.injections}
+        for inj in injections
+    ]
+    records: list[dict[str, Any]] = []
+    try:
+        await sleep_until(end + 0.25)  # the last frames still in flight
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:
+            try:
+                records.append(await task)
+            except asyncio.CancelledError:
+                pass
+    return records
 
+
+async def _run_aiortc(
+    url: str,
+    audio: np.ndarray,
+    clips: dict[str, np.ndarray],
+    injections: list[Injection],
+    *,
+    settle_s: float,
+    connect_timeout: float,
+) -> Take:
+    """The call through an in-process aiortc caller (:class:`presence.caller.Caller`)."""
+    duration = audio.size / RATE
     player = ScriptPlayer()
     caller = Caller(url=url, player=player, recorder=TimedRecorder(), name="fdb")
     error: str | None = None
-    injections: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     origin = now()
+
+    async def wait_event(name: str, after: float, timeout: float) -> dict[str, Any]:
+        return await caller.wait_event(name, after=after, timeout=timeout)
+
+    async def play(injection: Injection, at: float) -> float:
+        await sleep_until(at)
+        started = await player.overlay(resample(clips[injection.wav], RATE, OUT_SAMPLE_RATE))
+        return started - origin
+
     try:
         await caller.connect(timeout=connect_timeout)
         # Let media flow both ways first, so the first input frame is not also the first
         # packet of the connection (DTLS/SRTP start-up would delay it).
         await asyncio.sleep(settle_s)
         origin = await caller.say(audio, RATE)
-        end = origin + duration
-        # An injection must finish inside the recording, with a second to spare for a reply.
-        tasks = [
-            asyncio.create_task(
-                _inject(caller, player, inj, clips[inj.wav], origin, end - inj.duration_s - 1.0)
-            )
-            for inj in meta.injections
-        ]
-        await sleep_until(end + 0.25)  # the last frames still in flight
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        for task in tasks:
-            try:
-                injections.append(await task)
-            except asyncio.CancelledError:
-                pass
+        records = await run_injections(injections, clips, wait_event, play, origin, duration)
     except Exception as exc:  # a failed call is a result too: scored as silence
-        log.exception("sample %s failed", sample_dir.name)
+        log.exception("aiortc call to %s failed", url)
         error = f"{type(exc).__name__}: {exc}"
     finally:
         recorder = caller.recorder
         heard = recorder.audio(until=origin + duration + 0.5)
         await caller.hangup()
     first = int(round((origin - recorder.t0) * RATE))
+    heard = heard[first:] if first >= 0 else np.zeros(0, dtype=np.float32)
+    return Take(origin, heard, caller.events, records, error)
+
+
+def write_run(
+    sample_dir: Path,
+    meta: SampleMeta,
+    audio: np.ndarray,
+    clips: dict[str, np.ndarray],
+    take: Take,
+    transport: str,
+) -> SampleRun:
+    """Lay a take on the timeline and write ``output.wav``, ``played.wav``, ``events.json``
+    and (for interruptions) ``interrupt.json``; the same for every transport."""
+    n = audio.size
+    duration = n / RATE
+    origin, injections = take.origin, take.injections
     output = np.zeros(n, dtype=np.float32)
-    if first >= 0:
-        part = heard[first : first + n]
-        output[: part.size] = part
+    part = take.heard[:n]
+    output[: part.size] = part
     played = audio.copy()
     for record in injections:
         if record.get("missed") or "start" not in record:
@@ -210,7 +258,7 @@ async def run_sample(
         if stop > start:
             played[start:stop] += clip[: stop - start]
 
-    events = rebase(caller.events, origin)
+    events = rebase(take.events, origin)
     ours: list[dict[str, Any]] = [{"name": "input_start", "t": 0.0, "source": "caller"}]
     for record in injections:
         if record.get("missed"):
@@ -231,7 +279,8 @@ async def run_sample(
                 "origin_monotonic": origin,
                 "duration_s": duration,
                 "transport": transport,
-                "error": error,
+                "error": take.error,
+                **({"receiver": take.receiver} if take.receiver else {}),
                 "injections": injections,
                 "events": events,
             },
@@ -254,4 +303,51 @@ async def run_sample(
                 indent=2,
             )
         )
-    return SampleRun(sample_dir, origin, duration, output, played, events, injections, error)
+    return SampleRun(sample_dir, origin, duration, output, played, events, injections, take.error)
+
+
+async def run_sample(
+    url: str,
+    sample_dir: str | Path,
+    *,
+    transport: str = "aiortc",
+    settle_s: float = 0.5,
+    connect_timeout: float = 20.0,
+    browser: Chromium | None = None,
+) -> SampleRun:
+    """Stream ``sample_dir/input.wav`` to the bot at ``url`` in real time and record the answer.
+
+    ``transport`` is ``aiortc`` (an in-process aiortc caller) or ``chromium`` (headless
+    Chromium's WebRTC stack, see :mod:`.chromium`; ``browser`` reuses a running one, else
+    each call launches its own). Writes ``output.wav`` (same length as the input),
+    ``played.wav`` (the input with the live injections mixed in), ``events.json`` and, for
+    interruptions, FDB's ``interrupt.json``.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; use one of {TRANSPORTS}")
+    if transport == "chromium" and browser is None:
+        problem = chromium_problem()
+        if problem is not None:
+            raise ChromiumUnavailable(f"the chromium transport needs Chromium and playwright: {problem}")
+    sample_dir = Path(sample_dir)
+    meta = load_meta(sample_dir)
+    audio, _ = read_wav(str(sample_dir / "input.wav"), RATE)
+    clips = {inj.wav: read_wav(str(sample_dir / inj.wav), RATE)[0] for inj in meta.injections}
+    if transport == "chromium":
+        from .chromium import run_chromium
+
+        take = await run_chromium(
+            url,
+            audio,
+            clips,
+            meta.injections,
+            settle_s=settle_s,
+            connect_timeout=connect_timeout,
+            browser=browser,
+        )
+    else:
+        take = await _run_aiortc(
+            url, audio, clips, meta.injections, settle_s=settle_s, connect_timeout=connect_timeout
+        )
+    # Writing the WAVs and JSON of a long sample takes a while: off the event loop.
+    return await asyncio.to_thread(write_run, sample_dir, meta, audio, clips, take, transport)
