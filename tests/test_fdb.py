@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import require_chromium
 from conftest import need
 
 from presence.bench.fdb import metrics as m
@@ -177,9 +179,16 @@ def test_engineering_metrics() -> None:
     assert m.latency_breakdown([], 3.0) == {}
     s = m.summarize([1.0, 2.0, 3.0])
     assert s["n"] == 3 and s["p50"] == 2.0 and m.summarize([])["p95"] is None
-    # Whisper's early first word is moved to the audio onset; words over audio stay.
-    snapped = m.snap_words([("hi", 1.0, 1.6), ("there", 1.7, 2.0), ("x", 5.0, 5.1)], [(1.4, 2.2)])
-    assert snapped == [("hi", 1.4, 1.6), ("there", 1.7, 2.0), ("x", 5.0, 5.1)]
+    # Whisper's early first word is moved to the audio onset, its stretched last word back to
+    # the audio's end; words over audio stay, words with no audio inside are left alone.
+    snapped = m.snap_words(
+        [("hi", 1.0, 1.6), ("there", 1.7, 2.0), ("you.", 2.1, 3.5), ("x", 5.0, 5.1)], [(1.4, 2.2)]
+    )
+    assert snapped == [("hi", 1.4, 1.6), ("there", 1.7, 2.0), ("you.", 2.1, 2.3), ("x", 5.0, 5.1)]
+    # "I heard you." in 0.4 s of audio (whisper put "you." at 3.14-4.44) is backchannel-length,
+    # not a 1.7 s turn.
+    heard = m.snap_words([("I", 2.71, 2.94), ("heard", 2.94, 3.14), ("you.", 3.14, 4.44)], [(2.71, 3.12)])
+    assert heard[-1] == ("you.", 3.14, 3.22) and m.turn_over(heard) == 0
 
 
 # ------------------------------------------------------------------------------ segmentation
@@ -373,3 +382,128 @@ async def test_small_live_run_writes_the_report(tmp_path: Path, backends) -> Non
     for key in ("latency_cdf", "categories"):
         assert files[key].stat().st_size > 10_000
     assert any(k.startswith("timeline_") for k in files)
+
+
+# ------------------------------------------------------------------------------ chromium
+
+
+def test_page_clock_maps_context_and_performance_time() -> None:
+    from presence.bench.fdb.chromium import PageClock
+
+    clock = PageClock(wall_minus_mono=1_000.0)
+    # The render timings' minimum is the mapping; a late render (2003.2) does not move it.
+    clock.add({"lags": [[0, 2000.5], [4096, 2000.0], [8192, 2003.2]], "perf": None})
+    clock.add({"lags": [], "perf": 5000.25})
+    clock.add({"lags": [], "perf": 5000.05})  # a sample taken between ticks: the maximum wins
+    assert clock.ctx_to_mono(1.5) == pytest.approx(1.5 + 2.0 - 1_000.0)
+    assert clock.mono_to_ctx(clock.ctx_to_mono(3.0)) == pytest.approx(3.0)
+    assert clock.perf_to_mono(1000.0) == pytest.approx(6.00025 - 1_000.0)
+
+
+def test_received_packets_are_placed_by_arrival_and_rtp_time() -> None:
+    """The chromium transport's recording: packets decoded and laid out like TimedRecorder."""
+    from aiortc.codecs.opus import OpusEncoder
+
+    from presence.bench.fdb.calibrate import onset
+    from presence.bench.fdb.chromium import PageClock, place_packets
+    from presence.media.audio import make_frame
+
+    rate48 = 48_000
+    audio = np.zeros(rate48, dtype=np.float32)
+    audio[int(0.5 * rate48) : int(0.6 * rate48)] = 0.5 * np.sin(np.arange(int(0.1 * rate48)) * 0.1)
+    encoder = OpusEncoder()
+    rng = np.random.default_rng(3)
+    clock = PageClock(wall_minus_mono=0.0)
+    clock.add({"lags": [[0, 0.0]], "perf": 0.0})  # performance ms == monotonic ms
+    packets: list[list[object]] = []
+    base_rtp, base_seq = 2**32 - 960 * 10, 65_530  # both wrap during the clip
+    for k in range(rate48 // 960):
+        payloads, _ = encoder.encode(make_frame(audio[k * 960 : (k + 1) * 960], k * 960))
+        for payload in payloads:
+            # A packet arrives when its 20 ms are complete, sometimes a little late.
+            arrived = 1000.0 + (k + 1) * 20 + (0.0 if k % 5 == 0 else float(rng.uniform(0, 15)))
+            rtp, seq = (base_rtp + k * 960) % 2**32, (base_seq + k) % 2**16
+            packets.append([arrived, rtp, seq, base64.b64encode(payload).decode()])
+    packets[20], packets[21] = packets[21], packets[20]  # reordered
+    packets.insert(30, list(packets[30]))  # duplicated
+    origin = 1.2  # 200 ms into the stream
+    heard = place_packets(packets, clock, origin, origin + 1.0)
+    # The burst left at 0.5 s of the stream: 0.3 s on the timeline (Opus adds its 6.5 ms).
+    got = onset(heard)
+    assert got is not None and abs(got - 0.3 - 0.0065) < 0.004, got
+    assert heard.size >= int(0.8 * RATE)
+
+
+async def test_chromium_transport_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from presence import browser
+    from presence.bench.fdb.runner import run_sample
+
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
+    with pytest.raises(browser.ChromiumUnavailable, match="apt-get install chromium"):
+        await run_sample("http://127.0.0.1:9", tmp_path, transport="chromium")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+async def test_calibration_over_chromium_measures_a_known_echo_delay(tmp_path: Path) -> None:
+    require_chromium()
+    from presence.bench.fdb.calibrate import TOLERANCE_S, calibrate
+
+    report = await calibrate((0.4,), out=tmp_path, transport="chromium")
+    assert 0.0 < report.transport_s < 0.2, report.to_json()
+    assert report.max_error_s <= TOLERANCE_S, report.to_json()
+    for run in report.runs:
+        assert run.onset_s is not None and abs(run.onset_s - run.xcorr_s) < 0.01
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert saved["transport"] == "chromium" and saved["max_error_s"] <= TOLERANCE_S
+    events = json.loads((tmp_path / "calibration" / "events.json").read_text())
+    assert events["transport"] == "chromium" and events["receiver"]["packets"] > 100
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+async def test_small_live_run_over_chromium(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
+    require_chromium()
+    need(
+        importlib.util.find_spec("matplotlib") is not None,
+        "matplotlib is not installed (pip install matplotlib)",
+    )
+    from presence.bench.fdb.cli import Config, run_benchmark
+    from presence.bot.backends.factory import warm_up
+    from presence.bot.backends.responder import RuleResponder
+
+    bench_backends = dataclasses.replace(backends, responder=RuleResponder())
+    await warm_up(bench_backends)
+    files = await run_benchmark(
+        tmp_path,
+        [Config("rules", 500)],
+        ["interruption", "turn_taking"],
+        limit=1,
+        transport="chromium",
+        backends=bench_backends,
+        calibration=False,
+        timelines=0,
+        show_progress=False,
+    )
+    cats = json.loads(files["json"].read_text())["configs"]["rules eot=500ms"]["aggregate"]["categories"]
+    assert all(c["errors"] == 0 for c in cats.values())
+    for category in ("interruption", "turn_taking"):
+        sample = tmp_path / "rules-eot500" / category / f"{category}_000"
+        assert (sample / "output.wav").stat().st_size == (sample / "input.wav").stat().st_size
+        run = json.loads((sample / "events.json").read_text())
+        assert run["transport"] == "chromium" and run["error"] is None
+        assert run["events"][0]["name"] == "input_start"
+        names = {e["name"] for e in run["events"] if e["source"] == "bot"}
+        assert "bot_speech_start" in names, names  # the bot's events came over the data channel
+    # The live interruption was played on the bot's event.
+    sample = tmp_path / "rules-eot500" / "interruption" / "interruption_000"
+    (injection,) = json.loads((sample / "events.json").read_text())["injections"]
+    assert injection["missed"] is False
+    assert injection["start"] - injection["trigger_t"] == pytest.approx(injection["offset_s"], abs=0.02)
+    assert json.loads((sample / "interrupt.json").read_text())[0]["timestamp"] == [
+        injection["start"],
+        injection["end"],
+    ]
+    assert cats["turn_taking"]["tor"] == 1.0

@@ -2,7 +2,8 @@
 
 Each configuration (floor policy x end-of-turn silence) gets its own real server (signaling +
 CallManager) in this process, sharing one set of warmed-up backends; every sample is a real
-aiortc call played in real time, one after the other (the machine may have two cores).
+WebRTC call played in real time, one after the other (the machine may have two cores), made
+by an in-process aiortc caller or, with ``--transport chromium``, by headless Chromium.
 Scoring runs after all calls, so whisper never competes with a live call for CPU.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from presence.bot.backends.factory import Backends, build_backends, warm_up
 from presence.bot.calls import CallManager
+from presence.browser import Chromium, chromium_problem, launch_chromium
 from presence.config import Settings
 from presence.signaling.app import run_server
 
@@ -43,11 +45,11 @@ class Config:
 
     @property
     def label(self) -> str:
-        return f"{self.policy} eot={self.eot_silence_ms}ms"
+        return f"{self.policy} eot={self.eot_silence_ms}ms" if self.policy == "rules" else self.policy
 
     @property
     def dirname(self) -> str:
-        return f"{self.policy}-eot{self.eot_silence_ms}"
+        return f"{self.policy}-eot{self.eot_silence_ms}" if self.policy == "rules" else self.policy
 
 
 def _csv(value: str) -> list[str]:
@@ -68,7 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="samples per category [50]")
     p.add_argument("--out", type=Path, default=Path("fdb-results"), help="output directory [fdb-results]")
     p.add_argument(
-        "--eot-silence-ms", default="300,500,800", help="end-of-turn silences to compare, comma separated"
+        "--eot-silence-ms",
+        default="300,500,800",
+        help="end-of-turn silences of the rule policy to compare, comma separated",
     )
     p.add_argument("--seed", type=int, default=1234, help="stimulus seed [1234]")
     p.add_argument(
@@ -77,9 +81,20 @@ def parser() -> argparse.ArgumentParser:
         choices=("auto", "llama", "openai", "rules"),
         help="reply text [rules: deterministic, so runs compare floor control, not wording]",
     )
-    p.add_argument("--transport", default="aiortc", choices=TRANSPORTS)
+    p.add_argument(
+        "--transport",
+        default="aiortc",
+        choices=TRANSPORTS,
+        help="who makes the calls: an in-process aiortc caller, or headless Chromium "
+        "(apt-get install chromium; pip install playwright) [aiortc]",
+    )
     p.add_argument("--no-calibration", action="store_true", help="skip the echo-bot calibration")
     p.add_argument("--timelines", type=int, default=4, help="timeline plots to draw [4]")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the finished run in --out again with the current scorer (no calls) and rewrite its report",
+    )
     return p
 
 
@@ -132,10 +147,12 @@ async def run_config(
     runner = await run_server(settings, manager)
     show = _progress(config.label) if show_progress else None
     dirs: list[Path] = []
+    # One browser for the configuration, a fresh page per call.
+    browser: Chromium | None = await launch_chromium() if transport == "chromium" else None
     try:
         for i, stimulus in enumerate(stimuli):
             target = _prepare(stimulus, out / config.dirname / stimulus.parent.name / stimulus.name)
-            await run_sample(settings.base_url, target, transport=transport)
+            await run_sample(settings.base_url, target, transport=transport, browser=browser)
             # The call must be gone before the next starts: one call at a time.
             for _ in range(50):
                 if not manager.sessions:
@@ -145,6 +162,8 @@ async def run_config(
             if show is not None:
                 show(i + 1, len(stimuli), stimulus.name)
     finally:
+        if browser is not None:
+            await browser.close()
         await runner.cleanup()
     return dirs
 
@@ -175,7 +194,7 @@ async def run_benchmark(
     if calibration:
         from .calibrate import calibrate
 
-        report = await calibrate(out=out)
+        report = await calibrate(out=out, transport=transport)
         calib = report.to_json()
         if show_progress:
             print(
@@ -194,28 +213,72 @@ async def run_benchmark(
             transport=transport,
             show_progress=show_progress,
         )
-    scorer = scoring.Scorer(asr=backends.transcriber)
+    settings = {
+        config.label: {
+            "policy": config.policy,
+            "eot_silence_ms": config.eot_silence_ms,
+            "responder": responder,
+        }
+        for config in configs
+    }
+    runs = {
+        config.label: (settings[config.label], out / config.dirname, dirs)
+        for config, dirs in run_dirs.items()
+    }
+    results = await _score(runs, scoring.Scorer(asr=backends.transcriber), show_progress)
+    return write_report(out, results, calibration=calib, timelines=timelines)
+
+
+async def _score(
+    runs: dict[str, tuple[dict[str, Any], Path, list[Path]]], scorer: scoring.Scorer, show_progress: bool
+) -> dict[str, dict[str, Any]]:
+    """Score every configuration's sample directories (off the event loop)."""
     results: dict[str, dict[str, Any]] = {}
-    for config, dirs in run_dirs.items():
+    for label, (settings, run_dir, dirs) in runs.items():
         samples = await asyncio.to_thread(
-            scorer.score_dirs, dirs, _progress(f"score {config.label}") if show_progress else None
+            scorer.score_dirs, dirs, _progress(f"score {label}") if show_progress else None
         )
-        results[config.label] = {
-            "settings": {
-                "policy": config.policy,
-                "eot_silence_ms": config.eot_silence_ms,
-                "responder": responder,
-            },
+        results[label] = {
+            "settings": settings,
             "aggregate": scoring.aggregate(samples),
             "samples": samples,
-            "dir": out / config.dirname,
+            "dir": run_dir,
         }
-    return write_report(out, results, calibration=calib, timelines=timelines)
+    return results
+
+
+async def rescore(out: Path, *, timelines: int = 4, show_progress: bool = True) -> dict[str, Path]:
+    """Score an earlier run in ``out`` again with the current scorer: no calls are placed.
+
+    The configurations, their directories and the calibration come from ``out/report.json``;
+    every sample directory with an ``events.json`` under a configuration's directory counts.
+    """
+    report_path = out / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path} not found: --rescore needs a finished run's directory")
+    previous = json.loads(report_path.read_text())
+    runs: dict[str, tuple[dict[str, Any], Path, list[Path]]] = {}
+    for label, cfg in previous.get("configs", {}).items():
+        # The run's own folder under ``out`` first: the whole directory may have been moved.
+        run_dir = out / Path(cfg["dir"]).name
+        if not run_dir.is_dir():
+            run_dir = Path(cfg["dir"])
+        dirs = sorted(p.parent for p in run_dir.glob("*/*/events.json"))
+        runs[label] = (cfg.get("settings", {}), run_dir, dirs)
+    results = await _score(runs, scoring.Scorer(), show_progress)
+    return write_report(out, results, calibration=previous.get("calibration"), timelines=timelines)
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
     """``presence bench fdb [--policy ...] [--category ...] [--limit N] [--out DIR] [--eot-silence-ms ...]``."""
     args = parser().parse_args(argv)
+    if args.rescore:
+        try:
+            files = await rescore(args.out, timelines=args.timelines)
+        except FileNotFoundError as exc:
+            print(f"[fdb] {exc}", file=sys.stderr)
+            return 2
+        return _summarize(files)
     categories: list[str] = []
     for value in args.category or [",".join(CATEGORIES)]:
         categories += _csv(value)
@@ -234,7 +297,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     if bad or not policies or not eots or args.limit < 1:
         print(f"need policies from {allowed}, at least one eot and --limit >= 1", file=sys.stderr)
         return 2
-    configs = [Config(p, e) for p in policies for e in eots]
+    # The silence threshold is the rule policy's knob; a learned policy runs once.
+    configs = [Config(p, e) for p in policies for e in (eots if p == "rules" else eots[:1])]
+    if args.transport == "chromium" and (problem := chromium_problem()) is not None:
+        print(f"--transport chromium: {problem}", file=sys.stderr)
+        return 2
     files = await run_benchmark(
         args.out,
         configs,
@@ -246,6 +313,10 @@ async def main(argv: Sequence[str] | None = None) -> int:
         calibration=not args.no_calibration,
         timelines=args.timelines,
     )
+    return _summarize(files)
+
+
+def _summarize(files: dict[str, Path]) -> int:
     print(f"[fdb] report: {files['md']}", file=sys.stderr)
     summary = json.loads(Path(files["json"]).read_text())
     for label, cfg in summary["configs"].items():

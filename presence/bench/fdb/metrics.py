@@ -414,21 +414,28 @@ def voice_to_voice(
     return max(start, floor) - user_end if reply_sent_at is not None else start - user_end
 
 
+WORD_TAIL_S = 0.1  # how far past the audio's end a snapped word may still reach
+
+
 def snap_words(words: Sequence[Word], activity: Sequence[Segment]) -> list[Word]:
-    """Move word starts that fall in silence to the next audio onset inside the word.
+    """Move word edges that fall in silence onto the audio inside the word.
 
     Whisper's cross-attention alignment often starts the first word after a silence at the
-    start of the window; the true onset is where the audio begins. A word with no audio at
-    all inside its span is left as it is.
+    start of the window, and stretches the last word before a silence far into it ("I heard
+    you." spoken in 0.4 s scored as a 1.7 s turn); the audio's onset and offset are the truth.
+    A word with no audio at all inside its span is left as it is.
     """
     spans = sorted(activity)
     out: list[Word] = []
     for text, start, end in words:
-        inside = any(s <= start < e for s, e in spans)
-        if not inside:
+        if not any(s <= start < e for s, e in spans):
             onset = next((s for s, _e in spans if start < s < end), None)
             if onset is not None:
                 start = onset
+        # The last audio that began before the word ends; a soft tail may sit just past it.
+        tail = max((e for s, e in spans if s < end), default=None)
+        if tail is not None and start <= tail + WORD_TAIL_S < end:
+            end = round(tail + WORD_TAIL_S, 3)
         out.append((text, start, end))
     return out
 
@@ -463,6 +470,7 @@ def false_barge_in_rate(flags: Sequence[bool]) -> float | None:
 
 BREAKDOWN_EVENTS = (
     "caller_speech_end",
+    "asr_final",
     "end_of_turn_decided",
     "responder_first_token",
     "tts_first_audio",

@@ -12,7 +12,7 @@ import numpy as np
 
 from presence.media.audio import read_wav
 
-from .metrics import DEFAULT_HUMAN_BACKCHANNEL_DIST
+from .metrics import BREAKDOWN_EVENTS, DEFAULT_HUMAN_BACKCHANNEL_DIST
 from .stimuli import RATE
 
 # Published Full-Duplex-Bench v1 rows (shared/notes/benchmarks.md; Parakeet ASR).
@@ -92,7 +92,8 @@ NOTES: tuple[str, ...] = (
     "FD-Bench uses the output's Silero VAD segments as they are: the bot's own 'mm-hm' "
     "backchannels during a user turn count as early starts (EIR).",
     "Timeline 0 = the first input sample sent; output.wav is the bot's audio as the caller "
-    "received it (loopback WebRTC, ~35 ms transport included, see calibration).",
+    "received it (loopback WebRTC; the transport's own delay, ~35 ms for aiortc and ~15 ms for "
+    "Chromium, is included: see calibration).",
 )
 
 
@@ -270,13 +271,7 @@ def render_markdown(
         rows,
     )
     lines += ["Latency breakdown (p50 s after the user's scripted speech end, from the bot's events):", ""]
-    names = [
-        "caller_speech_end",
-        "end_of_turn_decided",
-        "responder_first_token",
-        "tts_first_audio",
-        "bot_first_packet_sent",
-    ]
+    names = list(BREAKDOWN_EVENTS)
     rows = [
         [label, *[_get(agg[label], "overall", "breakdown_s", n, "p50") for n in names]] for label in configs
     ]
@@ -420,6 +415,7 @@ def write_plots(
 
 
 EVENT_STYLE: dict[str, tuple[str, str]] = {
+    "asr_final": ("tab:gray", "ASR"),
     "end_of_turn_decided": ("tab:green", "EOT"),
     "responder_first_token": ("tab:olive", "token"),
     "tts_first_audio": ("tab:cyan", "TTS"),
