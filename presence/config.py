@@ -99,7 +99,9 @@ class Settings:
         ],
         "words that count as a backchannel, not a barge-in",
     )
-    bot_backchannels: bool = _opt(True, "let the bot say 'mm-hm' during long caller turns")
+    bot_backchannels: bool = _opt(True, "let the bot backchannel during long caller turns")
+    # Short and unmistakable: piper's "Mm-hm." lasts 0.9 s and whisper hears it as "and the M".
+    backchannel_text: str = _opt("Uh-huh.", "what the bot says as a backchannel")
     backchannel_after_ms: int = _opt(3000, "caller speech before the bot backchannels in a short pause")
     # --- backends
     vad: str = _opt("silero", "voice activity detector", choices=("silero", "energy"))

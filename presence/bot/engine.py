@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 _QUIET_CHUNKS_TO_END_RUN = 3  # ~100 ms of unvoiced VAD chunks end an overlap run (word gaps don't)
 _SPEECH_END_HANGOVER_S = 0.16
-_BC_CLIPS: dict[int, np.ndarray] = {}  # backchannel audio, synthesised once per TTS instance
+# Backchannel audio, synthesised once per (TTS instance, text).
+_BC_CLIPS: dict[tuple[int, str], np.ndarray] = {}
 _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
 
 
@@ -468,8 +469,9 @@ class Engine:
             if self._pending_text is not None and self._pending_text.done():
                 self._text_ready(self._pending_text)
         elif floor is Floor.BACKCHANNEL:
-            clip = _BC_CLIPS.get(id(self.backends.tts))
-            if clip is not None and self.track.backchannel(clip, action.text or "mm-hm"):
+            text = self.settings.backchannel_text
+            clip = _BC_CLIPS.get((id(self.backends.tts), text))
+            if clip is not None and self.track.backchannel(clip, action.text or text):
                 self.state.last_backchannel_at = turn.start
         elif floor is Floor.YIELD:
             self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "")
@@ -556,6 +558,6 @@ class Engine:
             return ""
 
     async def _load_backchannel(self) -> None:
-        key = id(self.backends.tts)
+        key = (id(self.backends.tts), self.settings.backchannel_text)
         if key not in _BC_CLIPS:
-            _BC_CLIPS[key] = await synthesize(self.backends.tts, "Mm-hm.")
+            _BC_CLIPS[key] = await synthesize(self.backends.tts, key[1])

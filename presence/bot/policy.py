@@ -38,7 +38,7 @@ class RuleParams:
     bot_backchannels: bool = True
     backchannel_after_ms: float = 3000
     backchannel_gap_ms: float = 4000  # never backchannel more often than this
-    backchannel_text: str = "mm-hm"
+    backchannel_text: str = "Uh-huh."
 
     @classmethod
     def from_settings(cls, s: Settings) -> RuleParams:
@@ -53,6 +53,7 @@ class RuleParams:
             backchannel_words=frozenset(w.lower() for w in s.backchannel_words),
             bot_backchannels=s.bot_backchannels,
             backchannel_after_ms=s.backchannel_after_ms,
+            backchannel_text=s.backchannel_text,
         )
 
 
