@@ -338,20 +338,26 @@ async def test_calibration_measures_a_known_echo_delay(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "calibration.json").read_text())["max_error_s"] <= TOLERANCE_S
 
 
-@pytest.mark.slow
-async def test_small_live_run_writes_the_report(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
+async def live_bench_backends(backends):  # type: ignore[no-untyped-def]
+    """The session's real models, with the deterministic responder: its long replies give the
+    live interruptions and backchannels something to land on (the report needs matplotlib)."""
     need(
         importlib.util.find_spec("matplotlib") is not None,
         "matplotlib is not installed (pip install matplotlib)",
     )
-    from presence.bench.fdb.cli import Config, run_benchmark
     from presence.bot.backends.factory import warm_up
     from presence.bot.backends.responder import RuleResponder
 
-    # The session's real models, with the deterministic responder: its long replies give the
-    # live interruptions and backchannels something to land on.
     bench_backends = dataclasses.replace(backends, responder=RuleResponder())
     await warm_up(bench_backends)
+    return bench_backends
+
+
+@pytest.mark.slow
+async def test_small_live_run_writes_the_report(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
+    from presence.bench.fdb.cli import Config, run_benchmark
+
+    bench_backends = await live_bench_backends(backends)
     files = await run_benchmark(
         tmp_path,
         [Config("rules", 500)],
@@ -466,16 +472,9 @@ async def test_calibration_over_chromium_measures_a_known_echo_delay(tmp_path: P
 @pytest.mark.browser
 async def test_small_live_run_over_chromium(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
     require_chromium()
-    need(
-        importlib.util.find_spec("matplotlib") is not None,
-        "matplotlib is not installed (pip install matplotlib)",
-    )
     from presence.bench.fdb.cli import Config, run_benchmark
-    from presence.bot.backends.factory import warm_up
-    from presence.bot.backends.responder import RuleResponder
 
-    bench_backends = dataclasses.replace(backends, responder=RuleResponder())
-    await warm_up(bench_backends)
+    bench_backends = await live_bench_backends(backends)
     files = await run_benchmark(
         tmp_path,
         [Config("rules", 500)],
