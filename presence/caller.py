@@ -146,6 +146,48 @@ class Recorder:
                 await self._task
 
 
+class EventInbox:
+    """The bot's events as a caller receives them on the ``events`` data channel, stamped
+    with their arrival (``received``), and waits for a named one. Shared by the aiortc caller
+    and the FDB bench's Chromium page."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+        self._waiters: list[tuple[str, asyncio.Future[dict[str, object]]]] = []
+
+    def receive(self, message: object) -> None:
+        """One data-channel message; anything but a JSON object is ignored."""
+        if not isinstance(message, str):
+            return
+        try:
+            event = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        event["received"] = now()
+        self.events.append(event)
+        for name, fut in list(self._waiters):
+            if event.get("name") == name and not fut.done():
+                fut.set_result(event)
+
+    async def wait(self, name: str, after: float = float("-inf"), timeout: float = 15.0) -> dict[str, object]:
+        """The first event ``name`` with ``t >= after``, already here or within ``timeout`` s."""
+        for event in self.events:
+            if event.get("name") == name and float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
+                return event
+        deadline = now() + timeout
+        while True:
+            fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+            self._waiters.append((name, fut))
+            try:
+                event = await asyncio.wait_for(fut, max(0.0, deadline - now()))
+            finally:
+                self._waiters = [(n, f) for n, f in self._waiters if f is not fut]
+            if float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
+                return event
+
+
 @dataclass
 class Caller:
     """One caller's peer connection. ``events`` holds the bot's events as they arrive."""
@@ -156,14 +198,13 @@ class Caller:
     name: str = "caller"
     rx_prefetch_packets: int = 2  # ~40 ms, what Chromium's jitter buffer showed on loopback
     video: MediaStreamTrack | None = None
-    events: list[dict[str, object]] = field(default_factory=list)
+    inbox: EventInbox = field(default_factory=EventInbox)
     pc: RTCPeerConnection | None = None
     resource: str | None = None
     call_id: str | None = None
     player: PlayerTrack = field(default_factory=PlayerTrack)
     recorder: Recorder = field(default_factory=Recorder)
     _session: aiohttp.ClientSession | None = None
-    _waiters: list[tuple[str, asyncio.Future[dict[str, object]]]] = field(default_factory=list)
 
     async def connect(self, timeout: float = 20.0) -> None:
         pc = self.pc = new_peer_connection([], ["127.0.0.1"] if _is_loopback(self.url) else [])
@@ -172,17 +213,7 @@ class Caller:
             pc.addTrack(self.video)
         channel = pc.createDataChannel("events")
 
-        @channel.on("message")
-        def on_message(message: object) -> None:
-            if not isinstance(message, str):
-                return
-            with contextlib.suppress(ValueError):
-                event = json.loads(message)
-                event["received"] = now()
-                self.events.append(event)
-                for name, fut in list(self._waiters):
-                    if event.get("name") == name and not fut.done():
-                        fut.set_result(event)
+        channel.on("message", self.inbox.receive)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -233,23 +264,15 @@ class Caller:
         """Start sending a clip now (after what is queued); resolves to its first-sample time."""
         return self.player.play(resample(audio, rate, OUT_SAMPLE_RATE))
 
+    @property
+    def events(self) -> list[dict[str, object]]:
+        """The bot's events so far, in arrival order."""
+        return self.inbox.events
+
     async def wait_event(
         self, name: str, after: float = float("-inf"), timeout: float = 15.0
     ) -> dict[str, object]:
-        for event in self.events:
-            if event.get("name") == name and float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
-                return event
-        fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((name, fut))
-        try:
-            while True:
-                event = await asyncio.wait_for(asyncio.shield(fut), timeout)
-                if float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
-                    return event
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.append((name, fut))
-        finally:
-            self._waiters[:] = [(n, f) for n, f in self._waiters if not f.done() and f is not fut]
+        return await self.inbox.wait(name, after, timeout)
 
     async def hangup(self) -> None:
         if self._session is not None and self.resource:

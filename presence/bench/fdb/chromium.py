@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
 
 from presence.browser import Chromium, launch_chromium
+from presence.caller import EventInbox
 from presence.clock import now, sleep_until
 from presence.media.audio import FrameResampler, resample, to_float32, to_int16
 
@@ -132,39 +132,8 @@ class PageCall:
 
     def __init__(self, page: Any) -> None:
         self.page = page
-        self.events: list[dict[str, Any]] = []
-        self._waiters: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        self.inbox = EventInbox()
         self.clock = PageClock(_wall_minus_mono())
-
-    def on_message(self, message: str) -> None:
-        """A data-channel message from the bot (the page calls ``fdbEvent``)."""
-        try:
-            event = json.loads(message)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        event["received"] = now()
-        self.events.append(event)
-        for name, fut in list(self._waiters):
-            if event.get("name") == name and not fut.done():
-                fut.set_result(event)
-
-    async def wait_event(self, name: str, after: float, timeout: float) -> dict[str, Any]:
-        """The first event ``name`` with ``t >= after`` (already here or still to come)."""
-        for event in self.events:
-            if event.get("name") == name and float(event.get("t", 0.0)) >= after:
-                return event
-        deadline = now() + timeout
-        while True:
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiters.append((name, fut))
-            try:
-                event = await asyncio.wait_for(fut, max(0.0, deadline - now()))
-            finally:
-                self._waiters = [(n, f) for n, f in self._waiters if f is not fut]
-            if float(event.get("t", 0.0)) >= after:
-                return event
 
     async def sync_clock(self, perf: bool = False) -> None:
         """Fetch the render timings (and, with ``perf``, the performance clock's offset)."""
@@ -263,7 +232,7 @@ async def run_chromium(
         page = await browser.new_page()
         page.on("pageerror", lambda exc: log.warning("chromium page error: %s", exc))
         call = PageCall(page)
-        await page.expose_function("fdbEvent", call.on_message)
+        await page.expose_function("fdbEvent", call.inbox.receive)
         await page.goto(url.rstrip("/") + "/healthz", timeout=connect_timeout * 1000)
         await page.add_script_tag(path=str(HARNESS_JS))
         sources = await asyncio.to_thread(_sources, audio, clips)
@@ -291,7 +260,7 @@ async def run_chromium(
             frame = await call.play(injection.wav, call.clock.mono_to_ctx(at))
             return (frame - start) / CTX_RATE
 
-        records = await run_injections(injections, clips, call.wait_event, play, origin, duration)
+        records = await run_injections(injections, clips, call.inbox.wait, play, origin, duration)
         await call.sync_clock(perf=True)
         until = origin + duration + 0.5
         packets = await page.evaluate("fdb.received(0)")
@@ -313,4 +282,4 @@ async def run_chromium(
                 await page.close()
         if owned:
             await browser.close()
-    return Take(origin, heard, call.events if call is not None else [], records, error, receiver)
+    return Take(origin, heard, call.inbox.events if call is not None else [], records, error, receiver)

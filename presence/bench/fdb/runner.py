@@ -112,7 +112,7 @@ class Take:
 
 
 # Waits for a bot event: (name, not before this monotonic time, timeout s) -> the event.
-EventWaiter = Callable[[str, float, float], Awaitable[dict[str, Any]]]
+EventWaiter = Callable[[str, float, float], Awaitable[dict[str, object]]]
 # Plays an injection's clip at (or as soon after as possible) a monotonic time; returns
 # where its first sample landed on the timeline.
 ClipPlayer = Callable[[Injection, float], Awaitable[float]]
@@ -205,9 +205,6 @@ async def _run_aiortc(
     records: list[dict[str, Any]] = []
     origin = now()
 
-    async def wait_event(name: str, after: float, timeout: float) -> dict[str, Any]:
-        return await caller.wait_event(name, after=after, timeout=timeout)
-
     async def play(injection: Injection, at: float) -> float:
         await sleep_until(at)
         started = await player.overlay(resample(clips[injection.wav], RATE, OUT_SAMPLE_RATE))
@@ -219,7 +216,7 @@ async def _run_aiortc(
         # packet of the connection (DTLS/SRTP start-up would delay it).
         await asyncio.sleep(settle_s)
         origin = await caller.say(audio, RATE)
-        records = await run_injections(injections, clips, wait_event, play, origin, duration)
+        records = await run_injections(injections, clips, caller.inbox.wait, play, origin, duration)
     except Exception as exc:  # a failed call is a result too: scored as silence
         log.exception("aiortc call to %s failed", url)
         error = f"{type(exc).__name__}: {exc}"
