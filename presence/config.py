@@ -62,7 +62,7 @@ class Settings:
     eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
     eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
     speculate_ms: int = _opt(
-        120,
+        40,
         "silence after which a reply is prepared speculatively (shorter: faster replies, more CPU on word gaps)",
     )
     min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
