@@ -469,9 +469,11 @@ class Engine:
             if self._pending_text is not None and self._pending_text.done():
                 self._text_ready(self._pending_text)
         elif floor is Floor.BACKCHANNEL:
+            # The clip says the setting's text, whatever text the policy named (the model's
+            # checkpoint stores its own): the event reports what the caller heard.
             text = self.settings.backchannel_text
             clip = _BC_CLIPS.get((id(self.backends.tts), text))
-            if clip is not None and self.track.backchannel(clip, action.text or text):
+            if clip is not None and self.track.backchannel(clip, text):
                 self.state.last_backchannel_at = turn.start
         elif floor is Floor.YIELD:
             self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "")
