@@ -12,6 +12,8 @@ COPY pyproject.toml README.md ./
 COPY presence ./presence
 COPY docs ./docs
 RUN pip install --no-cache-dir ".[llm]"
+# The smart-turn end-of-turn model is a file inside the pipecat-ai wheel (pipecat is never imported).
+RUN pip install --no-cache-dir --no-deps pipecat-ai==1.14.0
 
 EXPOSE 8080
 # Listen on all interfaces inside the container; ICE host candidates come from the settings.

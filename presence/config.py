@@ -57,10 +57,34 @@ class Settings:
     peer_timeout_s: float = _opt(10.0, "a peer whose audio stops this long is treated as gone")
     # --- floor policy (rule-based baseline)
     policy: str = _opt(
-        "rules", "floor policy: rules, or model (the trained interaction model)", choices=("rules", "model")
+        "fused",
+        "floor policy: fused (silence + words + the audio end-of-turn detector), rules (silence "
+        "and words only, the old baseline), or model (the trained interaction model)",
+        choices=("fused", "rules", "model"),
     )
-    eot_silence_ms: int = _opt(300, "silence after caller speech that ends the caller's turn")
-    eot_incomplete_ms: int = _opt(800, "silence that ends a turn whose last word is 'and', 'the', 'to'...")
+    # endpointing of policy=fused (see EndpointingOptions in presence/bot/policy.py)
+    eot_min_delay_ms: int = _opt(
+        100, "fused: silence that ends a turn when the detector is confident and the words look finished"
+    )
+    eot_delay_ms: int = _opt(800, "fused: silence that ends a turn when neither cue is decisive")
+    eot_max_delay_ms: int = _opt(
+        2500, "fused: longest silence before the turn is taken, even when a cue says 'unfinished'"
+    )
+    eot_complete_threshold: float = _opt(0.7, "fused: detector probability that counts as 'finished'")
+    eot_incomplete_threshold: float = _opt(
+        0.5, "fused: detector probability below which the turn counts as 'unfinished'"
+    )
+    eot_detector_reading: str = _opt(
+        "first",
+        "fused: which detector answer of a silence counts: first (at the first silent chunk, where "
+        "the prosody is; later answers drift up with the silence) or latest",
+        choices=("first", "latest"),
+    )
+    # endpointing of policy=rules
+    eot_silence_ms: int = _opt(300, "rules: silence after caller speech that ends the caller's turn")
+    eot_incomplete_ms: int = _opt(
+        800, "rules: silence that ends a turn whose last word is 'and', 'the', 'to'..."
+    )
     speculate_ms: int = _opt(
         40,
         "silence after which a reply is prepared speculatively (shorter: faster replies, more CPU on word gaps)",
@@ -99,6 +123,9 @@ class Settings:
         ],
         "words that count as a backchannel, not a barge-in",
     )
+    bot_name: str = _opt(
+        "Presence", "the bot's name: in a room of several people it answers when addressed by it"
+    )
     bot_backchannels: bool = _opt(True, "let the bot backchannel during long caller turns")
     # Short and unmistakable: piper's "Mm-hm." lasts 0.9 s and whisper hears it as "and the M".
     backchannel_text: str = _opt("Uh-huh.", "what the bot says as a backchannel")
@@ -108,6 +135,14 @@ class Settings:
     asr: str = _opt("pocketsphinx", "streaming ASR for partials", choices=("pocketsphinx", "none"))
     transcriber: str = _opt("whisper", "final-pass ASR of a turn", choices=("whisper", "none"))
     whisper_model: str = _opt("", "faster-whisper model: a local path or hub id (default: bundled tiny.en)")
+    turn_detector: str = _opt(
+        "smart-turn",
+        "audio end-of-turn detector: smart-turn (v3.2 ONNX from the installed pipecat-ai wheel) or none",
+        choices=("smart-turn", "none"),
+    )
+    turn_detector_model: str = _opt(
+        "", "smart-turn ONNX file: a local path or hub id (default: the file inside pipecat-ai)"
+    )
     tts: str = _opt("piper", "speech synthesis", choices=("piper", "espeak"))
     tts_voice: str = _opt("", "piper .onnx path or espeak voice (default: bundled joe / 'en-us')")
     language: str = _opt("en", "the bot's spoken language")
@@ -196,6 +231,14 @@ class Settings:
             problems.append("vad_threshold must lie between 0 and 1")
         if self.video_fps < 0:
             problems.append("video_fps must not be negative")
+        if not 0.0 <= self.eot_incomplete_threshold <= self.eot_complete_threshold <= 1.0:
+            problems.append(
+                "eot thresholds must satisfy 0 <= eot_incomplete_threshold <= eot_complete_threshold <= 1"
+            )
+        if not 0 <= self.eot_min_delay_ms <= self.eot_delay_ms <= self.eot_max_delay_ms:
+            problems.append(
+                "eot delays must satisfy 0 <= eot_min_delay_ms <= eot_delay_ms <= eot_max_delay_ms"
+            )
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
         if problems:

@@ -103,6 +103,11 @@ class FloorState:
     overlap_speech_ms: float = 0.0  # caller speech while the bot talks or is held
     hold_speech_ms: float = 0.0  # caller speech since the current hold began (pauses included)
     partial_text: str = ""  # the streaming ASR partial of the current caller utterance
+    # P(turn complete) from the TurnDetector for the current silence (None: not asked yet);
+    # eot_silence_ms is the silence at which that audio ended.
+    eot_probability: float | None = None
+    name_only: bool = False  # the words so far only call the bot ("Presence," ...): more is coming
+    eot_silence_ms: float = 0.0
     last_backchannel_at: float = -1e9
     result_waiting: bool = False  # a background job's result is ready to be woven in
     result_urgent: bool = False  # ...and it may interrupt the caller
@@ -110,13 +115,27 @@ class FloorState:
 
 @runtime_checkable
 class FloorPolicy(Protocol):
-    """Decides the floor once per micro-turn; ``on_frame`` is the per-20 ms reflex for holds."""
+    """Decides the floor once per micro-turn, with two faster paths between micro-turns.
+
+    ``step`` is the synchronous decision (tests, offline evaluation); ``decide`` is what the
+    engine awaits every micro-turn (a learned policy batches it with every other call's);
+    ``on_frame`` is the per-VAD-chunk reflex for holds; ``on_evidence`` may take the caller's
+    turn when new evidence (a turn-detector answer, the needed silence) lands between ticks.
+    """
 
     name: str
 
     def step(self, turn: MicroTurn, state: FloorState) -> Action: ...
 
+    async def decide(self, turn: MicroTurn, state: FloorState) -> Action: ...
+
     def on_frame(self, vad_prob: float, state: FloorState) -> Action | None: ...
+
+    def on_evidence(self, state: FloorState) -> Action | None: ...
+
+    def needed_silence_ms(self, state: FloorState) -> float | None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -130,6 +149,20 @@ class VAD(Protocol):
         ...
 
     def reset(self) -> None: ...
+
+
+@runtime_checkable
+class TurnDetector(Protocol):
+    """End of turn from the sound of the speech: P(the speaker's turn is complete).
+
+    Stateless and shared by every call (blocking; run in an executor). ``audio`` is the
+    speaker's recent audio, 16 kHz float32, ending at the moment asked about (the first
+    silence after speech); a backend uses as much of its tail as it needs.
+    """
+
+    name: str
+
+    def probability(self, audio: np.ndarray) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,12 @@ PY=${PYTHON:-python3}
 echo "== pip install (torch 2.13.0 CPU, presence with llm, model and dev extras)"
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[llm,model,dev]"
+# The smart-turn end-of-turn model ships inside the pipecat-ai wheel; only its file is used
+# (pipecat is never imported), so none of pipecat's dependencies are installed.
+if [ "$($PY -c 'import importlib.metadata as m; print(m.version("pipecat-ai"))' 2>/dev/null)" != "1.14.0" ]; then
+  echo "== pip install --no-deps pipecat-ai==1.14.0 (the smart-turn v3.2 model)"
+  $PY -m pip install -q --no-deps pipecat-ai==1.14.0
+fi
 
 # The job tests talk to a real Redis at 127.0.0.1:6379; start one if none answers.
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then

@@ -753,7 +753,14 @@ def test_build_backends_llama_missing_model_names_the_setting() -> None:
 
 async def test_warm_up_light_backends() -> None:
     backends = build_backends(
-        Settings(vad="energy", asr="pocketsphinx", transcriber="none", tts="espeak", responder="rules")
+        Settings(
+            vad="energy",
+            asr="pocketsphinx",
+            transcriber="none",
+            tts="espeak",
+            responder="rules",
+            turn_detector="none",
+        )
     )
     timings = await warm_up(backends)
     assert set(timings) == {"vad", "asr", "tts", "responder:rules"}

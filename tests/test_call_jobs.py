@@ -37,7 +37,11 @@ async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_facto
                     for e in caller.events
                     if e.get("name") != "caption"
                 ]  # type: ignore[arg-type]
-                bot_side = [e.name for e in session.events.history][:40]
+                bot_side = [
+                    (e.name, e.data.get("text"))
+                    for e in session.events.history
+                    if e.name in ("caption", "asr_final", "end_of_turn_decided")
+                ][:40]
                 pytest.fail(f"result {len(injected) + 1} never injected; caller saw: {seen}; bot: {bot_side}")
             injected.append(float(event["t"]))  # type: ignore[arg-type]
         await caller.wait_event(Ev.BOT_SPEECH_END, after=max(injected), timeout=30)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from presence.bot.policy import RuleBasedPolicy, RuleParams, is_backchannel, sounds_unfinished
+from presence.bot.policy import (
+    EndpointingOptions,
+    RuleBasedPolicy,
+    RuleParams,
+    is_backchannel,
+    sounds_unfinished,
+)
 from presence.config import Settings
 from presence.seams import Floor, FloorState, MicroTurn
 
@@ -129,3 +135,93 @@ def test_a_long_overlap_waits_for_its_words_before_resuming(policy: RuleBasedPol
     s.partial_text = ""
     s.caller_silence_ms = 1000  # nothing was recognised for a second: it was noise after all
     assert policy.step(turn(), s).floor is Floor.RESUME
+
+
+# ---------------------------------------------------------------------------- the fused rule
+ENDPOINTING = EndpointingOptions(
+    min_delay_ms=200, delay_ms=600, max_delay_ms=2500, complete_threshold=0.7, incomplete_threshold=0.3
+)
+
+
+@pytest.fixture
+def fused() -> RuleBasedPolicy:
+    return RuleBasedPolicy(RuleParams(backchannel_words=BC, endpointing=ENDPOINTING))
+
+
+def _waiting(text: str, probability: float | None, silence_ms: float) -> FloorState:
+    return FloorState(
+        caller_spoke=True,
+        caller_speech_ms=1500,
+        caller_silence_ms=silence_ms,
+        partial_text=text,
+        eot_probability=probability,
+    )
+
+
+def test_fused_takes_the_turn_early_when_confident_and_finished(fused: RuleBasedPolicy) -> None:
+    assert fused.name == "fused"
+    s = _waiting("what time is it", 0.9, 199)
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 200
+    assert fused.step(turn(), s).floor is Floor.SPEAK
+    assert fused.needed_silence_ms(s) == 200
+
+
+def test_fused_waits_for_max_delay_on_unfinished_words(fused: RuleBasedPolicy) -> None:
+    # The detector is sure, but the words end on "for": wait, up to max_delay.
+    s = _waiting("i would like to book a table for", 0.95, 2499)
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 2500
+    assert fused.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_fused_waits_for_max_delay_when_the_detector_says_unfinished(fused: RuleBasedPolicy) -> None:
+    s = _waiting("i was thinking about the weekend", 0.1, 1500)
+    assert fused.step(turn(), s).floor is Floor.LISTEN  # a 1.5 s pause to think is no turn end
+    s.caller_silence_ms = 2500
+    assert fused.step(turn(), s).floor is Floor.SPEAK  # never past max_delay
+
+
+def test_fused_uses_the_middle_delay_without_a_decisive_cue(fused: RuleBasedPolicy) -> None:
+    for probability in (None, 0.5):
+        s = _waiting("what time is it", probability, 599)
+        assert fused.step(turn(), s).floor is Floor.LISTEN
+        s.caller_silence_ms = 600
+        assert fused.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_fused_on_evidence_takes_the_turn_between_ticks_only_when_due(fused: RuleBasedPolicy) -> None:
+    s = _waiting("what time is it", 0.9, 250)
+    action = fused.on_evidence(s)
+    assert action is not None and action.floor is Floor.SPEAK
+    s.eot_probability = 0.1
+    assert fused.on_evidence(s) is None  # unfinished: wait for more silence
+    s.eot_probability, s.bot_speaking = 0.9, True
+    assert fused.on_evidence(s) is None  # the bot has the floor: step() decides
+
+
+def test_the_silence_rule_ignores_the_detector(policy: RuleBasedPolicy) -> None:
+    assert policy.name == "rules"
+    s = _waiting("what time is it", 0.99, 200)
+    assert policy.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 300
+    assert policy.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_fused_options_come_from_settings() -> None:
+    params = RuleParams.from_settings(Settings(eot_min_delay_ms=150, eot_max_delay_ms=3000))
+    assert params.endpointing is not None
+    assert params.endpointing.min_delay_ms == 150 and params.endpointing.max_delay_ms == 3000
+    assert RuleParams.from_settings(Settings(policy="rules")).endpointing is None
+    with pytest.raises(ValueError, match="eot thresholds"):
+        Settings(eot_complete_threshold=0.2, eot_incomplete_threshold=0.5)
+    with pytest.raises(ValueError, match="eot delays"):
+        Settings(eot_min_delay_ms=900, eot_delay_ms=600)
+
+
+def test_fused_waits_after_the_bots_name_alone(fused: RuleBasedPolicy) -> None:
+    s = _waiting("presence", 0.95, 600)
+    s.name_only = True  # "Presence, [pause] what time is it?"
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 2500
+    assert fused.step(turn(), s).floor is Floor.SPEAK

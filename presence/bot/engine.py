@@ -1,10 +1,12 @@
 """The micro-turn engine: one per call, ticking on the bot clock whether anyone speaks or not.
 
-Each tick it assembles a ``MicroTurn``, updates what it knows of the floor, asks the policy for
-an ``Action`` and carries it out. Work that takes time never runs in the tick: the streaming
-ASR is fed through its own queue, replies are prepared by ``ReplyTask`` (speculatively, from
-the first silence), and the final-pass transcription runs once the reply's first audio exists.
-Between ticks, ``on_voice`` gives the policy a per-VAD-chunk reflex for holds.
+Each tick it assembles a ``MicroTurn``, steps the caller's state (``CallerState``), asks the
+policy for an ``Action`` and carries it out. Work that takes time never runs in the tick: the
+streaming ASR is fed through ``ASRFeed``, the end-of-turn detector is asked by ``TurnProbe``,
+replies are prepared by ``ReplyTask`` (speculatively, from the first silence), and the
+final-pass transcription runs once the reply's first audio exists. Between ticks, ``on_voice``
+gives the policy a per-VAD-chunk reflex for holds, and a detector answer (or the silence it
+asked for) may take the turn at once (``policy.on_evidence``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from presence.aio import run_blocking
+from presence.bot.addressee import AddresseeInput, AddresseeOptions, AddresseeTracker
+from presence.bot.asr_feed import ASRFeed
 from presence.bot.backends.factory import Backends
+from presence.bot.caller_state import CallerState
 from presence.bot.jobs.types import JobResult
 from presence.bot.policy import RESULT, RuleParams, is_backchannel
 from presence.bot.reply import ReplyTask, synthesize
+from presence.bot.results import CallResults
+from presence.bot.turn_latency import report_voice_to_voice
+from presence.bot.turn_probe import TurnProbe, TurnProbeResult
 from presence.clock import now, sleep_until
 from presence.config import Settings
 from presence.events import Ev, EventLog
+from presence.media.audio import speech_level_dbfs
 from presence.media.microturn import MicroTurnAssembler
 from presence.media.speech import SpeechTrack, Utterance
 from presence.seams import Action, CallEvent, ChatMessage, Floor, FloorPolicy, FloorState, MicroTurn
@@ -36,8 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_QUIET_CHUNKS_TO_END_RUN = 3  # ~100 ms of unvoiced VAD chunks end an overlap run (word gaps don't)
-_SPEECH_END_HANGOVER_S = 0.16
+MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
 # Backchannel audio, synthesised once per (TTS instance, text).
 _BC_CLIPS: dict[tuple[int, str], np.ndarray] = {}
 _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
@@ -77,16 +85,15 @@ class Engine:
         self._thr = settings.vad_threshold
         # The same vocabulary the rule policy uses (lowercased once, as RuleParams does).
         self._bc_words = RuleParams.from_settings(settings).backchannel_words
+        self.caller = CallerState(settings.vad_threshold)
         self._asr = backends.asr_factory() if backends.asr_factory else None
-        self._asr_q: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-        self._asr_started = False
+        self.asr = ASRFeed(call_id, self._asr, self._transcribe_turn, self._on_partial)
+        self.probe = TurnProbe(backends.turn_detector, self._on_probe)
+        self.addressee = AddresseeTracker(AddresseeOptions(bot_name=settings.bot_name))
+        self.not_addressed = 0  # caller turns left unanswered because they were not for the bot
+        self._evidence_timer: asyncio.TimerHandle | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
-        self._turn_audio: list[np.ndarray] = []
-        self._utt_start: float | None = None
-        self._last_voiced = -1e9
-        self._in_speech = False
-        # participant -> [start of the voiced run on the bot clock (or None), unvoiced chunks since]
-        self._runs: dict[str, list[float | None]] = {}
+        self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
         self._pending: ReplyTask | None = None  # prepared, not yet on the floor
         self._pending_text: asyncio.Future[str] | None = None
         self._pending_user_text = ""
@@ -96,10 +103,11 @@ class Engine:
         self._user_index: int | None = None
         self._cut: Utterance | None = None
         self._cut_at = -1e9
+        self._bot_last_spoke_at: float | None = None
+        self._bot_last_answered: str | None = None
+        self._turn_speakers: set[str] = set()
         self._state_name = ""
-        self.jobs: CallJobs | None = None  # set by the session when background jobs are on
-        self._results: deque[tuple[JobResult, ReplyTask]] = deque()
-        self._urgent_jobs: set[str] = set()
+        self.results = CallResults(events, self._fixed_reply, self._spawn)
         self._tasks: set[asyncio.Task[object]] = set()
         self._main: asyncio.Task[None] | None = None
         track.on_utterance_end(self._on_utterance_end)
@@ -108,27 +116,38 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name=f"engine-{self.call_id}")
-        self._spawn(self._asr_loop(), "asr")
+        self._spawn(self.asr.run(), "asr")
         self._set_state("listening")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._main, *self._tasks) if t is not None]
-        for reply in (self._pending, self._live, *(r for _, r in self._results)):
+        # The clock first: a tick between cancelling the replies and the clock could start a
+        # reply that nobody cancels.
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._main
+            self._main = None
+        self._cancel_evidence_timer()
+        self.probe.armed = False
+        await self.probe.close()
+        for reply in (self._pending, self._live, *self.results.replies()):
             if reply is not None:
                 await reply.cancel()
-        self._results.clear()
+        self._pending = self._live = None
+        self.results.clear()
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        self._main = None
-        for owner in (self.policy, self._asr):  # a model slot, a stream in a worker process
-            close = getattr(owner, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await run_blocking(close)
+        with contextlib.suppress(Exception):
+            await run_blocking(self.policy.close)  # a model slot
+        close = getattr(self._asr, "close", None)  # a stream in a worker process
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await run_blocking(close)
 
     def _spawn(self, coro, name: str) -> asyncio.Task[object]:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro, name=f"{name}-{self.call_id}")
@@ -169,71 +188,55 @@ class Engine:
                 self.on_step(now() - started)
 
     async def _process(self, turn: MicroTurn) -> None:
-        self._track_caller(turn)
         s = self.state
         s.bot_speaking = self.track.speaking
         s.bot_held = self.track.held
-        # Speech since the hold began, across the caller's pauses: "Wait, stop." is one barge-in.
-        s.hold_speech_ms = s.hold_speech_ms + 20.0 * int((turn.vad >= self._thr).sum()) if s.bot_held else 0.0
+        self._track_caller(turn)
         s.reply_ready = self._pending is not None and bool(self._pending.utterance.segments)
-        s.result_waiting = bool(self._results)
-        s.result_urgent = any(r.job_id in self._urgent_jobs for r, _ in self._results)
-        if not s.bot_speaking:
-            s.overlap_speech_ms = 0.0
+        s.result_waiting = self.results.waiting
+        s.result_urgent = self.results.urgent
         self._maybe_speculate()
+        self.probe.armed = self.caller.utt_start is not None and not s.bot_speaking
         # A model policy batches its forward with every other call's in an executor.
-        decide = getattr(self.policy, "decide", None)
-        action = await decide(turn, s) if decide is not None else self.policy.step(turn, s)
+        action = await self.policy.decide(turn, s)
         self.actions[action.floor.value] = self.actions.get(action.floor.value, 0) + 1
         self._apply(action, turn)
         self._update_state_name()
 
     # ------------------------------------------------------------------ caller tracking
     def _track_caller(self, turn: MicroTurn) -> None:
-        s = self.state
-        voiced = turn.vad >= self._thr
-        for i in np.flatnonzero(voiced):
-            t = turn.start + i * 0.02
-            if self._utt_start is None:
-                self._begin_caller_utterance(t)
-            elif self._pending is not None or self._pending_text is not None:
-                self._restart_utterance()
-            if not self._in_speech:
-                self._in_speech = True
-                self.events.emit(Ev.CALLER_SPEECH_START, t)
-            self._last_voiced = t + 0.02
-        if self._utt_start is not None:
+        step = self.caller.step(turn, self.state)
+        if step.speech_start is not None:
+            self.events.emit(Ev.CALLER_SPEECH_START, step.speech_start)
+        if step.onset is not None:
+            self._begin_caller_utterance()
+        elif step.continued and (self._pending is not None or self._pending_text is not None):
+            self._restart_utterance()
+        if step.onset is not None or step.continued:
+            self._turn_speakers.update(turn.speaking)
+            self.state.eot_probability = None
+        if self.caller.utt_start is not None:
             self._turn_audio.append(turn.caller_audio)
-            self._asr_q.put_nowait(("audio", turn.caller_audio))
-            s.caller_speech_ms = (self._last_voiced - self._utt_start) * 1000
-            s.caller_silence_ms = max(0.0, (turn.end - self._last_voiced) * 1000)
-        else:
-            s.caller_speech_ms = 0.0
-            s.caller_silence_ms = 1e9
-        if self._in_speech and turn.end - self._last_voiced >= _SPEECH_END_HANGOVER_S:
-            self._in_speech = False
-            self.events.emit(Ev.CALLER_SPEECH_END, self._last_voiced)
-        s.caller_spoke = self._utt_start is not None
+            self.asr.audio(turn.caller_audio)
+        if step.speech_end is not None:
+            self.events.emit(Ev.CALLER_SPEECH_END, step.speech_end)
         self._preroll.append(turn.caller_audio)
 
-    def _begin_caller_utterance(self, t: float) -> None:
-        self._utt_start = t
+    def _begin_caller_utterance(self) -> None:
         # The onset is in this tick's audio; the preroll (up to 400 ms) keeps the first phoneme.
-        self._turn_audio = list(self._preroll)
-        self._asr_q.put_nowait(("start", None))
-        for chunk in self._preroll:
-            self._asr_q.put_nowait(("audio", chunk))
+        self._turn_audio.clear()
+        self._turn_audio.extend(self._preroll)
+        self._turn_speakers.clear()
+        self.asr.start(list(self._preroll))
         self._drop_pending()  # a speculative reply for an earlier utterance is stale
 
     def _restart_utterance(self) -> None:
         """The caller went on after a pause we had started answering: drop the answer and
-        re-feed the ASR (its utterance was already finished for the speculation)."""
+        continue the ASR's utterance (its text so far is kept; only new audio is decoded)."""
         if self._commit_when_ready:
             return  # too late: the turn was taken; the caller will barge in if they mean it
         self._drop_pending()
-        self._asr_q.put_nowait(("start", None))
-        for chunk in self._turn_audio:
-            self._asr_q.put_nowait(("audio", chunk))
+        self.asr.resume(list(self._preroll)[-1:])
 
     def _drop_pending(self) -> None:
         if self._pending is not None:
@@ -244,27 +247,37 @@ class Engine:
             self._pending_text = None
 
     def _end_caller_utterance(self) -> None:
-        self._utt_start = None
-        self._turn_audio = []
+        self.caller.end_utterance()
+        self._turn_audio.clear()
+        self.probe.armed = False
+        self._cancel_evidence_timer()
         self.state.partial_text = ""
+        self.state.name_only = False
         self.state.caller_spoke = False
+        self.state.eot_probability = None
 
-    def on_voice(self, participant: str, prob: float, t: float) -> None:
-        """Per VAD chunk, straight from the reader: the barge-in reflex."""
-        run = self._runs.setdefault(participant, [None, 0])
-        if prob >= self._thr:
-            if run[0] is None:
-                run[0] = t
-            run[1] = 0
-        else:
-            run[1] = (run[1] or 0) + 1
-            if run[1] >= _QUIET_CHUNKS_TO_END_RUN:
-                run[0] = None
+    def remove_participant(self, participant: str) -> None:
+        """A participant left: their voiced run, detector audio and unfinished words go too
+        (nobody is left to answer them)."""
+        self.caller.remove_participant(participant)
+        self.probe.remove_participant(participant)
+        if self.caller.utt_start is not None and self._turn_speakers <= {participant}:
+            if not self._commit_when_ready:
+                self._drop_pending()
+                self.asr.drop()
+                self._end_caller_utterance()
+
+    def on_voice(self, participant: str, prob: float, t: float, audio: np.ndarray) -> None:
+        """Per VAD chunk, straight from the reader: the barge-in reflex and the detector."""
+        voiced = prob >= self._thr
         s = self.state
         s.bot_speaking = self.track.speaking
-        starts = [r[0] for r in self._runs.values() if r[0] is not None]
-        # +20 ms: a run that just began already holds at least one frame of speech.
-        s.overlap_speech_ms = (t - min(starts)) * 1000 + 20 if s.bot_speaking and starts else 0.0
+        overlap = self.caller.voice(participant, voiced, t)
+        self.probe.push(participant, audio, voiced, t)
+        if voiced:
+            self._cancel_evidence_timer()
+            s.eot_probability = None
+        s.overlap_speech_ms = overlap if s.bot_speaking else 0.0
         action = self.policy.on_frame(prob, s)
         if action is not None and action.floor is Floor.HOLD and not self.track.held:
             self.track.hold()
@@ -275,11 +288,59 @@ class Engine:
             if self.on_latency is not None:
                 self.on_latency("barge_in_stop", stop_s)
 
+    # ------------------------------------------------------------------ evidence between ticks
+    def _on_probe(self, result: TurnProbeResult) -> None:
+        if self.caller.utt_start is None:
+            return
+        self.events.emit(
+            Ev.TURN_DETECTOR,
+            probability=round(result.probability, 3),
+            silence_ms=round(result.silence_ms, 1),
+            ms=round((result.answered_at - result.asked_at) * 1000, 1),
+            participant=result.participant,
+            first=result.first,
+        )
+        # The answer at the first silent chunk carries the prosody; later ones drift up with
+        # the silence itself, so by default they only stand in when the first was lost.
+        if (
+            self.settings.eot_detector_reading == "first"
+            and not result.first
+            and self.state.eot_probability is not None
+        ):
+            return
+        self.state.eot_probability = result.probability
+        self.state.eot_silence_ms = result.silence_ms
+        self._on_evidence()
+
+    def _on_evidence(self) -> None:
+        """New evidence between ticks: take the turn now, or when its silence will be enough."""
+        self._evidence_timer = None
+        s = self.state
+        if self.caller.utt_start is None or self._commit_when_ready or self.caller.voiced_now(now()):
+            return
+        s.bot_speaking = self.track.speaking
+        # Silence on the chunk clock, which runs ahead of the micro-turns' playout-delayed one.
+        s.caller_silence_ms = max(s.caller_silence_ms, (now() - self.probe.last_voiced) * 1000)
+        action = self.policy.on_evidence(s)
+        if action is not None:
+            self._apply(action, None)
+            self._update_state_name()
+            return
+        needed = self.policy.needed_silence_ms(s)
+        if needed is not None and s.caller_spoke and needed > s.caller_silence_ms:
+            delay = (needed - s.caller_silence_ms) / 1000
+            self._evidence_timer = asyncio.get_running_loop().call_later(delay, self._on_evidence)
+
+    def _cancel_evidence_timer(self) -> None:
+        if self._evidence_timer is not None:
+            self._evidence_timer.cancel()
+            self._evidence_timer = None
+
     # ------------------------------------------------------------------ replies
     def _maybe_speculate(self) -> None:
         s = self.state
         if (
-            self._utt_start is None
+            self.caller.utt_start is None
             or s.bot_speaking
             or self._pending is not None
             or self._pending_text is not None
@@ -295,8 +356,7 @@ class Engine:
         Not from the latest partial: it usually lacks the last word, and the wasted reply's
         TTS (piper cannot be stopped mid-piece) delayed the real one by more than it saved.
         """
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._asr_q.put_nowait(("finish", future))
+        future = self.asr.finish()
         self._pending_text = future
         future.add_done_callback(self._text_ready)
 
@@ -318,7 +378,7 @@ class Engine:
             self._spawn(self._pending.cancel(), "cancel-reply")
             self._pending = None
         if text:
-            self.state.partial_text = text  # the policy's completeness check reads the final
+            self._set_words(text)  # the policy's completeness check reads the final
         if self._commit_when_ready:
             self._take_turn(text)
             return
@@ -330,9 +390,27 @@ class Engine:
         self._commit_when_ready = False
         self._pending_text = None
         audio = np.concatenate(self._turn_audio) if self._turn_audio else np.zeros(0, np.float32)
+        speakers = sorted(self._turn_speakers)
         self._end_caller_utterance()
-        if not text or is_backchannel(text, self._bc_words):
-            # Noise, a cough or "mm-hm": not a turn. A reply that was cut by it carries on.
+        verdict = None
+        if text and not is_backchannel(text, self._bc_words):
+            verdict = self.addressee.step(
+                AddresseeInput(
+                    text=text,
+                    participant=speakers[0] if len(speakers) == 1 else "",
+                    level_dbfs=speech_level_dbfs(audio),
+                    now=now(),
+                    bot_last_spoke_at=self._bot_last_spoke_at,
+                    bot_last_answered=self._bot_last_answered,
+                    participants=len(self.assembler.participants),
+                )
+            )
+            if not verdict.addressed:
+                self.not_addressed += 1
+                self.events.emit(Ev.NOT_ADDRESSED, text=text, reason=verdict.reason)
+        if verdict is None or not verdict.addressed:
+            # Noise, a cough, "mm-hm" or talk to someone else: not a turn for the bot. A reply
+            # that was cut by it carries on.
             if self._cut is not None and now() - self._cut_at < 8.0:
                 rest = self._cut.remainder()
                 self._cut = None
@@ -341,12 +419,13 @@ class Engine:
                     self.events.emit(Ev.PLAYBACK_RESUMED, reason="false interruption")
             self._drop_pending()
             return
+        self._bot_last_answered = speakers[0] if len(speakers) == 1 else None
         self._cut = None
         self.history.append(ChatMessage("user", text))
         self._user_index = len(self.history) - 1
         self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns)
         reply = self._pending
-        spoken = self._route_jobs(text)
+        spoken = self.results.route(text)
         if spoken is not None:  # background work: acknowledge it and keep the conversation going
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
@@ -365,40 +444,22 @@ class Engine:
         return ReplyTask(self.backends.responder, self.backends.tts, [], self.events, fixed_text=text)
 
     # ------------------------------------------------------------------ background jobs
-    def _route_jobs(self, text: str) -> str | None:
-        """Dispatch the jobs the caller asked for; returns what to say instead of a reply."""
-        jobs = self.jobs
-        if jobs is None:
-            return None
-        if jobs.is_cancel_request(text) and jobs.unfinished():
-            self._spawn(jobs.cancel_all("the caller said never mind"), "jobs-cancel")
-            return "Okay, I've stopped that."
-        requests = jobs.route(text)
-        if not requests:
-            return None
-        self._urgent_jobs.update(r.job_id for r in requests if r.urgent)
-        self._spawn(jobs.dispatch(requests), "jobs-dispatch")
-        for request in requests:
-            self.events.emit(Ev.JOB_DISPATCHED, job_id=request.job_id, kind=request.kind)
-        return jobs.acknowledgement(requests)
+    @property
+    def jobs(self) -> CallJobs | None:
+        return self.results.jobs
+
+    @jobs.setter
+    def jobs(self, jobs: CallJobs | None) -> None:
+        self.results.jobs = jobs
 
     def on_job_result(self, result: JobResult) -> None:
-        """The one door for background results: its speech is prepared now, and the policy
-        picks the moment to say it."""
-        text = self.jobs.speakable(result) if self.jobs is not None else ""
-        if not text:
-            return
-        self._results.append((result, self._fixed_reply(text)))
-        self.assembler.add_event("result")
+        """The one door for background results: the policy picks the moment to say them."""
+        if self.results.add(result):
+            self.assembler.add_event("result")
 
     def _speak_result(self) -> None:
-        # The first result whose speech is ready goes first: no silence while another renders.
-        ready = next((i for i, (_, r) in enumerate(self._results) if r.utterance.segments), 0)
-        result, reply = self._results[ready]
-        del self._results[ready]
-        self._urgent_jobs.discard(result.job_id)
+        result, reply = self.results.pop()
         self.history.append(ChatMessage("tool", f"{result.kind} result: {reply.fixed_text}"))
-        self.events.emit(Ev.JOB_RESULT_INJECTED, job_id=result.job_id, kind=result.kind, ok=result.ok)
         self._commit(reply)
 
     def _commit(self, reply: ReplyTask) -> None:
@@ -421,6 +482,8 @@ class Engine:
             self.events.emit(Ev.CAPTION, who="caller", text=result.text, final=True, turn=turn, pass_="final")
 
     def _on_utterance_end(self, utt: Utterance) -> None:
+        if utt.started_at is not None:
+            self._bot_last_spoke_at = now()
         heard = utt.heard_text()
         if heard:
             self.history.append(ChatMessage("assistant", heard + ("…" if utt.flushed else "")))
@@ -430,39 +493,39 @@ class Engine:
         live = self._live
         if event.name != Ev.BOT_FIRST_PACKET_SENT or live is None or self._turn_end_t is None:
             return
-        if event.data.get("utterance") != live.utterance.id:
-            return
-        end, self._turn_end_t = self._turn_end_t, None
-        marks = {"voice_to_voice": event.t}
-        decided = self.events.first(Ev.END_OF_TURN_DECIDED, after=end)
-        if decided is not None:
-            marks[str(Ev.END_OF_TURN_DECIDED)] = decided.t
-        for name in (Ev.RESPONDER_FIRST_TOKEN, Ev.TTS_FIRST_AUDIO):
-            mine = [e for e in self.events.named(name) if e.data.get("utterance") == live.utterance.id]
-            if mine:
-                marks[str(name)] = mine[0].t
-        for name, t in marks.items():
-            self.events.emit(Ev.LATENCY, metric=name, ms=round((t - end) * 1000, 1))
-        if self.on_latency is not None:
-            self.on_latency("voice_to_voice", event.t - end)
+        if event.data.get("utterance") == live.utterance.id:
+            end, self._turn_end_t = self._turn_end_t, None
+            seconds = report_voice_to_voice(self.events, end, event.t, live.utterance.id)
+            if self.on_latency is not None:
+                self.on_latency("voice_to_voice", seconds)
 
     # ------------------------------------------------------------------ actions
-    def _apply(self, action: Action, turn: MicroTurn) -> None:
+    def _apply(self, action: Action, turn: MicroTurn | None) -> None:
+        """Carry out an action: every tick's, and a SPEAK decided between ticks (no turn)."""
         floor = action.floor
         # Taking the floor with no caller turn pending can only mean saying a waiting result
         # (a learned policy does not give the rule policy's reason).
-        if floor is Floor.SPEAK and (action.reason == RESULT or (self._results and self._utt_start is None)):
-            if self._results:
+        if floor is Floor.SPEAK and (
+            action.reason == RESULT or (self.results.waiting and self.caller.utt_start is None)
+        ):
+            if self.results.waiting:
                 self._speak_result()
         elif floor is Floor.INTERRUPT:
-            if self._results:
+            if self.results.waiting:
                 self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "", by="bot")
                 self._speak_result()
         elif floor is Floor.SPEAK:
-            if self._commit_when_ready:
-                return  # already taken; waiting for the ASR's final text
-            self.events.emit(Ev.END_OF_TURN_DECIDED, silence_ms=self.state.caller_silence_ms)
-            self._turn_end_t = self._last_voiced
+            if self._commit_when_ready or self.caller.utt_start is None:
+                return  # already taken (waiting for the ASR's final text), or nothing to answer
+            self._cancel_evidence_timer()
+            self.probe.armed = False
+            self.events.emit(
+                Ev.END_OF_TURN_DECIDED,
+                silence_ms=round(self.state.caller_silence_ms, 1),
+                probability=self.state.eot_probability,
+                between_ticks=turn is None,
+            )
+            self._turn_end_t = self.caller.last_voiced
             if self._pending_text is None:
                 self._start_prepare()
             self._commit_when_ready = True
@@ -473,7 +536,7 @@ class Engine:
             # checkpoint stores its own): the event reports what the caller heard.
             text = self.settings.backchannel_text
             clip = _BC_CLIPS.get((id(self.backends.tts), text))
-            if clip is not None and self.track.backchannel(clip, text):
+            if clip is not None and turn is not None and self.track.backchannel(clip, text):
                 self.state.last_backchannel_at = turn.start
         elif floor is Floor.YIELD:
             self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "")
@@ -483,15 +546,15 @@ class Engine:
             if cut is not None and cut.started_at is not None:
                 self._cut, self._cut_at = cut, now()
             self.state.overlap_speech_ms = 0.0
+            self.caller.clear_overlap()
         elif floor is Floor.HOLD:
             self.track.hold()
         elif floor is Floor.RESUME:
             self.track.resume()
-            self._asr_q.put_nowait(("finish", None))  # drop the backchannel's words
+            self.asr.drop()  # the backchannel's words are not a turn
             self._end_caller_utterance()
             self.state.overlap_speech_ms = 0.0
-            for run in self._runs.values():
-                run[0] = None
+            self.caller.clear_overlap()
 
     def _update_state_name(self) -> None:
         cur = self.track.current
@@ -508,46 +571,15 @@ class Engine:
             self._state_name = name
             self.events.emit(Ev.STATE, state=name)
 
-    # ------------------------------------------------------------------ background loops
-    async def _asr_loop(self) -> None:
-        """Feeds the streaming ASR in order, off the event loop; answers 'finish' requests.
+    # ------------------------------------------------------------------ background work
+    def _on_partial(self, text: str) -> None:
+        if self.caller.utt_start is not None:
+            self._set_words(text)
+            self.events.emit(Ev.CAPTION, who="caller", text=text, final=False, turn=self.turns)
 
-        A failing ASR (its worker process died) must not leave a turn waiting forever: the
-        failure is logged, and a finish falls back to the whole-turn transcriber.
-        """
-        while True:
-            kind, payload = await self._asr_q.get()
-            try:
-                await self._asr_step(kind, payload)
-            except Exception:
-                log.exception("call %s: streaming ASR %s failed", self.call_id, kind)
-                if kind == "finish" and isinstance(payload, asyncio.Future) and not payload.done():
-                    payload.set_result(await self._transcribe_turn())
-
-    async def _asr_step(self, kind: str, payload: object) -> None:
-        asr = self._asr
-        if kind == "start":
-            self._asr_started = True
-            if asr is not None:
-                await run_blocking(asr.start)
-        elif kind == "audio":
-            if asr is None or not self._asr_started:
-                return
-            partial = await run_blocking(asr.accept, payload)
-            if partial is not None and partial.text and self._utt_start is not None:
-                self.state.partial_text = partial.text
-                self.events.emit(Ev.CAPTION, who="caller", text=partial.text, final=False, turn=self.turns)
-        elif kind == "finish":
-            text = ""
-            if self._asr_started:
-                self._asr_started = False
-                text = (
-                    (await run_blocking(asr.finish)).text
-                    if asr is not None
-                    else await self._transcribe_turn()
-                )
-            if isinstance(payload, asyncio.Future) and not payload.done():
-                payload.set_result(text.strip())
+    def _set_words(self, text: str) -> None:
+        self.state.partial_text = text
+        self.state.name_only = self.addressee.is_summons(text)
 
     async def _transcribe_turn(self) -> str:
         if self.backends.transcriber is None or not self._turn_audio:

@@ -1,10 +1,15 @@
 """Floor control: who has the floor, decided once per micro-turn, with a per-frame hold reflex.
 
-``RuleBasedPolicy`` is the baseline: end of turn after a silence threshold (longer when the words
-so far end on "and", "the", "to"...), a barge-in when the
-caller keeps talking over the bot (with a real word, or for long), backchannel words that never
-stop the bot, and a resume after a false interruption. A held bot is silent at once (so a real barge-in stops it within a frame
-of the onset) but keeps its place, so a "mm-hm" costs a short pause, not the reply.
+``RuleBasedPolicy`` ends the caller's turn in one of two ways. ``policy=rules`` (the old
+baseline) waits for a silence threshold, longer when the words so far end on "and", "the",
+"to"... ``policy=fused`` (the default) fuses that word cue with the audio end-of-turn detector
+(``TurnDetector``) through ``EndpointingOptions``: early when both say "finished", late when
+either says "unfinished", never later than ``max_delay_ms`` of silence. Both share the rest: a
+barge-in when the caller keeps talking over the bot (with a real word, or for long),
+backchannel words that never stop the bot, and a resume after a false interruption. A held bot
+is silent at once (so a real barge-in stops it within a frame of the onset) but keeps its
+place, so a "mm-hm" costs a short pause, not the reply. ``on_evidence`` lets a detector answer
+that lands between two micro-turns take the turn at once.
 """
 
 from __future__ import annotations
@@ -26,6 +31,41 @@ CONTINUATION_WORDS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointingOptions:
+    """When the caller's turn is over, from the silence, the words and the detector.
+
+    Like LiveKit's endpointing delays: the silence needed is ``min_delay_ms`` when the detector
+    is confident (``p >= complete_threshold``) and the words look finished, ``max_delay_ms``
+    when either says "unfinished" (``p < incomplete_threshold`` or a continuation word), and
+    ``delay_ms`` otherwise (no detector answer yet, or an unsure one).
+    """
+
+    min_delay_ms: float = 100
+    delay_ms: float = 800
+    max_delay_ms: float = 2500
+    complete_threshold: float = 0.7
+    incomplete_threshold: float = 0.5
+
+    def needed_silence_ms(self, probability: float | None, text: str, name_only: bool = False) -> float:
+        unfinished_words = name_only or sounds_unfinished(text)
+        if unfinished_words or (probability is not None and probability < self.incomplete_threshold):
+            return self.max_delay_ms
+        if probability is not None and probability >= self.complete_threshold:
+            return self.min_delay_ms
+        return self.delay_ms
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> EndpointingOptions:
+        return cls(
+            min_delay_ms=s.eot_min_delay_ms,
+            delay_ms=s.eot_delay_ms,
+            max_delay_ms=s.eot_max_delay_ms,
+            complete_threshold=s.eot_complete_threshold,
+            incomplete_threshold=s.eot_incomplete_threshold,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RuleParams:
     eot_silence_ms: float = 300
     eot_incomplete_ms: float = 800
@@ -39,10 +79,13 @@ class RuleParams:
     backchannel_after_ms: float = 3000
     backchannel_gap_ms: float = 4000  # never backchannel more often than this
     backchannel_text: str = "Uh-huh."
+    # None: the silence-only rule (eot_silence_ms / eot_incomplete_ms); else the fused rule.
+    endpointing: EndpointingOptions | None = None
 
     @classmethod
     def from_settings(cls, s: Settings) -> RuleParams:
         return cls(
+            endpointing=EndpointingOptions.from_settings(s) if s.policy != "rules" else None,
             eot_silence_ms=s.eot_silence_ms,
             eot_incomplete_ms=s.eot_incomplete_ms,
             min_turn_speech_ms=s.min_turn_speech_ms,
@@ -70,10 +113,38 @@ def is_backchannel(text: str, vocabulary: frozenset[str]) -> bool:
 
 
 class RuleBasedPolicy:
-    name = "rules"
+    """``FloorPolicy`` by rules; ``name`` is "fused" when ``params.endpointing`` is set."""
 
     def __init__(self, params: RuleParams) -> None:
         self.p = params
+        self.name = "fused" if params.endpointing is not None else "rules"
+
+    async def decide(self, turn: MicroTurn, state: FloorState) -> Action:
+        return self.step(turn, state)
+
+    def close(self) -> None:
+        pass
+
+    def needed_silence_ms(self, state: FloorState) -> float:
+        """The silence that ends the caller's turn, given what is known now."""
+        p = self.p
+        if p.endpointing is not None:
+            return p.endpointing.needed_silence_ms(state.eot_probability, state.partial_text, state.name_only)
+        return p.eot_incomplete_ms if sounds_unfinished(state.partial_text) else p.eot_silence_ms
+
+    def _turn_over(self, state: FloorState) -> bool:
+        return (
+            state.caller_spoke
+            and state.caller_speech_ms >= self.p.min_turn_speech_ms
+            and state.caller_silence_ms >= self.needed_silence_ms(state)
+        )
+
+    def on_evidence(self, state: FloorState) -> Action | None:
+        # Between micro-turns (a detector answer landed, or the needed silence was reached):
+        # only taking the caller's turn is decided here; everything else waits for step().
+        if state.bot_speaking or state.result_waiting or not self._turn_over(state):
+            return None
+        return Action(Floor.SPEAK, reason="end of turn")
 
     def on_frame(self, vad_prob: float, state: FloorState) -> Action | None:
         # The reflex: a voice onset over the bot pauses it now; step() settles what it was.
@@ -107,17 +178,12 @@ class RuleBasedPolicy:
                         return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
                 return Action(Floor.HOLD)
             return Action(Floor.CONTINUE)
-        needed = p.eot_incomplete_ms if sounds_unfinished(state.partial_text) else p.eot_silence_ms
-        if (
-            state.caller_spoke
-            and state.caller_speech_ms >= p.min_turn_speech_ms
-            and state.caller_silence_ms >= needed
-        ):
+        if self._turn_over(state):
             return Action(Floor.SPEAK, reason="end of turn")
         if (
             p.bot_backchannels
             and state.caller_speech_ms >= p.backchannel_after_ms
-            and 200 <= state.caller_silence_ms < p.eot_silence_ms
+            and 200 <= state.caller_silence_ms < min(p.eot_silence_ms, self.needed_silence_ms(state))
             and turn.start - state.last_backchannel_at >= p.backchannel_gap_ms / 1000
         ):
             return Action(Floor.BACKCHANNEL, text=p.backchannel_text)
@@ -126,7 +192,7 @@ class RuleBasedPolicy:
 
 def build_policy(settings: Settings, call_id: str | None = None) -> FloorPolicy:
     """The floor policy of one call, chosen by ``settings.policy``."""
-    if settings.policy == "rules":
+    if settings.policy in ("rules", "fused"):
         return RuleBasedPolicy(RuleParams.from_settings(settings))
     if settings.policy == "model":
         # torch is imported only when the learned policy is asked for.

@@ -191,6 +191,7 @@ class CallSession:
                 if reader is not None:
                     await reader.stop()
             self.assembler.remove_participant(peer.participant)
+            self.engine.remove_participant(peer.participant)
             await peer.pc.close()
             self.peers.pop(peer_id, None)
             if notify:

@@ -83,3 +83,14 @@ def write_wav(path: str, audio: np.ndarray, rate: int) -> None:
         out.setsampwidth(2)
         out.setframerate(rate)
         out.writeframes(to_int16(audio).tobytes())
+
+
+def speech_level_dbfs(audio: np.ndarray, frame: int = 320) -> float | None:
+    """Speech level of a stretch of audio in dBFS: the RMS of its loudest 30 % of 20 ms frames
+    (roughly its voiced part); None for silence or less than one frame."""
+    if audio.size < frame:
+        return None
+    rms = np.sqrt(np.mean(np.square(audio[: audio.size // frame * frame].reshape(-1, frame)), axis=1))
+    loud = rms[rms >= np.percentile(rms, 70)]
+    level = float(np.sqrt(np.mean(np.square(loud)))) if loud.size else 0.0
+    return 20 * float(np.log10(level)) if level > 1e-5 else None

@@ -25,7 +25,8 @@ from presence.seams import FRAME_SAMPLES, SAMPLE_RATE, VAD, VideoFrame
 
 log = logging.getLogger(__name__)
 
-VoiceCallback = Callable[[str, float, float], None]  # participant, probability, bot-clock time
+# participant, probability, bot-clock time, the chunk's 16 kHz audio
+VoiceCallback = Callable[[str, float, float, np.ndarray], None]
 
 
 class _Reader:
@@ -95,7 +96,7 @@ class AudioReader(_Reader):
                     prob = await loop.run_in_executor(self.executor, self.vad.probability, piece)
                     self.buffer.push(piece, prob, arrival, pending_pos)
                     pending_pos += chunk
-                    self.on_voice(self.participant, prob, now())
+                    self.on_voice(self.participant, prob, now(), piece)
         except MediaStreamError:
             log.debug("audio track of %s ended", self.participant)
         except asyncio.CancelledError:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from presence.bot.caller_state import CallerState
 from presence.model import texts
 from presence.model.configuration import EVENT_NAMES, FLOOR_ACTIONS
 from presence.model.inputs import preprocess_frame
@@ -842,21 +843,17 @@ def microturns(d: Dialogue, call_id: str = "synthetic") -> list[MicroTurn]:
 
 
 class StateTracker:
-    """Computes the engine's FloorState from the micro-turns the way ``Engine._track_caller``
-    does (VAD >= 0.5 frames start and extend the caller's utterance; silence counts from the
-    last voiced frame); bot speaking/held/reply-ready come from the script. The utterance ends
-    when the bot takes the turn, or when a held bot resumes (the backchannel path).
-    ``partial_text`` gets the script's words 0.6 s late, like a streaming ASR's partials."""
+    """The engine's ``FloorState`` over a scripted dialogue: the caller fields come from the
+    very ``CallerState`` the engine steps (``presence.bot.caller_state``), bot speaking/held/
+    reply-ready from the script. The utterance ends when the bot takes the turn, or when a
+    held bot resumes (the backchannel path), as in the engine. ``partial_text`` gets the
+    script's words 0.6 s late, like a streaming ASR's partials."""
 
     def __init__(self, d: Dialogue, threshold: float = 0.5, asr_delay_s: float = 0.6) -> None:
         self.d = d
-        self.threshold = threshold
         self.asr_delay = asr_delay_s
         self.state = FloorState()
-        self._utt_start: float | None = None
-        self._last_voiced = -1e9
-        self._run_start: float | None = None
-        self._quiet = 0
+        self.caller = CallerState(threshold)
         self._prev_bot = False
         self._prev_held = False
         self._words: list[tuple[float, str]] = []
@@ -870,34 +867,17 @@ class StateTracker:
         s, d = self.state, self.d
         bot, held = bool(d.bot_speaking[k]), bool(d.bot_held[k])
         if (bot and not self._prev_bot) or (self._prev_held and not held and bot):
-            self._utt_start = None
-        for i in range(turn.vad.size):
-            t = turn.start + i * 0.02
-            if turn.vad[i] >= self.threshold:
-                if self._utt_start is None:
-                    self._utt_start = t
-                self._last_voiced = t + 0.02
-                if self._run_start is None:
-                    self._run_start = t
-                self._quiet = 0
-            else:
-                self._quiet += 1
-                if self._quiet >= 5:  # ~100 ms of quiet ends an overlap run
-                    self._run_start = None
-        if self._utt_start is not None:
-            s.caller_speech_ms = (self._last_voiced - self._utt_start) * 1000
-            s.caller_silence_ms = max(0.0, (turn.end - self._last_voiced) * 1000)
-            heard = turn.end - self.asr_delay
-            s.partial_text = " ".join(w for t, w in self._words if self._utt_start - 0.1 <= t <= heard)
-        else:
-            s.caller_speech_ms, s.caller_silence_ms, s.partial_text = 0.0, 1e9, ""
-        s.caller_spoke = self._utt_start is not None
+            self.caller.end_utterance()
         s.bot_speaking, s.bot_held = bot, held
+        self.caller.step(turn, s)
+        utt_start = self.caller.utt_start
+        if utt_start is not None:
+            heard = turn.end - self.asr_delay
+            s.partial_text = " ".join(w for t, w in self._words if utt_start - 0.1 <= t <= heard)
+        else:
+            s.partial_text = ""
         s.reply_ready = bool(d.reply_ready[k])
         s.result_waiting = bool(d.events[k, EVENT_NAMES.index("result")])
         s.result_urgent = bool(d.events[k, EVENT_NAMES.index("result_urgent")])
-        s.overlap_speech_ms = (
-            (turn.end - self._run_start) * 1000 if bot and self._run_start is not None else 0.0
-        )
         self._prev_bot, self._prev_held = bot, held
         return s

@@ -15,17 +15,11 @@ forward of its own (batch of one) synchronously; ``await decide(turn, state)`` g
 ``BatchedScheduler``, which gathers the requests of every call that arrive within a short
 window and runs ONE batched forward in an executor, so the event loop never waits on the model.
 
-How the engine should use it (the engine owner wires this): in ``Engine._process`` replace
-``action = self.policy.step(turn, s)`` by::
-
-    decide = getattr(self.policy, "decide", None)
-    action = await decide(turn, s) if decide is not None else self.policy.step(turn, s)
-
-and make ``_process`` a coroutine awaited by ``_run`` (its tick loop already tolerates a late
-tick). ``on_frame`` stays synchronous (the hold reflex of ``RuleBasedPolicy``). Create one
+The engine awaits ``policy.decide(turn, state)`` every micro-turn (the one ``FloorPolicy``
+protocol); ``on_frame`` stays synchronous (the hold reflex of ``RuleBasedPolicy``). Create one
 ``InteractionStreamer`` and one ``BatchedScheduler`` per process (``shared_scheduler``), one
-``ModelFloorPolicy`` per call (``build_model_policy``), and call ``policy.close()`` when the call
-ends so that its slot is freed.
+``ModelFloorPolicy`` per call (``build_model_policy``); the engine calls ``policy.close()`` when
+the call ends so that its slot is freed.
 """
 
 from __future__ import annotations
@@ -521,6 +515,12 @@ class ModelFloorPolicy:
 
     def on_frame(self, vad_prob: float, state: FloorState) -> Action | None:
         return self._reflex.on_frame(vad_prob, state)
+
+    def on_evidence(self, state: FloorState) -> Action | None:
+        return None  # the model decides on its own clock
+
+    def needed_silence_ms(self, state: FloorState) -> float | None:
+        return None
 
     def reset(self) -> None:
         self.streamer.reset(self.slot)

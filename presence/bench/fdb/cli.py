@@ -61,7 +61,11 @@ def parser() -> argparse.ArgumentParser:
         prog="presence bench fdb",
         description="Full-Duplex-Bench-style measurement of the bot over real WebRTC calls",
     )
-    p.add_argument("--policy", default="rules", help="floor policies, comma separated [rules]")
+    p.add_argument(
+        "--policy",
+        default="rules,fused",
+        help="floor policies, comma separated: the old silence rule against the default [rules,fused]",
+    )
     p.add_argument(
         "--category",
         action="append",
@@ -71,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("fdb-results"), help="output directory [fdb-results]")
     p.add_argument(
         "--eot-silence-ms",
-        default="300,500,800",
-        help="end-of-turn silences of the rule policy to compare, comma separated",
+        default="300",
+        help="end-of-turn silences of the rules policy to compare, comma separated [300]",
     )
     p.add_argument("--seed", type=int, default=1234, help="stimulus seed [1234]")
     p.add_argument(

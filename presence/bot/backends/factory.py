@@ -23,9 +23,19 @@ from presence.bot.backends.asr import WhisperTranscriber
 from presence.bot.backends.isolated import ProcessHost, RemoteStream
 from presence.bot.backends.responder import LlamaResponder, OpenAIResponder, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS
+from presence.bot.backends.turn import SmartTurnDetector, is_local_path
 from presence.bot.backends.vad import EnergyVAD, SileroVAD
 from presence.config import Settings
-from presence.seams import SAMPLE_RATE, TTS, VAD, ChatMessage, Responder, StreamingASR, Transcriber
+from presence.seams import (
+    SAMPLE_RATE,
+    TTS,
+    VAD,
+    ChatMessage,
+    Responder,
+    StreamingASR,
+    Transcriber,
+    TurnDetector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class Backends:
     transcriber: Transcriber | None
     tts: TTS
     responder: Responder
+    turn_detector: TurnDetector | None = None  # shared, stateless; None: silence timing only
 
 
 def _llama_usable(settings: Settings) -> tuple[bool, str]:
@@ -178,6 +189,27 @@ def _build_transcriber(settings: Settings) -> Transcriber | None:
     )
 
 
+def _build_turn_detector(settings: Settings) -> TurnDetector | None:
+    if settings.turn_detector == "none":
+        return None
+    if settings.turn_detector != "smart-turn":
+        raise BackendConfigError(
+            f"unknown turn_detector {settings.turn_detector!r}; set turn_detector "
+            "(PRESENCE_TURN_DETECTOR) to smart-turn or none"
+        )
+    model = settings.turn_detector_model
+    if model and is_local_path(model) and not Path(model).expanduser().is_file():
+        raise BackendConfigError(
+            f"turn_detector_model {model!r} is not a file; set turn_detector_model "
+            "(PRESENCE_TURN_DETECTOR_MODEL) to a smart-turn .onnx file, a hub id like "
+            "pipecat-ai/smart-turn-v3, or leave it empty for the model in pipecat-ai"
+        )
+    try:
+        return SmartTurnDetector(model or None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BackendConfigError(str(exc)) from exc
+
+
 def build_backends(settings: Settings) -> Backends:
     """Choose and construct every backend from ``settings`` (models load later: warm_up)."""
     if settings.vad == "silero":
@@ -208,14 +240,16 @@ def build_backends(settings: Settings) -> Backends:
         transcriber=_build_transcriber(settings),
         tts=_build_tts(settings),
         responder=_build_responder(settings),
+        turn_detector=_build_turn_detector(settings),
     )
     log.info(
-        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s",
+        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s",
         settings.vad,
         settings.asr,
         settings.transcriber,
         type(backends.tts).__name__,
         backends.responder.name,
+        backends.turn_detector.name if backends.turn_detector else "none",
     )
     return backends
 
@@ -248,6 +282,11 @@ def _warm_tts(tts: TTS) -> None:
     _load(tts)
     for _ in tts.synthesize("Hello."):
         pass
+
+
+def _warm_turn_detector(detector: TurnDetector) -> None:
+    _load(detector)
+    detector.probability(np.zeros(SAMPLE_RATE // 2, dtype=np.float32))
 
 
 async def _warm_responder(responder: Responder) -> None:
@@ -286,5 +325,8 @@ async def warm_up(backends: Backends) -> dict[str, float]:
         transcriber = backends.transcriber
         await timed("transcriber", lambda: run_blocking(_warm_transcriber, transcriber))
     await timed("tts", lambda: run_blocking(_warm_tts, backends.tts))
+    if backends.turn_detector is not None:
+        detector = backends.turn_detector
+        await timed(f"turn:{detector.name}", lambda: run_blocking(_warm_turn_detector, detector))
     await timed(f"responder:{backends.responder.name}", lambda: _warm_responder(backends.responder))
     return timings

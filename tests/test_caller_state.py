@@ -1,0 +1,142 @@
+"""The engine's streaming parts on their own: caller state, the ASR feed (real pocketsphinx)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from presence.bot.asr_feed import ASRFeed, merge_overlap
+from presence.bot.backends.asr import PocketsphinxStreamingASR
+from presence.bot.caller_state import CallerState
+from presence.media.audio import resample
+from presence.seams import OUT_SAMPLE_RATE, SAMPLE_RATE, FloorState, MicroTurn, Transcript
+
+
+def _turn(index: int, vad: list[float]) -> MicroTurn:
+    n = len(vad)
+    return MicroTurn(
+        call_id="t",
+        index=index,
+        start=index * 0.2,
+        duration=0.2,
+        caller_audio=np.zeros(n * 320, np.float32),
+        bot_audio=np.zeros(n * 320, np.float32),
+        lost=np.zeros(n, bool),
+        vad=np.asarray(vad, np.float32),
+    )
+
+
+def test_caller_state_steps_an_utterance_and_its_silence() -> None:
+    caller, s = CallerState(0.5), FloorState()
+    first = caller.step(_turn(0, [0] * 5 + [0.9] * 5), s)
+    assert first.onset is not None and abs(first.onset - 0.1) < 1e-9 and first.speech_start is not None
+    assert s.caller_spoke and abs(s.caller_speech_ms - 100) < 1e-6 and s.caller_silence_ms < 1e-6
+    second = caller.step(_turn(1, [0] * 10), s)
+    assert second.onset is None and not second.continued and second.speech_end is not None
+    assert abs(s.caller_silence_ms - 200) < 1e-6
+    third = caller.step(_turn(2, [0.9] + [0] * 9), s)
+    assert third.continued and third.onset is None  # the same utterance goes on after a pause
+    caller.end_utterance()
+    caller.step(_turn(3, [0] * 10), s)
+    assert not s.caller_spoke and s.caller_silence_ms == 1e9
+
+
+def test_overlap_and_hold_speech_while_the_bot_talks() -> None:
+    caller, s = CallerState(0.5), FloorState(bot_speaking=True, bot_held=True)
+    caller.step(_turn(0, [0.9] * 10), s)
+    assert abs(s.overlap_speech_ms - 200) < 1e-6 and s.hold_speech_ms == 200
+    caller.step(_turn(1, [0] * 10), s)
+    assert s.overlap_speech_ms == 0 and s.hold_speech_ms == 200  # the hold counts across pauses
+    s.bot_speaking = s.bot_held = False
+    caller.step(_turn(2, [0.9] * 10), s)
+    assert s.overlap_speech_ms == 0 and s.hold_speech_ms == 0
+
+
+def test_a_participant_who_leaves_mid_speech_leaves_no_overlap_behind() -> None:
+    caller = CallerState(0.5)
+    assert caller.voice("ann", True, 10.0) == 20  # Ann starts talking...
+    caller.voice("ann", True, 10.032)
+    caller.remove_participant("ann")  # ...and hangs up mid-word
+    assert caller.voice("bob", False, 12.0) == 0 and not caller.voiced_now(12.0)
+    # A participant whose audio just stops (no goodbye) stops counting after a moment too.
+    caller.voice("cat", True, 20.0)
+    assert caller.voiced_now(20.1)
+    assert caller.voice("bob", False, 21.0) == 0 and not caller.voiced_now(21.0)
+
+
+class _Counting:
+    """The real pocketsphinx stream, counting the samples it is asked to decode."""
+
+    def __init__(self) -> None:
+        self.asr = PocketsphinxStreamingASR()
+        self.asr.load()
+        self.samples = 0
+
+    def start(self) -> None:
+        self.asr.start()
+
+    def accept(self, audio: np.ndarray) -> Transcript | None:
+        self.samples += audio.size
+        return self.asr.accept(audio)
+
+    def finish(self) -> Transcript:
+        return self.asr.finish()
+
+
+async def test_a_continued_utterance_decodes_only_its_new_audio(speech) -> None:  # type: ignore[no-untyped-def]
+    first = resample(speech("I would like to book a table"), OUT_SAMPLE_RATE, SAMPLE_RATE)
+    second = resample(speech("for two people tonight."), OUT_SAMPLE_RATE, SAMPLE_RATE)
+    asr = _Counting()
+
+    async def no_fallback() -> str:
+        return ""
+
+    feed = ASRFeed("t", asr, no_fallback, lambda text: None)
+    loop = asyncio.create_task(feed.run())
+    try:
+        feed.start([])
+        for i in range(0, first.size, 3200):
+            feed.audio(first[i : i + 3200])
+        head = await asyncio.wait_for(feed.finish(), 30)
+        feed.resume([])  # the caller went on after the pause
+        for i in range(0, second.size, 3200):
+            feed.audio(second[i : i + 3200])
+        whole = await asyncio.wait_for(feed.finish(), 30)
+    finally:
+        loop.cancel()
+    assert "table" in head.lower(), head
+    assert whole.lower().startswith(head.lower()) and len(whole) > len(head) + 5, (head, whole)
+    # Linear: only the last second of the first part is decoded again, for context.
+    assert first.size + second.size < asr.samples <= first.size + second.size + 1.25 * SAMPLE_RATE
+
+
+def test_the_asr_backlog_is_bounded_and_keeps_its_control_items() -> None:
+    async def run() -> None:
+        async def fallback() -> str:
+            return "fallback"
+
+        feed = ASRFeed("t", None, fallback, lambda text: None, max_backlog=5)
+        feed.start([])
+        for _ in range(20):
+            feed.audio(np.zeros(3200, np.float32))
+        done = feed.finish()
+        assert feed.dropped >= 15
+        loop = asyncio.create_task(feed.run())
+        assert await asyncio.wait_for(done, 5) == "fallback"  # no ASR: the whole-turn pass
+        loop.cancel()
+
+    asyncio.run(run())
+
+
+def test_the_repeated_context_words_are_merged_away() -> None:
+    head = "please look up the opening hours"
+    assert merge_overlap(head, "opening hours and calculate seventeen") == (
+        "please look up the opening hours and calculate seventeen"
+    )
+    # The repeat heard a little differently: cut at the last shared word.
+    assert (
+        merge_overlap(head, "the opening our and calculate") == "please look up the opening our and calculate"
+    )
+    assert merge_overlap("", "hello there") == "hello there"
+    assert merge_overlap("what time", "is it") == "what time is it"

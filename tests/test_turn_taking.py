@@ -1,0 +1,126 @@
+"""Turn-taking in real calls: a pause to think, talk between people in a room, a leaver.
+
+Real aiortc callers, the real bot with its offline models and the smart-turn detector. Speech
+is piper's (natural prosody; synthetic voices fool the detector, see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from conftest import SR_OUT, BotServer
+
+from presence.bench.fdb.stimuli import find_comma_pause, stretch_pause
+from presence.caller import Caller
+from presence.events import Ev
+from presence.media.audio import resample
+from presence.seams import SAMPLE_RATE
+
+pytestmark = pytest.mark.slow
+
+
+async def _connect(server: BotServer, **kwargs: object) -> Caller:
+    caller = Caller(url=server.url, **kwargs)  # type: ignore[arg-type]
+    await caller.connect()
+    return caller
+
+
+def _bot_starts(caller: Caller, after: float) -> list[float]:
+    return [
+        float(e["t"])  # type: ignore[arg-type]
+        for e in caller.events
+        if e.get("name") == Ev.BOT_SPEECH_START and float(e["t"]) >= after  # type: ignore[arg-type]
+    ]
+
+
+def _paused(speech, text: str, pause_s: float) -> tuple[np.ndarray, float, float]:  # type: ignore[no-untyped-def]
+    """The sentence with its comma pause stretched to ``pause_s``: 48 kHz audio and the
+    pause's start and end (s from the clip's start)."""
+    audio16 = resample(speech(text), SR_OUT, SAMPLE_RATE)
+    span = find_comma_pause(audio16)
+    assert span is not None, f"piper made no audible pause at the comma of {text!r}"
+    stretched, start, end = stretch_pause(audio16, span, pause_s)
+    return resample(stretched, SAMPLE_RATE, SR_OUT), start, end
+
+
+async def test_a_pause_to_think_gets_no_reply_until_the_sentence_ends(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    audio, pause_start, pause_end = _paused(
+        speech, "I was thinking about the weekend, and maybe we could go hiking.", 1.5
+    )
+    caller = await _connect(bot)
+    try:
+        await asyncio.sleep(0.5)
+        sent_at = await caller.say(audio, SR_OUT)
+        spoken_end = sent_at + audio.size / SR_OUT
+        reply = await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=30)
+        decided = [e for e in caller.events if e.get("name") == Ev.END_OF_TURN_DECIDED]
+        detector = [e for e in caller.events if e.get("name") == Ev.TURN_DETECTOR]
+        late = float(reply["t"]) - spoken_end  # type: ignore[arg-type]
+        print(f"reply {late:.2f} s after the sentence; decided {decided}")
+        print([(round(float(e["t"]) - spoken_end, 2), e["probability"], e["silence_ms"]) for e in detector])  # type: ignore[arg-type]
+        assert detector, "the turn detector was never asked"
+        # Nothing during the pause: the first reply comes after the second half was spoken.
+        assert float(reply["t"]) > sent_at + pause_end, (  # type: ignore[arg-type]
+            f"the bot answered {float(reply['t']) - sent_at - pause_start:.2f} s into a 1.5 s pause"  # type: ignore[arg-type]
+        )
+        session = next(iter(bot.manager.sessions.values()))
+        users = [m.content.lower() for m in session.engine.history if m.role == "user"]
+        assert len(users) == 1 and "hiking" in users[0] and "weekend" in users[0], users
+    finally:
+        await caller.hangup()
+
+
+async def test_talk_between_two_people_gets_no_reply_but_the_bots_name_does(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    chat = speech("Did you see the game last night?")
+    answer = speech("No, I missed it, I was working late.")
+    question = speech("Presence, what time is it?")
+    ann = await _connect(bot, room="office", name="ann")
+    bob = await _connect(bot, room="office", name="bob")
+    try:
+        await asyncio.sleep(0.5)
+        t0 = await ann.say(chat, SR_OUT)
+        await asyncio.sleep(chat.size / SR_OUT + 0.8)
+        await bob.say(answer, SR_OUT)
+        await asyncio.sleep(answer.size / SR_OUT + 3.0)
+        assert not _bot_starts(ann, t0), "the bot answered talk between two people"
+        skipped = [e for e in ann.events if e.get("name") == Ev.NOT_ADDRESSED]
+        assert skipped, "no caller turn was seen at all"
+        asked = await ann.say(question, SR_OUT)
+        await ann.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
+        session = next(iter(bot.manager.sessions.values()))
+        users = [m.content.lower() for m in session.engine.history if m.role == "user"]
+        assert users and "time" in users[-1], users
+    finally:
+        await bob.hangup()
+        await ann.hangup()
+
+
+async def test_a_participant_leaving_mid_speech_does_not_silence_the_bot(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
+    server = await bot_factory(greeting="Hello everyone, I am Presence, and I am listening.")
+    long_talk = speech("So the thing is that I have been thinking about this for a very long time now and")
+    question = speech("What is your name?")
+    ann = await _connect(server, room="call", name="ann")
+    bob = await _connect(server, room="call", name="bob")
+    try:
+        await ann.wait_event(Ev.BOT_SPEECH_END, timeout=30)  # the greeting is over
+        await ann.say(long_talk, SR_OUT)
+        await ann.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
+        await asyncio.sleep(1.0)
+        await ann.close()  # gone mid-sentence, without hanging up
+        await asyncio.sleep(1.0)
+        asked = await bob.say(question, SR_OUT)
+        start = await bob.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
+        end = await bob.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=30)  # type: ignore[arg-type]
+        # The bot said its answer through, with nobody talking over it.
+        assert end.get("flushed") is False, end
+        holds = [e for e in bob.events if e.get("name") == Ev.PLAYBACK_HELD and float(e["t"]) >= asked]  # type: ignore[arg-type]
+        timeline = [
+            (round(float(e["t"]) - asked, 2), e["name"], e.get("text") or e.get("participant") or "")  # type: ignore[arg-type]
+            for e in bob.events
+            if e.get("name") not in ("latency", "state") and float(e["t"]) >= asked - 3  # type: ignore[arg-type]
+        ]
+        assert not holds, "\n".join(map(str, timeline))
+    finally:
+        await bob.hangup()
