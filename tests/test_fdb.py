@@ -323,6 +323,35 @@ def test_score_sample_on_a_built_timeline() -> None:
     assert res["voice_to_voice_s"] == pytest.approx(0.5, abs=0.011)
 
 
+def test_side_talk_counts_as_answered_only_when_the_bot_took_it_as_a_turn() -> None:
+    """Words after the side talk are the interrupted reply going on unless a turn was taken on it."""
+    meta = SampleMeta(
+        id="side_talk_000", category="side_talk", seed=1, version=1, voice="v", text="q?",
+        duration_s=7.0, user_turns=[{"start": 0.5, "end": 1.5, "text": "q?"}], turn_end=1.5,
+    )  # fmt: skip
+    output = np.zeros(7 * RATE, dtype=np.float32)
+    output[int(2.0 * RATE) : int(6.5 * RATE)] = 0.1  # the bot talks through and after it
+    injections = [{"kind": "side_talk", "start": 3.0, "end": 4.0, "missed": False, "text": "hey sam"}]
+
+    class Words:
+        def transcribe(self, audio: np.ndarray) -> object:
+            from presence.seams import Transcript
+
+            return Transcript("and so on and so forth", True, (("and", 4.5, 4.8), ("so", 4.9, 5.2),
+                              ("on", 5.3, 5.6), ("and", 5.7, 5.9), ("so", 6.0, 6.2), ("forth", 6.3, 6.4)))  # fmt: skip
+
+    def score(events: list[dict[str, object]]) -> int:
+        data = SampleData(meta, output, np.zeros_like(output), events, injections)
+        res = score_sample(data, Words(), lambda: ScriptedVAD([]))  # type: ignore[arg-type]
+        return int(res["side_talk_response_tor"])
+
+    first = {"name": "end_of_turn_decided", "t": 1.8}
+    assert score([first]) == 0  # carried on with its reply: no answer to the side talk
+    taken = {"name": "end_of_turn_decided", "t": 4.3}
+    assert score([first, taken]) == 1  # took the side talk as a turn and spoke
+    assert score([first, taken, {"name": "not_addressed", "t": 4.5}]) == 0  # then set it aside
+
+
 # ------------------------------------------------------------------------------ live
 
 

@@ -10,6 +10,7 @@ from presence.bot.policy import (
     RuleBasedPolicy,
     RuleParams,
     is_backchannel,
+    is_filler,
     sounds_unfinished,
 )
 from presence.config import Settings
@@ -225,3 +226,8 @@ def test_fused_waits_after_the_bots_name_alone(fused: RuleBasedPolicy) -> None:
     assert fused.step(turn(), s).floor is Floor.LISTEN
     s.caller_silence_ms = 2500
     assert fused.step(turn(), s).floor is Floor.SPEAK
+
+
+def test_filler_words_alone_are_not_a_turn() -> None:
+    assert is_filler("and the") and is_filler("as a") and is_filler("um")
+    assert not is_filler("and the weather") and not is_filler("")

@@ -4,7 +4,9 @@ Name (or an ASR spelling / difflib ratio >= 0.8 of it) anywhere -> addressed, al
 are common words ("presents") count only where a name is called (first word, or last after a
 comma). A vocative to someone else ("Mike, ...", "Hey Sam ...", "kids please ...", "..., honey?")
 -> not addressed. One-to-one: addressed unless a vocative, or side_talk_level_db below the
-caller's typical level and neither a question nor a request ("off-axis"). Multi-party: only a
+caller's typical level ("off-axis": someone else in the room, away from the mic; the ASR's words
+for such speech are often garbled, so the level alone decides), except that a second quiet
+question or request in a row is answered (the caller may have stepped back from the mic). Multi-party: only a
 question ("follow-up") or request ("request") within follow_up_s after the bot spoke (twice that
 for the participant it last answered); otherwise "not addressed".
 """
@@ -210,15 +212,17 @@ class AddresseeTracker:
         self._fuzzy: dict[str, bool] = {}
         self._levels: dict[str, deque[float]] = {}
         self._summoned: tuple[str, float] | None = None  # (participant, when) of a name-only turn
+        self._quiet_before: dict[str, bool] = {}  # the participant's last turn was off-axis
 
     def reset(self) -> None:
         self._levels.clear()
         self._summoned = None
+        self._quiet_before = {}
 
     def is_summons(self, text: str) -> bool:
         """The words only call the bot ("Presence," / "hey Presence"): more is coming."""
         words = [w.lower() for w in _tokenize(text)[0]]
-        rest = [w for w in words if w not in _LEAD and not self._is_name(w) and w not in self._weak]
+        rest = [w for w in words if w not in _LEAD and not self._is_name(w) and not self._sounds_like_name(w)]
         return bool(words) and not rest and self.names_bot(text)
 
     def observe_level(self, participant: str, level_dbfs: float) -> None:
@@ -241,6 +245,15 @@ class AddresseeTracker:
             self._fuzzy[w] = SequenceMatcher(None, w, n).ratio() >= 0.8
         return self._fuzzy[w]
 
+    def _sounds_like_name(self, w: str) -> bool:
+        """A common word the ASR makes of the name ("presents", "present"): the name only where
+        a name is called."""
+        if w in self._weak:
+            return True
+        return (
+            len(self._name) == 1 and w in _COMMON and SequenceMatcher(None, w, self._name[0]).ratio() >= 0.8
+        )
+
     def names_bot(self, text: str) -> bool:
         raw, brk = _tokenize(text)
         low = [w.lower() for w in raw]
@@ -250,9 +263,14 @@ class AddresseeTracker:
         if any(self._is_name(w) for w in low):
             return True
         i = _lead(low, _LEAD)  # a common-word alias only where a name is called: "presents, what ..."
+        if len(low) == i + 1 and self._sounds_like_name(low[i]):
+            return True  # the name alone, heard as a sound-alike ("present" before a pause)
         nxt, after = [*low[i + 1 : i + 3], "", ""][:2]
         first = low[i : i + 1] if not _subject(nxt, after) and nxt not in _NOT_SUBJ_NOUN else []
-        return any(w in self._weak for w in first + (low[-1:] if len(low) >= 2 and brk[-2] else []))
+        # "present" (not an alias) counts first only before a question or request to the bot.
+        if first and first[0] not in self._weak and nxt not in QUESTION_WORDS | _REQUEST_VERBS:
+            first = []
+        return any(self._sounds_like_name(w) for w in first + (low[-1:] if len(low) >= 2 and brk[-2] else []))
 
     def step(self, u: AddresseeInput) -> Verdict:
         verdict = self._decide(u)
@@ -275,7 +293,9 @@ class AddresseeTracker:
         if u.participants <= 1:
             typical, level = self.typical_level(u.participant), u.level_dbfs
             quiet = level is not None and typical is not None and level < typical - o.side_talk_level_db
-            if quiet and not (is_question(u.text) or is_request(u.text)):
+            asking = is_question(u.text) or is_request(u.text)
+            again, self._quiet_before = self._quiet_before.get(u.participant, False), {u.participant: quiet}
+            if quiet and not (asking and again):
                 return Verdict(False, "off-axis")  # someone else in the room, away from the mic
             return Verdict(True, "one-to-one")
         window = o.follow_up_s * (2.0 if u.participant == u.bot_last_answered else 1.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,13 +24,14 @@ from presence.aio import run_blocking
 from presence.bot.addressee import AddresseeInput, AddresseeOptions, AddresseeTracker
 from presence.bot.asr_feed import ASRFeed
 from presence.bot.backends.factory import Backends
+from presence.bot.between_ticks import BetweenTicks
 from presence.bot.caller_state import CallerState
 from presence.bot.jobs.types import JobResult
-from presence.bot.policy import RESULT, RuleParams, is_backchannel
-from presence.bot.reply import ReplyTask, synthesize
+from presence.bot.policy import RESULT, RuleParams, is_backchannel, is_filler
+from presence.bot.reply import ReplyTask, final_pass, plain_words, synthesize
 from presence.bot.results import CallResults
 from presence.bot.turn_latency import report_voice_to_voice
-from presence.bot.turn_probe import TurnProbe, TurnProbeResult
+from presence.bot.turn_probe import TurnProbe
 from presence.clock import now, sleep_until
 from presence.config import Settings
 from presence.events import Ev, EventLog
@@ -46,17 +46,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
+# Recent messages a reply sees (the system prompt always): the few-shot prompt of the bundled
+# model holds fewer anyway, and counting tokens over a whole long call grew with its length.
+MAX_CONTEXT_MESSAGES = 24
 # Backchannel audio, synthesised once per (TTS instance, text).
 _BC_CLIPS: dict[tuple[int, str], np.ndarray] = {}
-_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
 
 
-def _norm(text: str) -> str:
-    """Text compared for "is this the same question": case, punctuation and spacing ignored."""
-    return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
-
-
-class Engine:
+class Engine(BetweenTicks):
     def __init__(
         self,
         call_id: str,
@@ -267,75 +264,6 @@ class Engine:
                 self.asr.drop()
                 self._end_caller_utterance()
 
-    def on_voice(self, participant: str, prob: float, t: float, audio: np.ndarray) -> None:
-        """Per VAD chunk, straight from the reader: the barge-in reflex and the detector."""
-        voiced = prob >= self._thr
-        s = self.state
-        s.bot_speaking = self.track.speaking
-        overlap = self.caller.voice(participant, voiced, t)
-        self.probe.push(participant, audio, voiced, t)
-        if voiced:
-            self._cancel_evidence_timer()
-            s.eot_probability = None
-        s.overlap_speech_ms = overlap if s.bot_speaking else 0.0
-        action = self.policy.on_frame(prob, s)
-        if action is not None and action.floor is Floor.HOLD and not self.track.held:
-            self.track.hold()
-            s.bot_held = True
-            # Bot-side stop latency: from the first voiced chunk's arrival to the hold.
-            stop_s = s.overlap_speech_ms / 1000
-            self.events.emit(Ev.LATENCY, t, metric="barge_in_stop", ms=round(stop_s * 1000, 1))
-            if self.on_latency is not None:
-                self.on_latency("barge_in_stop", stop_s)
-
-    # ------------------------------------------------------------------ evidence between ticks
-    def _on_probe(self, result: TurnProbeResult) -> None:
-        if self.caller.utt_start is None:
-            return
-        self.events.emit(
-            Ev.TURN_DETECTOR,
-            probability=round(result.probability, 3),
-            silence_ms=round(result.silence_ms, 1),
-            ms=round((result.answered_at - result.asked_at) * 1000, 1),
-            participant=result.participant,
-            first=result.first,
-        )
-        # The answer at the first silent chunk carries the prosody; later ones drift up with
-        # the silence itself, so by default they only stand in when the first was lost.
-        if (
-            self.settings.eot_detector_reading == "first"
-            and not result.first
-            and self.state.eot_probability is not None
-        ):
-            return
-        self.state.eot_probability = result.probability
-        self.state.eot_silence_ms = result.silence_ms
-        self._on_evidence()
-
-    def _on_evidence(self) -> None:
-        """New evidence between ticks: take the turn now, or when its silence will be enough."""
-        self._evidence_timer = None
-        s = self.state
-        if self.caller.utt_start is None or self._commit_when_ready or self.caller.voiced_now(now()):
-            return
-        s.bot_speaking = self.track.speaking
-        # Silence on the chunk clock, which runs ahead of the micro-turns' playout-delayed one.
-        s.caller_silence_ms = max(s.caller_silence_ms, (now() - self.probe.last_voiced) * 1000)
-        action = self.policy.on_evidence(s)
-        if action is not None:
-            self._apply(action, None)
-            self._update_state_name()
-            return
-        needed = self.policy.needed_silence_ms(s)
-        if needed is not None and s.caller_spoke and needed > s.caller_silence_ms:
-            delay = (needed - s.caller_silence_ms) / 1000
-            self._evidence_timer = asyncio.get_running_loop().call_later(delay, self._on_evidence)
-
-    def _cancel_evidence_timer(self) -> None:
-        if self._evidence_timer is not None:
-            self._evidence_timer.cancel()
-            self._evidence_timer = None
-
     # ------------------------------------------------------------------ replies
     def _maybe_speculate(self) -> None:
         s = self.state
@@ -365,7 +293,7 @@ class Engine:
         self._pending = ReplyTask(
             self.backends.responder,
             self.backends.tts,
-            [*self.history, ChatMessage("user", text)],
+            self._context(ChatMessage("user", text)),
             self.events,
         )
 
@@ -374,7 +302,7 @@ class Engine:
             return
         text = fut.result() if fut.exception() is None else ""
         self.events.emit(Ev.ASR_FINAL, chars=len(text))
-        if self._pending is not None and _norm(text) != _norm(self._pending_user_text):
+        if self._pending is not None and plain_words(text) != plain_words(self._pending_user_text):
             self._spawn(self._pending.cancel(), "cancel-reply")
             self._pending = None
         if text:
@@ -393,7 +321,7 @@ class Engine:
         speakers = sorted(self._turn_speakers)
         self._end_caller_utterance()
         verdict = None
-        if text and not is_backchannel(text, self._bc_words):
+        if text and not is_backchannel(text, self._bc_words) and not is_filler(text):
             verdict = self.addressee.step(
                 AddresseeInput(
                     text=text,
@@ -409,7 +337,7 @@ class Engine:
                 self.not_addressed += 1
                 self.events.emit(Ev.NOT_ADDRESSED, text=text, reason=verdict.reason)
         if verdict is None or not verdict.addressed:
-            # Noise, a cough, "mm-hm" or talk to someone else: not a turn for the bot. A reply
+            # Noise, a cough, "mm-hm", "and the" or talk to someone else: not a turn for the bot. A reply
             # that was cut by it carries on.
             if self._cut is not None and now() - self._cut_at < 8.0:
                 rest = self._cut.remainder()
@@ -430,15 +358,18 @@ class Engine:
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
             reply = self._fixed_reply(spoken)
-        elif reply is None or _norm(self._pending_user_text) != _norm(text):
+        elif reply is None or plain_words(self._pending_user_text) != plain_words(text):
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
-            reply = ReplyTask(self.backends.responder, self.backends.tts, list(self.history), self.events)
+            reply = ReplyTask(self.backends.responder, self.backends.tts, self._context(), self.events)
         self._pending = None
         self._commit(reply)
         if self.backends.transcriber is not None and audio.size:
             self._spawn(self._final_pass(reply, audio, self._user_index, self.turns), "final-asr")
         self.turns += 1
+
+    def _context(self, *extra: ChatMessage) -> list[ChatMessage]:
+        return [self.history[0], *self.history[1:][-MAX_CONTEXT_MESSAGES:], *extra]
 
     def _fixed_reply(self, text: str) -> ReplyTask:
         return ReplyTask(self.backends.responder, self.backends.tts, [], self.events, fixed_text=text)
@@ -469,17 +400,11 @@ class Engine:
         self.track.play(reply.utterance)
 
     async def _final_pass(self, reply: ReplyTask, audio: np.ndarray, index: int, turn: int) -> None:
-        # Whisper costs ~0.5 s of CPU: let the reply's first audio go first.
-        for _ in range(50):
-            if reply.first_audio_at is not None or reply.done:
-                break
-            await asyncio.sleep(0.05)
-        transcriber = self.backends.transcriber
-        assert transcriber is not None
-        result = await run_blocking(transcriber.transcribe, audio)
-        if result.text and index < len(self.history) and self.history[index].role == "user":
-            self.history[index] = ChatMessage("user", result.text)
-            self.events.emit(Ev.CAPTION, who="caller", text=result.text, final=True, turn=turn, pass_="final")
+        assert self.backends.transcriber is not None
+        text = await final_pass(self.backends.transcriber, reply, audio)
+        if text and index < len(self.history) and self.history[index].role == "user":
+            self.history[index] = ChatMessage("user", text)
+            self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final")
 
     def _on_utterance_end(self, utt: Utterance) -> None:
         if utt.started_at is not None:

@@ -20,7 +20,7 @@ from presence.clock import now
 from presence.events import Ev, EventLog
 from presence.media.audio import resample
 from presence.media.speech import Utterance
-from presence.seams import OUT_SAMPLE_RATE, TTS, ChatMessage, Responder
+from presence.seams import OUT_SAMPLE_RATE, TTS, ChatMessage, Responder, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +126,37 @@ class ReplyTask:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self.utterance.finish()
+
+
+# What whisper says over near-silence or noise (its training data's subtitles): never the words.
+WHISPER_HALLUCINATIONS = frozenset(
+    {
+        "thank you",
+        "thanks for watching",
+        "thank you for watching",
+        "we'll see you guys in the next one",
+        "see you in the next one",
+        "see you next time",
+        "bye",
+        "you",
+        "subtitles by the amara org community",
+    }
+)
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+
+
+def plain_words(text: str) -> str:
+    """Text compared for "is this the same": case, punctuation and spacing ignored."""
+    return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
+
+
+async def final_pass(transcriber: Transcriber, reply: ReplyTask, audio: np.ndarray) -> str:
+    """The accurate text of a caller turn, once its reply's first audio exists ("" when whisper
+    only made up one of its subtitles)."""
+    # Whisper costs ~0.5 s of CPU: let the reply's first audio go first.
+    for _ in range(50):
+        if reply.first_audio_at is not None or reply.done:
+            break
+        await asyncio.sleep(0.05)
+    text = (await run_blocking(transcriber.transcribe, audio)).text.strip()
+    return "" if plain_words(text) in WHISPER_HALLUCINATIONS else text

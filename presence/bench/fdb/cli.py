@@ -16,7 +16,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from presence.signaling.app import run_server
 from . import score as scoring
 from .report import write_report
 from .runner import TRANSPORTS, run_sample
-from .stimuli import CATEGORIES, generate
+from .stimuli import CATEGORIES, available_voices, generate
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
         help="end-of-turn silences of the rules policy to compare, comma separated [300]",
     )
     p.add_argument("--seed", type=int, default=1234, help="stimulus seed [1234]")
+    p.add_argument(
+        "--voices",
+        default="all",
+        choices=tuple(VOICE_SETS),
+        help="stimulus voices: all, piper (natural prosody only: the end-of-turn detector is fooled "
+        "by flite and confused by espeak-ng), synthetic (espeak-ng and flite) [all]",
+    )
     p.add_argument(
         "--responder",
         default="rules",
@@ -172,6 +179,13 @@ async def run_config(
     return dirs
 
 
+VOICE_SETS: dict[str, Callable[[str], bool]] = {
+    "all": lambda engine: True,
+    "piper": lambda engine: engine == "piper",
+    "synthetic": lambda engine: engine != "piper",
+}
+
+
 async def run_benchmark(
     out: Path,
     configs: Sequence[Config],
@@ -185,11 +199,20 @@ async def run_benchmark(
     calibration: bool = True,
     timelines: int = 4,
     show_progress: bool = True,
+    voices: str = "all",
 ) -> dict[str, Path]:
     """The whole pipeline; returns the written report files (``json``, ``md``, plots)."""
     out.mkdir(parents=True, exist_ok=True)
+    chosen = [v for v in available_voices() if VOICE_SETS[voices](v[0])]
+    if not chosen:
+        raise ValueError(f"no {voices} voice is installed here")
     stimuli = generate(
-        out / "stimuli", categories, limit, seed, progress=_progress("stimuli") if show_progress else None
+        out / ("stimuli" if voices == "all" else f"stimuli-{voices}"),
+        categories,
+        limit,
+        seed,
+        voices=chosen,
+        progress=_progress("stimuli") if show_progress else None,
     )
     if backends is None:
         backends = build_backends(Settings.from_env(None, port=0, greeting="", responder=responder))
@@ -222,6 +245,7 @@ async def run_benchmark(
             "policy": config.policy,
             "eot_silence_ms": config.eot_silence_ms,
             "responder": responder,
+            "voices": voices,
         }
         for config in configs
     }
@@ -316,6 +340,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         transport=args.transport,
         calibration=not args.no_calibration,
         timelines=args.timelines,
+        voices=args.voices,
     )
     return _summarize(files)
 

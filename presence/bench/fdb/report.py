@@ -80,8 +80,13 @@ NOTES: tuple[str, ...] = (
     "CrisperWhisper used for the published rows: TOR decisions near the 1 s / 3-word thresholds "
     "and word-start latencies can differ. Word starts that whisper puts in silence are moved to "
     "the audio onset inside the word.",
-    "Stimuli are synthetic (Piper joe, espeak-ng and flite voices), not FDB's recordings: compare "
-    "the published 'synth' pause column, and read the rest as indicative.",
+    "Stimuli are synthetic (Piper joe, espeak-ng and flite voices, or the subset named by "
+    "--voices in each configuration's settings), not FDB's recordings: compare the published "
+    "'synth' pause column, and read the rest as indicative. The end-of-turn detector of "
+    "policy=fused is fooled by flite and confused by espeak-ng: judge it on piper.",
+    "Replied to side talk: the bot took the side talk as a caller turn (end_of_turn_decided after "
+    "it began, not set aside by a not_addressed event) and spoke after it; words alone would "
+    "count a reply that simply carries on after being interrupted.",
     "Backchannel TOR/freq/JSD are measured on the 'monologue' category (the FDB v1 setting: the "
     "system listens to a long turn). FDB's JSD compares with per-sample ICC human ground truth, "
     "which is not available offline; we use a stand-in reference with mass 0.3-0.7 s into each of "

@@ -292,9 +292,15 @@ def score_sample(data: SampleData, asr: Transcriber, vad_factory: Callable[[], V
         window_end = float(meta.background.get("end", turn_end)) + 0.5
         res["false_barge_in"] = [m.stopped_for(data.events, turn_end, window_end)]
     if cat == "side_talk" and non_floor:
-        # Did the bot answer the side talk? FDB v1's rule on the words after it ended.
-        after = float(non_floor[0]["end"])
-        res["side_talk_response_tor"] = m.turn_over(m.words_after(words, after + 0.3))
+        # Did the bot answer the side talk? Its words after the side talk (FDB v1's turn-over
+        # rule) are no answer by themselves: a bot that carries on with the reply the side talk
+        # interrupted says words there too. An answer is a caller turn taken on the side talk
+        # (end_of_turn_decided after it began) that was not then set aside as not addressed.
+        start, after = float(non_floor[0]["start"]), float(non_floor[0]["end"])
+        took = any(e.get("name") == "end_of_turn_decided" and float(e["t"]) >= start for e in data.events)
+        skipped = any(e.get("name") == "not_addressed" and float(e["t"]) >= start for e in data.events)
+        spoke = m.turn_over(m.words_after(words, after + 0.3))
+        res["side_talk_response_tor"] = int(bool(spoke) and took and not skipped)
     return res
 
 
