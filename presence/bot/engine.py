@@ -87,7 +87,6 @@ class Engine(BetweenTicks):
         self.asr = ASRFeed(call_id, self._asr, self._transcribe_turn, self._on_partial)
         self.probe = TurnProbe(backends.turn_detector, self._on_probe)
         self.addressee = AddresseeTracker(AddresseeOptions(bot_name=settings.bot_name))
-        self.not_addressed = 0  # caller turns left unanswered because they were not for the bot
         self._evidence_timer: asyncio.TimerHandle | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
@@ -229,7 +228,8 @@ class Engine(BetweenTicks):
 
     def _restart_utterance(self) -> None:
         """The caller went on after a pause we had started answering: drop the answer and
-        continue the ASR's utterance (its text so far is kept; only new audio is decoded)."""
+        continue the ASR's utterance (its text so far is kept; only new audio is decoded, after
+        a second of context)."""
         if self._commit_when_ready:
             return  # too late: the turn was taken; the caller will barge in if they mean it
         self._drop_pending()
@@ -258,11 +258,11 @@ class Engine(BetweenTicks):
         (nobody is left to answer them)."""
         self.caller.remove_participant(participant)
         self.probe.remove_participant(participant)
-        if self.caller.utt_start is not None and self._turn_speakers <= {participant}:
-            if not self._commit_when_ready:
-                self._drop_pending()
-                self.asr.drop()
-                self._end_caller_utterance()
+        mine = self.caller.utt_start is not None and self._turn_speakers <= {participant}
+        if mine and not self._commit_when_ready:
+            self._drop_pending()
+            self.asr.drop()
+            self._end_caller_utterance()
 
     # ------------------------------------------------------------------ replies
     def _maybe_speculate(self) -> None:
@@ -334,11 +334,10 @@ class Engine(BetweenTicks):
                 )
             )
             if not verdict.addressed:
-                self.not_addressed += 1
                 self.events.emit(Ev.NOT_ADDRESSED, text=text, reason=verdict.reason)
         if verdict is None or not verdict.addressed:
-            # Noise, a cough, "mm-hm", "and the" or talk to someone else: not a turn for the bot. A reply
-            # that was cut by it carries on.
+            # Noise, a cough, "mm-hm", "and the" or talk to someone else: not a turn for the
+            # bot. A reply that was cut by it carries on.
             if self._cut is not None and now() - self._cut_at < 8.0:
                 rest = self._cut.remainder()
                 self._cut = None

@@ -106,17 +106,20 @@ def sounds_unfinished(text: str) -> bool:
     return bool(words) and words[-1] in CONTINUATION_WORDS
 
 
+def _only_words_of(text: str, vocabulary: frozenset[str]) -> bool:
+    words = _WORD.findall(text.lower())
+    return bool(words) and all(w in vocabulary for w in words)
+
+
 def is_filler(text: str) -> bool:
     """True when every word is one a sentence goes on from ("and the", "as a", "um"): what the
     streaming ASR makes of noise, never a turn of its own."""
-    words = _WORD.findall(text.lower())
-    return bool(words) and all(w in CONTINUATION_WORDS for w in words)
+    return _only_words_of(text, CONTINUATION_WORDS)
 
 
 def is_backchannel(text: str, vocabulary: frozenset[str]) -> bool:
     """True when every word of a non-empty text is a backchannel word ("yeah", "mm-hm")."""
-    words = _WORD.findall(text.lower())
-    return bool(words) and all(w in vocabulary for w in words)
+    return _only_words_of(text, vocabulary)
 
 
 class RuleBasedPolicy:
