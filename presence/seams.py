@@ -103,11 +103,9 @@ class FloorState:
     overlap_speech_ms: float = 0.0  # caller speech while the bot talks or is held
     hold_speech_ms: float = 0.0  # caller speech since the current hold began (pauses included)
     partial_text: str = ""  # the streaming ASR partial of the current caller utterance
-    # P(turn complete) from the TurnDetector for the current silence (None: not asked yet);
-    # eot_silence_ms is the silence at which that audio ended.
+    # P(turn complete) from the TurnDetector for the current silence (None: not asked yet).
     eot_probability: float | None = None
     name_only: bool = False  # the words so far only call the bot ("Presence," ...): more is coming
-    eot_silence_ms: float = 0.0
     last_backchannel_at: float = -1e9
     result_waiting: bool = False  # a background job's result is ready to be woven in
     result_urgent: bool = False  # ...and it may interrupt the caller

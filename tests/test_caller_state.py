@@ -58,11 +58,11 @@ def test_a_participant_who_leaves_mid_speech_leaves_no_overlap_behind() -> None:
     assert caller.voice("ann", True, 10.0) == 20  # Ann starts talking...
     caller.voice("ann", True, 10.032)
     caller.remove_participant("ann")  # ...and hangs up mid-word
-    assert caller.voice("bob", False, 12.0) == 0 and not caller.voiced_now(12.0)
+    assert caller.voice("bob", False, 12.0) == 0
     # A participant whose audio just stops (no goodbye) stops counting after a moment too.
     caller.voice("cat", True, 20.0)
-    assert caller.voiced_now(20.1)
-    assert caller.voice("bob", False, 21.0) == 0 and not caller.voiced_now(21.0)
+    assert caller.voice("bob", False, 20.1) > 0  # Cat's run is live
+    assert caller.voice("bob", False, 21.0) == 0
 
 
 class _Counting:

@@ -22,7 +22,8 @@ from typing import Literal
 import numpy as np
 
 from presence.aio import run_blocking
-from presence.seams import SAMPLE_RATE, StreamingASR
+from presence.media.audio import AudioTail
+from presence.seams import StreamingASR
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ class ASRFeed:
         self._wake = asyncio.Event()
         self._started = False
         self._prefix = ""  # text of the utterance finished before it was continued
-        self._context: deque[np.ndarray] = deque()  # the last CONTEXT_S of decoded audio
-        self._context_samples = 0
+        self._context = AudioTail(CONTEXT_S)  # the last decoded audio of the utterance
 
     # ------------------------------------------------------------------ the engine's side
     def start(self, preroll: list[np.ndarray]) -> None:
@@ -127,9 +127,8 @@ class ASRFeed:
     async def _step(self, kind: Kind, payload: object) -> None:
         asr = self.asr
         if kind == "start":
-            context = list(self._context)
+            context = self._context.chunks()
             self._context.clear()
-            self._context_samples = 0
             if isinstance(payload, str):
                 self._prefix, context = payload, []
             self._started = True
@@ -141,10 +140,7 @@ class ASRFeed:
             if asr is None or not self._started:
                 return
             assert isinstance(payload, np.ndarray)
-            self._context.append(payload)
-            self._context_samples += payload.size
-            while self._context_samples - self._context[0].size >= CONTEXT_S * SAMPLE_RATE:
-                self._context_samples -= self._context.popleft().size
+            self._context.push(payload)
             partial = await run_blocking(asr.accept, payload)
             if partial is not None and partial.text:
                 self.on_partial(self._join(partial.text))

@@ -85,7 +85,6 @@ class BetweenTicks:
         ):
             return
         self.state.eot_probability = result.probability
-        self.state.eot_silence_ms = result.silence_ms
         self._on_evidence()
 
     def _on_evidence(self) -> None:

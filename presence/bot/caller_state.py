@@ -119,10 +119,6 @@ class CallerState:
         starts = [r.start for r in self._runs.values() if r.start is not None and t - r.seen < STALE_RUN_S]
         return (t - min(starts)) * 1000 + 20 if starts else 0.0
 
-    def voiced_now(self, t: float) -> bool:
-        """Someone's voiced run is live at ``t`` (the chunk clock)."""
-        return any(r.start is not None and t - r.seen < STALE_RUN_S for r in self._runs.values())
-
     def remove_participant(self, participant: str) -> None:
         # A participant who left mid-speech must not leave a run that holds the bot for good.
         self._runs.pop(participant, None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ import numpy as np
 
 from presence.aio import run_blocking
 from presence.clock import now
-from presence.seams import SAMPLE_RATE, TurnDetector
+from presence.media.audio import AudioTail
+from presence.seams import TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class TurnProbe:
         self.armed = False  # the engine arms it while a caller utterance is open and the bot is quiet
         self.queries = 0
         self.failures = 0
-        self._rings: dict[str, deque[np.ndarray]] = {}
-        self._ring_samples: dict[str, int] = {}
+        self._rings: dict[str, AudioTail] = {}
         self._last_voiced: dict[str, float] = {}
         self._speaker: str | None = None
         self._voice_gen = 0  # bumped on every voiced chunk: an answer from before is stale
@@ -68,12 +67,7 @@ class TurnProbe:
         return max(self._last_voiced.values(), default=-1e9)
 
     def push(self, participant: str, audio: np.ndarray, voiced: bool, t: float) -> None:
-        ring = self._rings.setdefault(participant, deque())
-        ring.append(audio)
-        self._ring_samples[participant] = self._ring_samples.get(participant, 0) + audio.size
-        limit = int(self.window_s * SAMPLE_RATE)
-        while self._ring_samples[participant] - ring[0].size >= limit:
-            self._ring_samples[participant] -= ring.popleft().size
+        self._rings.setdefault(participant, AudioTail(self.window_s)).push(audio)
         if voiced:
             self._last_voiced[participant] = t
             self._speaker = participant
@@ -93,11 +87,11 @@ class TurnProbe:
         if not first and t - self._last_query < self.interval_s:
             return
         ring = self._rings.get(self._speaker)
-        if not ring:
+        audio = ring.chunks() if ring is not None else []
+        if not audio:
             return
         self._asked_gen = self._voice_gen
         self._last_query = t
-        audio = list(ring)
         self._task = asyncio.get_running_loop().create_task(
             self._ask(self._speaker, audio, silence * 1000, t, self._voice_gen, first), name="turn-probe"
         )
@@ -121,7 +115,6 @@ class TurnProbe:
 
     def remove_participant(self, participant: str) -> None:
         self._rings.pop(participant, None)
-        self._ring_samples.pop(participant, None)
         self._last_voiced.pop(participant, None)
         if self._speaker == participant:
             self._speaker = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fractions
+from collections import deque
 
 import av
 import numpy as np
@@ -94,3 +95,26 @@ def speech_level_dbfs(audio: np.ndarray, frame: int = 320) -> float | None:
     loud = rms[rms >= np.percentile(rms, 70)]
     level = float(np.sqrt(np.mean(np.square(loud)))) if loud.size else 0.0
     return 20 * float(np.log10(level)) if level > 1e-5 else None
+
+
+class AudioTail:
+    """The last ``seconds`` of a stream, kept as the chunks that came (whole chunks: it may
+    hold up to one chunk more), for models that look back over recent audio."""
+
+    def __init__(self, seconds: float, rate: int = SAMPLE_RATE) -> None:
+        self.limit = int(seconds * rate)
+        self._chunks: deque[np.ndarray] = deque()
+        self._samples = 0
+
+    def push(self, chunk: np.ndarray) -> None:
+        self._chunks.append(chunk)
+        self._samples += chunk.size
+        while self._samples - self._chunks[0].size >= self.limit:
+            self._samples -= self._chunks.popleft().size
+
+    def chunks(self) -> list[np.ndarray]:
+        return list(self._chunks)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._samples = 0

