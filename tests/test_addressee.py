@@ -275,3 +275,15 @@ def test_the_name_alone_heard_as_a_sound_alike_is_still_the_name() -> None:
     # pocketsphinx's final for "Presence," before a pause was "present" (partial "presents").
     assert tracker.names_bot("present") and tracker.is_summons("present")
     assert not tracker.names_bot("present the results") and not tracker.names_bot("the present")
+
+
+def test_a_turn_that_began_with_the_name_alone_is_for_the_bot() -> None:
+    # pocketsphinx heard the comma pause of "Presence, what time is it?" as "to".
+    text = "presents to what time is it"
+    assert verdict(text, participants=2) == Verdict(False, "not addressed")
+    tracker = AddresseeTracker(AddresseeOptions())
+    began = AddresseeInput(
+        text=text, participant="a", level_dbfs=None, now=100.0, bot_last_spoke_at=None,
+        bot_last_answered=None, participants=2, began_with_name=True,
+    )  # fmt: skip
+    assert tracker.step(began) == Verdict(True, "name")

@@ -88,8 +88,14 @@ async def test_talk_between_two_people_gets_no_reply_but_the_bots_name_does(bot:
         skipped = [e for e in ann.events if e.get("name") == Ev.NOT_ADDRESSED]
         assert skipped, "no caller turn was seen at all"
         asked = await ann.say(question, SR_OUT)
-        await ann.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
         session = next(iter(bot.manager.sessions.values()))
+        try:
+            await ann.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
+        except TimeoutError:
+            heard = [
+                (e.name, e.data) for e in session.events.history if e.name in ("caption", "not_addressed")
+            ]
+            pytest.fail(f"no answer to the bot's name; the bot heard {heard}")
         users = [m.content.lower() for m in session.engine.history if m.role == "user"]
         assert users and "time" in users[-1], users
     finally:

@@ -113,6 +113,9 @@ class AddresseeInput:
     bot_last_spoke_at: float | None  # end of the bot's last speech (bot clock, s); None: never
     bot_last_answered: str | None  # participant the bot last replied to
     participants: int  # humans in the room
+    # The utterance began with the bot's name alone ("Presence, ..."), as the streaming ASR's
+    # partials showed: its final text may have blurred that ("presents to what time is it").
+    began_with_name: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +284,7 @@ class AddresseeTracker:
     def _decide(self, u: AddresseeInput) -> Verdict:
         o = self.options
         summoned, self._summoned = self._summoned, None
-        if self.names_bot(u.text):
+        if u.began_with_name or self.names_bot(u.text):
             if self.is_summons(u.text):
                 self._summoned = (u.participant, u.now)
             return Verdict(True, "name")

@@ -102,6 +102,7 @@ class Engine(BetweenTicks):
         self._bot_last_spoke_at: float | None = None
         self._bot_last_answered: str | None = None
         self._turn_speakers: set[str] = set()
+        self._began_with_name = False  # this utterance's words were once the bot's name alone
         self._state_name = ""
         self.results = CallResults(events, self._fixed_reply, self._spawn)
         self._tasks: set[asyncio.Task[object]] = set()
@@ -250,6 +251,7 @@ class Engine(BetweenTicks):
         self._cancel_evidence_timer()
         self.state.partial_text = ""
         self.state.name_only = False
+        self._began_with_name = False
         self.state.caller_spoke = False
         self.state.eot_probability = None
 
@@ -319,6 +321,7 @@ class Engine(BetweenTicks):
         self._pending_text = None
         audio = np.concatenate(self._turn_audio) if self._turn_audio else np.zeros(0, np.float32)
         speakers = sorted(self._turn_speakers)
+        began_with_name = self._began_with_name
         self._end_caller_utterance()
         verdict = None
         if text and not is_backchannel(text, self._bc_words) and not is_filler(text):
@@ -331,6 +334,7 @@ class Engine(BetweenTicks):
                     bot_last_spoke_at=self._bot_last_spoke_at,
                     bot_last_answered=self._bot_last_answered,
                     participants=len(self.assembler.participants),
+                    began_with_name=began_with_name,
                 )
             )
             if not verdict.addressed:
@@ -504,6 +508,7 @@ class Engine(BetweenTicks):
     def _set_words(self, text: str) -> None:
         self.state.partial_text = text
         self.state.name_only = self.addressee.is_summons(text)
+        self._began_with_name |= self.state.name_only
 
     async def _transcribe_turn(self) -> str:
         if self.backends.transcriber is None or not self._turn_audio:
