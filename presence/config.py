@@ -64,7 +64,7 @@ class Settings:
     )
     # endpointing of policy=fused (see EndpointingOptions in presence/bot/policy.py)
     eot_min_delay_ms: int = _opt(
-        100, "fused: silence that ends a turn when the detector is confident and the words look finished"
+        200, "fused: silence that ends a turn when the detector is confident and the words look finished"
     )
     eot_delay_ms: int = _opt(800, "fused: silence that ends a turn when neither cue is decisive")
     eot_max_delay_ms: int = _opt(

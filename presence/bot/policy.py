@@ -40,7 +40,7 @@ class EndpointingOptions:
     ``delay_ms`` otherwise (no detector answer yet, or an unsure one).
     """
 
-    min_delay_ms: float = 100
+    min_delay_ms: float = 200
     delay_ms: float = 800
     max_delay_ms: float = 2500
     complete_threshold: float = 0.7
