@@ -2,7 +2,7 @@
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng flite build-essential cmake git \
+ && apt-get install -y --no-install-recommends espeak-ng flite libgomp1 git \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -11,6 +11,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 COPY pyproject.toml README.md ./
 COPY presence ./presence
 COPY docs ./docs
+# llama.cpp comes prebuilt (the xllamacpp wheel links libgomp1): nothing compiles here.
 RUN pip install --no-cache-dir ".[llm]"
 # The smart-turn end-of-turn model is a file inside the pipecat-ai wheel (pipecat is never imported).
 RUN pip install --no-cache-dir --no-deps pipecat-ai==1.14.0

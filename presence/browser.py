@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, Page, Playwright
@@ -135,3 +138,27 @@ async def launch_chromium(
             await _remove(owned)
         raise
     return Chromium(playwright=pw, context=context, profile=owned)
+
+
+def make_y4m(path: Path, seconds: float, w: int = 320, h: int = 240, fps: int = 15) -> Path:
+    """Write a moving test pattern as YUV4MPEG2 (4:2:0), the format Chromium's fake camera reads."""
+    if w % 2 or h % 2:
+        raise ValueError("width and height must be even for 4:2:0")
+    path = Path(path)
+    frames = max(1, round(seconds * fps))
+    yy, xx = np.mgrid[0:h, 0:w]
+    with path.open("wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode("ascii"))
+        for i in range(frames):
+            # diagonal stripes sliding right, plus a bright square bouncing across
+            luma = 60 + 100 * (((xx + yy // 2 + 4 * i) // 16) % 2)
+            side = min(w, h) // 4
+            x0 = int((w - side) * (0.5 + 0.5 * math.sin(i / fps * 2.0)))
+            y0 = int((h - side) * (0.5 + 0.5 * math.cos(i / fps * 1.3)))
+            luma[y0 : y0 + side, x0 : x0 + side] = 235
+            u = np.full((h // 2, w // 2), 128 + 50 * math.sin(i / fps), dtype=np.float64)
+            v = np.full((h // 2, w // 2), 128 + 50 * math.cos(i / fps), dtype=np.float64)
+            f.write(b"FRAME\n")
+            for plane in (luma, u, v):
+                f.write(np.clip(plane, 0, 255).astype(np.uint8).tobytes())
+    return path

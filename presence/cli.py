@@ -28,6 +28,9 @@ Presence: a real-time, full-duplex call bot.
                                        run a background-job worker against Redis
   presence bench latency               voice-to-voice and barge-in latency, CPU per call
   presence bench fdb --limit 5         Full-Duplex-Bench-style scores, report.md and plots
+  presence bench longcall              a 10-minute Chromium video call: latency per minute
+  presence bench responder --model X.gguf
+                                       local LLMs side by side: first token, answer quality
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -172,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_lat.add_argument("--skip-cpu", action="store_true")
     p_lat.add_argument("--json", help="also write the results here")
     Settings.add_arguments(p_lat)
+    p_long = bench_sub.add_parser(
+        "longcall", help="a long Chromium video call: latency, memory and false turns per minute"
+    )
+    from presence.bench.longcall import add_arguments as longcall_arguments
+
+    longcall_arguments(p_long)
+    bench_sub.add_parser(
+        "responder", help="local LLMs side by side: latency and answer quality (see --help)", add_help=False
+    )
     bench_sub.add_parser(
         "fdb",
         help="Full-Duplex-Bench-style interaction quality over real WebRTC (see --help)",
@@ -186,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         from presence.model.train import main as train_main
 
         return int(train_main(argv[1:]) or 0)
+    if argv[:2] == ["bench", "responder"]:  # its own parser
+        from presence.bench.responder import main as responder_main
+
+        _logging("warning")
+        return responder_main(argv[2:])
     if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
         from presence.bench.fdb.cli import main as fdb_main
 
@@ -217,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_worker(settings, kinds, docs_dir=args.docs or settings.jobs_docs_dir or None))
             return 0
         if args.command == "bench":
+            if args.bench == "longcall":
+                _logging("warning")
+                from presence.bench.longcall import run as run_longcall
+
+                # the bot is its own process and reads PRESENCE_* itself; --set adds more
+                return asyncio.run(run_longcall(Settings(), args))
             if args.bench != "latency":
                 parser.parse_args(["bench", "--help"])
                 return 2

@@ -155,6 +155,12 @@ class Settings:
     llm_url: str = _opt("", "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     llm_api_key: str = _opt("", "API key for the OpenAI-compatible endpoint", secret=True)
     llm_max_tokens: int = _opt(48, "longest reply in tokens")
+    llm_prompt: str = _opt(
+        "auto",
+        "how the llama responder prompts: fewshot (base models), chat (the GGUF's chat template), "
+        "auto (chat when the GGUF carries a chat template; the bundled Gemma carries none)",
+        choices=("auto", "fewshot", "chat"),
+    )
     system_prompt: str = _opt(
         "You are Presence, a friendly voice assistant on a call. Answer in one or two short spoken sentences.",
         "system prompt of the responder",

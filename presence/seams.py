@@ -204,6 +204,11 @@ class Responder(Protocol):
 
     def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]: ...
 
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        """Get ready for a reply to ``messages`` plus a caller line, off the reply path (a
+        local model evaluates the new prompt front into its cache; others do nothing)."""
+        ...
+
 
 @runtime_checkable
 class TTS(Protocol):

@@ -8,7 +8,6 @@ under ``CI=true`` where a missing browser is a failure.
 
 from __future__ import annotations
 
-import math
 import os
 import wave
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from presence import browser as _browser
-from presence.browser import BASE_ARGS, CHROMIUM, Chromium, chromium_args
+from presence.browser import BASE_ARGS, CHROMIUM, Chromium, chromium_args, make_y4m
 
 __all__ = [
     "BASE_ARGS",
@@ -58,30 +57,6 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Chromium]:
         yield browser
     finally:
         await browser.close()
-
-
-def make_y4m(path: Path, seconds: float, w: int = 320, h: int = 240, fps: int = 15) -> Path:
-    """Write a moving test pattern as YUV4MPEG2 (4:2:0), the format Chromium's fake camera reads."""
-    if w % 2 or h % 2:
-        raise ValueError("width and height must be even for 4:2:0")
-    path = Path(path)
-    frames = max(1, round(seconds * fps))
-    yy, xx = np.mgrid[0:h, 0:w]
-    with path.open("wb") as f:
-        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode("ascii"))
-        for i in range(frames):
-            # diagonal stripes sliding right, plus a bright square bouncing across
-            luma = 60 + 100 * (((xx + yy // 2 + 4 * i) // 16) % 2)
-            side = min(w, h) // 4
-            x0 = int((w - side) * (0.5 + 0.5 * math.sin(i / fps * 2.0)))
-            y0 = int((h - side) * (0.5 + 0.5 * math.cos(i / fps * 1.3)))
-            luma[y0 : y0 + side, x0 : x0 + side] = 235
-            u = np.full((h // 2, w // 2), 128 + 50 * math.sin(i / fps), dtype=np.float64)
-            v = np.full((h // 2, w // 2), 128 + 50 * math.cos(i / fps), dtype=np.float64)
-            f.write(b"FRAME\n")
-            for plane in (luma, u, v):
-                f.write(np.clip(plane, 0, 255).astype(np.uint8).tobytes())
-    return path
 
 
 def make_wav(

@@ -27,13 +27,8 @@ from presence.bot.backends.factory import (
     warm_up,
 )
 from presence.bot.backends.isolated import RemoteStream
-from presence.bot.backends.responder import (
-    LlamaResponder,
-    OpenAIResponder,
-    ResponderError,
-    RuleResponder,
-    build_fewshot_prompt,
-)
+from presence.bot.backends.llama import LlamaResponder, build_fewshot_prompt, chat_messages
+from presence.bot.backends.responder import OpenAIResponder, ResponderError, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS, split_for_speech
 from presence.bot.backends.vad import EnergyVAD, SileroVAD
 from presence.config import Settings
@@ -55,12 +50,13 @@ def _under_ci() -> bool:
 
 
 def require_llama() -> ModuleType:
-    """llama_cpp, or a skip on a developer machine without it; under CI=true a hard failure."""
+    """The llama.cpp runtime (xllamacpp), or a skip on a developer machine without it; under
+    CI=true a hard failure."""
     if _under_ci():
-        import llama_cpp  # an ImportError here fails the test loudly, as CI must
+        import xllamacpp  # an ImportError here fails the test loudly, as CI must
 
-        return llama_cpp
-    return pytest.importorskip("llama_cpp")
+        return xllamacpp
+    return pytest.importorskip("xllamacpp")
 
 
 def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
@@ -494,7 +490,7 @@ async def test_llama_truncates_old_history(llama: LlamaResponder) -> None:
         history.append(ChatMessage("assistant", f"Fact {i}: the ocean is very big and deep."))
     history.append(ChatMessage("user", "What is your name?"))
     prompt = llama.prompt_for(history)
-    assert len(llama._llm.tokenize(prompt.encode(), add_bos=True)) <= llama.n_ctx - llama.max_tokens
+    assert llama.count_tokens(prompt) <= llama.n_ctx - llama.max_tokens
     assert prompt.endswith("Caller: What is your name?\nPresence:")
     assert "fact number 0 " not in prompt
     reply = "".join(await collect(llama.stream(history)))
@@ -510,12 +506,65 @@ async def test_llama_stops_early_when_the_consumer_does(llama: LlamaResponder) -
     assert "".join(await collect(llama.stream([ChatMessage("user", "Hello?")]))).strip()
 
 
+async def test_llama_prefill_puts_the_new_context_in_the_cache(llama: LlamaResponder) -> None:
+    call = [ChatMessage("system", "You are Presence. Earlier in this call: asked: whales")]
+    for i in range(8):
+        call += [
+            ChatMessage("user", f"Tell me fact {i} about the sea."),
+            ChatMessage("assistant", "It is deep."),
+        ]
+    await llama.prefill(call)
+    reply = "".join(await collect(llama.stream([*call, ChatMessage("user", "What is your name?")])))
+    assert reply.strip()
+    # Only the new caller line was evaluated; the rest came from the cache.
+    assert llama.last_timings["cache_n"] > 200
+    assert llama.last_timings["prompt_n"] < 20
+    with llama._run_lock:  # a reply has the model: prefill leaves it alone
+        assert llama._prefill(call) is False
+
+
 def test_fewshot_prompt_shape() -> None:
     messages = [ChatMessage("user", "Hi!\nHow are\tyou?"), ChatMessage("assistant", "Fine.")]
     prompt = build_fewshot_prompt(messages, "Be brief.")
     assert prompt.startswith("Be brief.\n")
     assert "Caller: What is your name?\nPresence: My name is Presence." in prompt
     assert prompt.endswith("Caller: Hi! How are you?\nPresence: Fine.\nPresence:")
+
+
+def test_fewshot_prompt_shows_later_system_messages_and_results_as_notes() -> None:
+    messages = [
+        ChatMessage("system", "Be brief."),
+        ChatMessage("system", "Earlier in this call: asked: the weather"),
+        ChatMessage("user", "Look up the news."),
+        ChatMessage("tool", "search result: rain tomorrow"),
+    ]
+    prompt = build_fewshot_prompt(messages, "unused default")
+    assert prompt.startswith("Be brief.\n")  # only the first system message is the header
+    assert "(Note for Presence: Earlier in this call: asked: the weather)\nCaller: Look up" in prompt
+    assert prompt.endswith("(Note for Presence: search result: rain tomorrow)\nPresence:")
+
+
+def test_chat_messages_put_one_system_message_first() -> None:
+    wire = chat_messages(
+        [
+            ChatMessage("system", "Be brief."),
+            ChatMessage("user", "Hi"),
+            ChatMessage("system", "Earlier in this call: asked: x"),
+            ChatMessage("assistant", "Hello!"),
+            ChatMessage("tool", "search result: 42"),
+            ChatMessage("user", "  "),
+        ],
+        "default prompt",
+    )
+    assert wire == [
+        {"role": "system", "content": "Be brief.\nEarlier in this call: asked: x"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "(Note: search result: 42)"},
+    ]
+    assert chat_messages([ChatMessage("user", "Hi")], "P")[0] == {"role": "system", "content": "P"}
+    with pytest.raises(ValueError, match="llm_prompt"):
+        LlamaResponder(prompt_style="template")
 
 
 # ---------------------------------------------------------------------------- OpenAI-compatible
@@ -608,6 +657,10 @@ async def test_openai_streams_deltas(llm_server: tuple[str, list[dict[str, objec
     assert body["messages"][-1] == {"role": "user", "content": "Who are you?"}
     assert requests[0]["auth"] == "Bearer sk-test"
 
+    # A background result has no tool_call_id: it goes as a system note, which servers accept.
+    await collect(responder.stream([ChatMessage("user", "Hi"), ChatMessage("tool", "search result: 42")]))
+    assert requests[1]["body"]["messages"][-1] == {"role": "system", "content": "search result: 42"}  # type: ignore[index]
+
 
 async def test_openai_accepts_a_non_streamed_answer(llm_server: tuple[str, list[dict[str, object]]]) -> None:
     base, _ = llm_server
@@ -695,7 +748,7 @@ def test_build_backends_defaults() -> None:
     if _under_ci():
         require_llama()
     try:
-        import llama_cpp  # noqa: F401
+        import xllamacpp  # noqa: F401
 
         expected = "llama"
     except ImportError:

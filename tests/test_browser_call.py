@@ -21,10 +21,12 @@ CONNECTED = "window.presence.pc && window.presence.pc.connectionState === 'conne
 
 async def test_browser_call_audio_both_ways_captions_and_video(tmp_path: Path, bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
     require_chromium()
-    # Chromium loops the fake microphone file: a question, then enough silence to answer it.
+    # Chromium loops the fake microphone file: silence while the greeting plays (the file starts
+    # before the call connects; a question over the greeting would cut it), a question, then
+    # enough silence to answer it.
     question = speech("What is your name?")
     mic = np.concatenate(
-        [np.zeros(OUT_SAMPLE_RATE // 2, np.float32), question, np.zeros(OUT_SAMPLE_RATE * 8, np.float32)]
+        [np.zeros(OUT_SAMPLE_RATE * 3, np.float32), question, np.zeros(OUT_SAMPLE_RATE * 8, np.float32)]
     )
     wav = tmp_path / "mic.wav"
     write_wav(str(wav), mic, OUT_SAMPLE_RATE)

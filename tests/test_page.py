@@ -115,7 +115,7 @@ async def test_page_joins_in_phone_mode(browser: Chromium) -> None:
 
 async def test_page_joins_in_video_mode(browser: Chromium) -> None:
     host = HarnessCallHost()
-    async with serving(host) as settings:
+    async with serving(host, video_fps=1.5, video_max_width=160) as settings:
         page = await browser.new_page()
         await page.goto(settings.base_url + "/")
         await page.wait_for_function("window.presence && window.presence.config !== null")
@@ -128,6 +128,13 @@ async def test_page_joins_in_video_mode(browser: Chromium) -> None:
         # the harness sends nothing back here, so audio settles as sendonly too
         assert kinds == [["audio", "sendonly"], ["video", "sendonly"]]
         assert await page.is_visible("#local-video")
+        # The camera goes out no larger or faster than the bot samples it (320 px -> 160 px).
+        encoding = await page.evaluate(
+            "window.presence.pc.getSenders().find(s => s.track && s.track.kind === 'video')"
+            ".getParameters().encodings[0]"
+        )
+        assert encoding["scaleResolutionDownBy"] == 2
+        assert encoding["maxFramerate"] == 3
         await page.click("#hangup")
         await wait_until(lambda: not host.peers)
 

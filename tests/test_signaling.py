@@ -385,6 +385,8 @@ async def test_page_config_and_static(serve: Serve, http: aiohttp.ClientSession)
             "ice_servers": [{"urls": "stun:stun.example.org:3478"}],
             "token_required": False,
             "micro_turn_ms": 160,
+            "video_fps": 2.0,
+            "video_max_width": 320,
         }
 
 

@@ -26,6 +26,7 @@ from presence.bot.asr_feed import ASRFeed
 from presence.bot.backends.factory import Backends
 from presence.bot.between_ticks import BetweenTicks
 from presence.bot.caller_state import CallerState
+from presence.bot.context import Conversation, Fold
 from presence.bot.jobs.types import JobResult
 from presence.bot.policy import RESULT, RuleParams, is_backchannel, is_filler
 from presence.bot.reply import ReplyTask, final_pass, plain_words, synthesize
@@ -46,9 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
-# Recent messages a reply sees (the system prompt always): the few-shot prompt of the bundled
-# model holds fewer anyway, and counting tokens over a whole long call grew with its length.
-MAX_CONTEXT_MESSAGES = 24
 # Backchannel audio, synthesised once per (TTS instance, text).
 _BC_CLIPS: dict[tuple[int, str], np.ndarray] = {}
 
@@ -76,7 +74,7 @@ class Engine(BetweenTicks):
         self.on_step = on_step
         self.on_latency = on_latency
         self.state = FloorState()
-        self.history: list[ChatMessage] = [ChatMessage("system", settings.system_prompt)]
+        self.conversation = Conversation(settings.system_prompt)
         self.turns = 0
         self.actions: dict[str, int] = {}
         self._thr = settings.vad_threshold
@@ -96,7 +94,7 @@ class Engine(BetweenTicks):
         self._live: ReplyTask | None = None  # committed to the speech track
         self._commit_when_ready = False
         self._turn_end_t: float | None = None
-        self._user_index: int | None = None
+        self._user_id: int | None = None
         self._cut: Utterance | None = None
         self._cut_at = -1e9
         self._bot_last_spoke_at: float | None = None
@@ -352,8 +350,7 @@ class Engine(BetweenTicks):
             return
         self._bot_last_answered = speakers[0] if len(speakers) == 1 else None
         self._cut = None
-        self.history.append(ChatMessage("user", text))
-        self._user_index = len(self.history) - 1
+        self._user_id = self.conversation.append(ChatMessage("user", text))
         self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns)
         reply = self._pending
         spoken = self.results.route(text)
@@ -368,11 +365,27 @@ class Engine(BetweenTicks):
         self._pending = None
         self._commit(reply)
         if self.backends.transcriber is not None and audio.size:
-            self._spawn(self._final_pass(reply, audio, self._user_index, self.turns), "final-asr")
+            self._spawn(self._final_pass(reply, audio, self._user_id, self.turns), "final-asr")
         self.turns += 1
 
+    @property
+    def history(self) -> list[ChatMessage]:
+        """What the next reply sees: system prompt, rolling summary, recent turns."""
+        return self.conversation.messages()
+
     def _context(self, *extra: ChatMessage) -> list[ChatMessage]:
-        return [self.history[0], *self.history[1:][-MAX_CONTEXT_MESSAGES:], *extra]
+        return self.conversation.messages(*extra)
+
+    def _remember(self, message: ChatMessage) -> None:
+        self.conversation.append(message)
+        fold = self.conversation.step()
+        if fold is not None:  # off the reply path: the summary lands when it is ready
+            self._spawn(self._fold(fold), "summary")
+
+    async def _fold(self, fold: Fold) -> None:
+        await self.conversation.run(fold)
+        # The context's front changed: into the model's cache now, not the next first token.
+        await self.backends.responder.prefill(self.conversation.messages())
 
     def _fixed_reply(self, text: str) -> ReplyTask:
         return ReplyTask(self.backends.responder, self.backends.tts, [], self.events, fixed_text=text)
@@ -393,7 +406,7 @@ class Engine(BetweenTicks):
 
     def _speak_result(self) -> None:
         result, reply = self.results.pop()
-        self.history.append(ChatMessage("tool", f"{result.kind} result: {reply.fixed_text}"))
+        self._remember(ChatMessage("tool", f"{result.kind} result: {reply.fixed_text}"))
         self._commit(reply)
 
     def _commit(self, reply: ReplyTask) -> None:
@@ -402,11 +415,10 @@ class Engine(BetweenTicks):
         self._live = reply
         self.track.play(reply.utterance)
 
-    async def _final_pass(self, reply: ReplyTask, audio: np.ndarray, index: int, turn: int) -> None:
+    async def _final_pass(self, reply: ReplyTask, audio: np.ndarray, user_id: int | None, turn: int) -> None:
         assert self.backends.transcriber is not None
         text = await final_pass(self.backends.transcriber, reply, audio)
-        if text and index < len(self.history) and self.history[index].role == "user":
-            self.history[index] = ChatMessage("user", text)
+        if text and user_id is not None and self.conversation.replace(user_id, ChatMessage("user", text)):
             self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final")
 
     def _on_utterance_end(self, utt: Utterance) -> None:
@@ -414,7 +426,7 @@ class Engine(BetweenTicks):
             self._bot_last_spoke_at = now()
         heard = utt.heard_text()
         if heard:
-            self.history.append(ChatMessage("assistant", heard + ("…" if utt.flushed else "")))
+            self._remember(ChatMessage("assistant", heard + ("…" if utt.flushed else "")))
 
     def _on_event(self, event: CallEvent) -> None:
         # Voice-to-voice as the bot sees it, with its breakdown, for the page and /metrics.

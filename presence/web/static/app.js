@@ -35,6 +35,7 @@ const presence = {
   peerId: null,
   error: null, // {code, message} of the last failed join
   jobs: [], // background jobs of this call: {job_id, kind, status, title, summary}
+  listeners: [], // functions called with every bot event (an embedding page or a benchmark)
   remoteLevel() {
     // RMS of what the page receives from the bot (0 when nothing is attached yet)
     if (!analyser) return 0;
@@ -217,6 +218,13 @@ function onMessage(raw) {
   }
   if (!msg || typeof msg !== "object" || msg.type !== "event") return;
   logEvent(msg);
+  for (const listener of presence.listeners) {
+    try {
+      listener(msg);
+    } catch (err) {
+      console.error("presence event listener failed", err);
+    }
+  }
   const nested = msg.data && typeof msg.data === "object" ? msg.data : null;
   const data = nested ? { ...msg, ...nested, name: msg.name } : msg;
   if (data.name === "state" && BOT_STATES.has(data.state)) setState(data.state);
@@ -233,6 +241,19 @@ function onMessage(raw) {
 }
 
 // ------------------------------------------------------------------ WebRTC
+
+// The bot looks at a few small frames a second (video_fps, video_max_width): sending more only
+// costs both machines CPU (encoding here, decoding there) that the voice needs. The local
+// preview keeps the camera's full size.
+function videoEncoding(track, cfg) {
+  const width = track.getSettings().width ?? 640;
+  const maxWidth = cfg.video_max_width ?? 320;
+  const fps = cfg.video_fps ?? 2;
+  return {
+    scaleResolutionDownBy: Math.max(1, width / maxWidth),
+    maxFramerate: Math.max(1, Math.ceil(fps * 2)), // twice the sampling rate: room for jitter
+  };
+}
 
 function gatheringComplete(pc, timeoutMs) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -327,7 +348,7 @@ async function join() {
     if (!mic) throw new JoinError("no_microphone", "no microphone track was granted");
     pc.addTransceiver(mic, { direction: "sendrecv", streams: [localStream] });
     const cam = localStream.getVideoTracks()[0];
-    if (cam) pc.addTransceiver(cam, { direction: "sendonly", streams: [localStream] });
+    if (cam) pc.addTransceiver(cam, { direction: "sendonly", streams: [localStream], sendEncodings: [videoEncoding(cam, cfg)] });
     // before createOffer, so the offer carries the SCTP m-line
     channel = pc.createDataChannel("events");
     channel.addEventListener("message", (e) => onMessage(e.data));

@@ -1,0 +1,73 @@
+"""The long-call benchmark's bookkeeping: its microphone, per-minute figures and false turns."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from presence.bench.longcall import LongCall, Question, Reply, Sample, _take, make_microphone, report
+from presence.media.audio import read_wav
+
+
+def test_the_microphone_asks_a_question_every_10_to_15_seconds(tmp_path: Path) -> None:
+    questions = make_microphone(tmp_path / "mic.wav", 1.0, seed=3)
+    starts = [q.start_s for q in questions]
+    assert len(questions) >= 4
+    assert all(10.0 <= b - a <= 15.5 for a, b in itertools.pairwise(starts))
+    audio, rate = read_wav(str(tmp_path / "mic.wav"))
+    assert rate == 48_000 and audio.size / rate >= 60
+    for q in questions:  # voiced where it says, silent before it
+        assert np.abs(audio[int(q.start_s * rate) : int(q.end_s * rate)]).max() > 0.05
+        assert np.abs(audio[int((q.start_s - 0.5) * rate) : int((q.start_s - 0.1) * rate)]).max() == 0
+
+
+def test_replies_false_turns_and_the_minute_ratio_are_counted() -> None:
+    questions = [Question("What is your name?", 5.0 + 12 * i, 6.0 + 12 * i) for i in range(50)]
+    call = LongCall(questions)
+    pending: dict[str, float] = {}
+    origin = 100.0
+    _take(call, {"name": "caller_speech_start", "t": origin + 5.02}, pending, questions)
+    for i, q in enumerate(questions):
+        t = origin + q.end_s + 0.6
+        _take(
+            call,
+            {"name": "caption", "t": t, "who": "caller", "final": True, "text": q.text},
+            pending,
+            questions,
+        )
+        # the final pass's caption of the same turn is not another turn
+        _take(
+            call,
+            {"name": "caption", "t": t + 0.5, "who": "caller", "final": True, "pass_": "final", "text": "x"},
+            pending,
+            questions,
+        )
+        slow = 1.5 if q.start_s >= 480 else 1.0
+        for metric in ("end_of_turn_decided", "responder_first_token"):
+            _take(call, {"name": "latency", "t": t, "metric": metric, "ms": 200.0 * slow}, pending, questions)
+        msg = {"name": "latency", "t": t + 0.1, "data": {"metric": "voice_to_voice", "ms": 500.0 * slow}}
+        _take(call, {**msg, **msg["data"]} if i % 2 else msg, pending, questions)  # flat or nested
+    # "and the" in the silence between two questions is a false turn
+    _take(
+        call,
+        {"name": "caption", "t": origin + 14.0, "who": "caller", "final": True, "text": "and the"},
+        pending,
+        questions,
+    )
+    call.samples = [Sample(m, 500.0 + m, 80.0) for m in range(10)]
+    assert call.origin is not None and abs(call.origin - (origin + 0.02)) < 1e-9
+    assert len(call.replies) == 50
+    assert call.replies[0].ms == {
+        "end_of_turn_decided": 200.0,
+        "responder_first_token": 200.0,
+        "voice_to_voice": 500.0,
+    }
+    assert [text for _, text in call.false_turns()] == ["and the"]
+    last, first, ratio = call.ratio()
+    assert (first, last) == (500.0, 750.0) and abs(ratio - 1.5) < 1e-9
+    text = report(call, 10)
+    assert "ratio 1.50x" in text and "false caller turns in silence: 1" in text
+    assert "questions answered: 50 of 50" in text
+    assert isinstance(call.replies[-1], Reply)
