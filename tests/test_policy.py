@@ -7,6 +7,7 @@ import pytest
 
 from presence.bot.policy import (
     EndpointingOptions,
+    InterruptionOptions,
     RuleBasedPolicy,
     RuleParams,
     is_backchannel,
@@ -34,7 +35,7 @@ def turn(start: float = 10.0) -> MicroTurn:
 
 @pytest.fixture
 def policy() -> RuleBasedPolicy:
-    return RuleBasedPolicy(RuleParams(backchannel_words=BC))
+    return RuleBasedPolicy(RuleParams(interruption=InterruptionOptions(backchannel_words=BC)))
 
 
 def test_listens_while_the_caller_talks(policy: RuleBasedPolicy) -> None:
@@ -122,7 +123,7 @@ def test_word_helpers() -> None:
 
 def test_params_come_from_settings() -> None:
     params = RuleParams.from_settings(Settings(eot_silence_ms=500, backchannel_words=["Yeah"]))
-    assert params.eot_silence_ms == 500 and params.backchannel_words == frozenset({"yeah"})
+    assert params.eot_silence_ms == 500 and params.interruption.backchannel_words == frozenset({"yeah"})
 
 
 def test_a_long_overlap_waits_for_its_words_before_resuming(policy: RuleBasedPolicy) -> None:
@@ -146,7 +147,9 @@ ENDPOINTING = EndpointingOptions(
 
 @pytest.fixture
 def fused() -> RuleBasedPolicy:
-    return RuleBasedPolicy(RuleParams(backchannel_words=BC, endpointing=ENDPOINTING))
+    return RuleBasedPolicy(
+        RuleParams(interruption=InterruptionOptions(backchannel_words=BC), endpointing=ENDPOINTING)
+    )
 
 
 def _waiting(text: str, probability: float | None, silence_ms: float) -> FloorState:

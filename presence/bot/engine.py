@@ -28,7 +28,7 @@ from presence.bot.between_ticks import BetweenTicks
 from presence.bot.caller_state import CallerState
 from presence.bot.context import Conversation, Fold
 from presence.bot.jobs.types import JobResult
-from presence.bot.policy import RESULT, RuleParams, is_backchannel, is_filler
+from presence.bot.policy import RESULT, InterruptionOptions, is_backchannel, is_filler
 from presence.bot.reply import ReplyTask, final_pass, plain_words, synthesize
 from presence.bot.results import CallResults
 from presence.bot.turn_latency import report_voice_to_voice
@@ -78,8 +78,8 @@ class Engine(BetweenTicks):
         self.turns = 0
         self.actions: dict[str, int] = {}
         self._thr = settings.vad_threshold
-        # The same vocabulary the rule policy uses (lowercased once, as RuleParams does).
-        self._bc_words = RuleParams.from_settings(settings).backchannel_words
+        # The same vocabulary the rule policy uses (lowercased once, as its options do).
+        self._bc_words = InterruptionOptions.from_settings(settings).backchannel_words
         self.caller = CallerState(settings.vad_threshold)
         self._asr = backends.asr_factory() if backends.asr_factory else None
         self.asr = ASRFeed(call_id, self._asr, self._transcribe_turn, self._on_partial)

@@ -66,15 +66,38 @@ class EndpointingOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class InterruptionOptions:
+    """What the caller's speech over the bot does (LiveKit's interruption options, plus a hold).
+
+    Overlapping speech for ``hold_onset_ms`` pauses the bot at once, keeping its place. The bot
+    yields once the overlap reaches ``barge_in_ms`` with a real word in it, or ``max_ms`` with
+    anything; ``backchannel_words`` ("okay", "mm-hm") are never real. A held bot resumes after
+    ``resume_silence_ms`` of silence.
+    """
+
+    hold_onset_ms: float = 60
+    barge_in_ms: float = 500
+    max_ms: float = 1000
+    resume_silence_ms: float = 300
+    backchannel_words: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> InterruptionOptions:
+        return cls(
+            hold_onset_ms=s.hold_onset_ms,
+            barge_in_ms=s.barge_in_ms,
+            max_ms=s.barge_in_max_ms,
+            resume_silence_ms=s.resume_silence_ms,
+            backchannel_words=frozenset(w.lower() for w in s.backchannel_words),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RuleParams:
     eot_silence_ms: float = 300
     eot_incomplete_ms: float = 800
     min_turn_speech_ms: float = 200
-    hold_onset_ms: float = 60
-    barge_in_ms: float = 500
-    barge_in_max_ms: float = 1000
-    resume_silence_ms: float = 300
-    backchannel_words: frozenset[str] = field(default_factory=frozenset)
+    interruption: InterruptionOptions = field(default_factory=InterruptionOptions)
     bot_backchannels: bool = True
     backchannel_after_ms: float = 3000
     backchannel_gap_ms: float = 4000  # never backchannel more often than this
@@ -89,11 +112,7 @@ class RuleParams:
             eot_silence_ms=s.eot_silence_ms,
             eot_incomplete_ms=s.eot_incomplete_ms,
             min_turn_speech_ms=s.min_turn_speech_ms,
-            hold_onset_ms=s.hold_onset_ms,
-            barge_in_ms=s.barge_in_ms,
-            barge_in_max_ms=s.barge_in_max_ms,
-            resume_silence_ms=s.resume_silence_ms,
-            backchannel_words=frozenset(w.lower() for w in s.backchannel_words),
+            interruption=InterruptionOptions.from_settings(s),
             bot_backchannels=s.bot_backchannels,
             backchannel_after_ms=s.backchannel_after_ms,
             backchannel_text=s.backchannel_text,
@@ -158,12 +177,16 @@ class RuleBasedPolicy:
 
     def on_frame(self, vad_prob: float, state: FloorState) -> Action | None:
         # The reflex: a voice onset over the bot pauses it now; step() settles what it was.
-        if state.bot_speaking and not state.bot_held and state.overlap_speech_ms >= self.p.hold_onset_ms:
+        if (
+            state.bot_speaking
+            and not state.bot_held
+            and state.overlap_speech_ms >= self.p.interruption.hold_onset_ms
+        ):
             return Action(Floor.HOLD, reason="caller onset over bot")
         return None
 
     def step(self, turn: MicroTurn, state: FloorState) -> Action:
-        p = self.p
+        p, bi = self.p, self.p.interruption
         if state.result_waiting and not state.bot_speaking:
             # A background result is woven in when nobody holds the floor; an urgent one may
             # talk over the caller, a routine one never does.
@@ -176,15 +199,15 @@ class RuleBasedPolicy:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
             overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
             words = state.partial_text.strip()
-            real_words = bool(words) and not is_backchannel(words, p.backchannel_words)
-            if overlap >= p.barge_in_max_ms or (overlap >= p.barge_in_ms and real_words):
+            real_words = bool(words) and not is_backchannel(words, bi.backchannel_words)
+            if overlap >= bi.max_ms or (overlap >= bi.barge_in_ms and real_words):
                 return Action(Floor.YIELD, reason="barge-in")
             if state.bot_held:
-                if state.caller_silence_ms >= p.resume_silence_ms:
+                if state.caller_silence_ms >= bi.resume_silence_ms:
                     # Short speech or backchannel words: resume. Long speech whose words the
                     # ASR has not delivered yet ("Wait, stop." then a pause): keep holding a
                     # little longer rather than talk over a real interruption.
-                    if overlap < p.barge_in_ms or words or state.caller_silence_ms >= p.barge_in_max_ms:
+                    if overlap < bi.barge_in_ms or words or state.caller_silence_ms >= bi.max_ms:
                         return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
                 return Action(Floor.HOLD)
             return Action(Floor.CONTINUE)

@@ -2,7 +2,8 @@
 
 A reply is prepared speculatively while the caller may still continue; the engine only hands
 the utterance to the speech track when the policy takes the turn, and cancels it otherwise.
-The first piece is cut short (a clause) so that the first audio comes early.
+The first piece is cut short (a clause, or the first phrase of a long sentence) so that the first
+audio comes early.
 """
 
 from __future__ import annotations
@@ -26,21 +27,35 @@ log = logging.getLogger(__name__)
 
 _SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
 _CLAUSE_END = re.compile(r"[,—–](?=\s)")
+# Where a long first sentence may be cut without a comma: before a conjunction that opens a
+# clause ("I think it would help | if you learned French."); not before prepositions or "that"
+# ("let me check that | for you" sounds broken). The lookahead waits for the word to end.
+_PHRASE_START = re.compile(
+    r"\s(?=(?:and|but|because|which|if|when|while|where|after|before|until|unless)\s)",
+    re.IGNORECASE,
+)
+PHRASE_MIN_WORDS = 5  # shorter first sentences stay whole: cutting them only costs prosody
 
 
 def pop_speakable(buffer: str, first: bool) -> tuple[list[str], str]:
     """Split streamed text into pieces ready for TTS and the unfinished rest.
 
-    A sentence end always cuts; for the first piece a clause of at least three words also cuts,
-    because the caller is waiting for the first audio.
+    A sentence end always cuts. For the first piece, because the caller is waiting for the
+    first audio, a clause of at least three words also cuts, and so does the start of a phrase
+    ("if", "because", "and"...) after at least ``PHRASE_MIN_WORDS`` words.
     """
     pieces: list[str] = []
     while True:
         match = _SENTENCE_END.search(buffer)
         if (first and not pieces) and match is None:
-            clause = _CLAUSE_END.search(buffer)
-            if clause and len(buffer[: clause.end()].split()) >= 3:
-                match = clause
+            # the first comma after three words ("Well, as it happens," not "Well,")
+            clauses = (m for m in _CLAUSE_END.finditer(buffer) if len(buffer[: m.end()].split()) >= 3)
+            phrases = (
+                m
+                for m in _PHRASE_START.finditer(buffer)
+                if len(buffer[: m.start()].split()) >= PHRASE_MIN_WORDS
+            )
+            match = next(clauses, None) or next(phrases, None)
         if match is None:
             return pieces, buffer
         piece = buffer[: match.end()].strip()
