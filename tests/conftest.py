@@ -16,6 +16,7 @@ import pytest
 
 from presence.bot.backends.factory import Backends, build_backends, warm_up
 from presence.bot.calls import CallManager
+from presence.bot.session import CallSession
 from presence.config import Settings
 from presence.seams import OUT_SAMPLE_RATE
 
@@ -121,3 +122,8 @@ def heard_as(transcript: str, said: str, at_least: float = 0.75) -> bool:
     """The offline ASR of a recording matches what the bot said (whisper tiny.en mishears a
     word now and then, e.g. "Presence" as "presets", so this compares whole strings)."""
     return difflib.SequenceMatcher(None, _words(transcript), _words(said)).ratio() >= at_least
+
+
+def bot_heard(session: CallSession) -> list[tuple[str, object]]:
+    """What the bot made of the callers (captions and turns it set aside), for failure messages."""
+    return [(e.name, e.data) for e in session.events.history if e.name in ("caption", "not_addressed")]

@@ -12,7 +12,7 @@ import gc
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import SR_OUT, BotServer, heard_as
+from conftest import SR_OUT, BotServer, bot_heard, heard_as
 
 from presence.caller import Caller
 from presence.clock import now
@@ -239,10 +239,7 @@ async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> 
             try:
                 await caller.wait_event(Ev.BOT_SPEECH_START, after=sent_at, timeout=20)
             except TimeoutError:
-                said = [
-                    (e.name, e.data) for e in session.events.history if e.name in ("caption", "not_addressed")
-                ]
-                pytest.fail(f"no answer; the bot heard {said}")
+                pytest.fail(f"no answer; the bot heard {bot_heard(session)}")
         await asyncio.sleep(1.0)
         for caller in (ann, bob):
             assert caller.recorder.last_voiced_at is not None and caller.recorder.last_voiced_at > sent_at

@@ -10,7 +10,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import SR_OUT, BotServer
+from conftest import SR_OUT, BotServer, bot_heard
 
 from presence.bench.fdb.stimuli import find_comma_pause, stretch_pause
 from presence.caller import Caller
@@ -92,10 +92,7 @@ async def test_talk_between_two_people_gets_no_reply_but_the_bots_name_does(bot:
         try:
             await ann.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
         except TimeoutError:
-            heard = [
-                (e.name, e.data) for e in session.events.history if e.name in ("caption", "not_addressed")
-            ]
-            pytest.fail(f"no answer to the bot's name; the bot heard {heard}")
+            pytest.fail(f"no answer to the bot's name; the bot heard {bot_heard(session)}")
         users = [m.content.lower() for m in session.engine.history if m.role == "user"]
         assert users and "time" in users[-1], users
     finally:

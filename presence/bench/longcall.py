@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from presence.bench.latency import ServerProcess, _tree, make_clips, start_bot
+from presence.bench.latency import ServerProcess, _tree, make_clips, pct, start_bot
 from presence.browser import launch_chromium, make_y4m
 from presence.clock import now
 from presence.config import Settings
@@ -115,10 +115,6 @@ def _rss_mb(server: ServerProcess) -> float:
 def _flat(msg: dict[str, Any]) -> dict[str, Any]:
     nested = msg.get("data")
     return {**msg, **nested, "name": msg.get("name")} if isinstance(nested, dict) else msg
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 @dataclass

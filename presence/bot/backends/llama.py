@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -28,15 +29,47 @@ from presence.bot.backends.responder import (
     BOT_NAME,
     DEFAULT_SYSTEM_PROMPT,
     ResponderError,
-    SentenceLimiter,
     arithmetic,
     last_user,
     plain_text,
-    system_text,
 )
 from presence.seams import ChatMessage
 
 log = logging.getLogger(__name__)
+
+# A sentence is complete once its end mark is followed by whitespace ("3.5" is not an end).
+_SENTENCE_DONE = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
+
+
+class SentenceLimiter:
+    """Cuts a delta stream after ``max_sentences`` complete sentences (spoken replies stay short)."""
+
+    def __init__(self, max_sentences: int) -> None:
+        self.max_sentences = max_sentences
+        self.text = ""
+        self.done = False
+
+    def feed(self, delta: str) -> str:
+        """The part of ``delta`` to emit; sets ``done`` once the limit is reached."""
+        if self.done:
+            return ""
+        candidate = self.text + delta
+        ends = list(_SENTENCE_DONE.finditer(candidate))
+        if len(ends) >= self.max_sentences:
+            cut = ends[self.max_sentences - 1].end()
+            self.done = True
+            emit = candidate[len(self.text) : cut] if cut > len(self.text) else ""
+        else:
+            emit = delta
+        self.text += emit
+        return emit
+
+
+def system_text(messages: Sequence[ChatMessage], default: str) -> str:
+    """The first system message: the prompt. Later ones (the call's summary) are notes."""
+    first = next((m.content.strip() for m in messages if m.role == "system"), "")
+    return first or default
+
 
 # Gemma 270M is a base model: it continues text rather than following instructions, so the
 # prompt is a transcript that already shows the wanted behaviour (short, friendly, named

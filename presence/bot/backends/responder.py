@@ -28,42 +28,6 @@ class ResponderError(RuntimeError):
     """A responder could not produce a reply (endpoint down, HTTP error, broken stream)."""
 
 
-# ---------------------------------------------------------------------------- shared helpers
-
-# A sentence is complete once its end mark is followed by whitespace ("3.5" is not an end).
-_SENTENCE_DONE = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
-
-
-class SentenceLimiter:
-    """Cuts a delta stream after ``max_sentences`` complete sentences (spoken replies stay short)."""
-
-    def __init__(self, max_sentences: int) -> None:
-        self.max_sentences = max_sentences
-        self.text = ""
-        self.done = False
-
-    def feed(self, delta: str) -> str:
-        """The part of ``delta`` to emit; sets ``done`` once the limit is reached."""
-        if self.done:
-            return ""
-        candidate = self.text + delta
-        ends = list(_SENTENCE_DONE.finditer(candidate))
-        if len(ends) >= self.max_sentences:
-            cut = ends[self.max_sentences - 1].end()
-            self.done = True
-            emit = candidate[len(self.text) : cut] if cut > len(self.text) else ""
-        else:
-            emit = delta
-        self.text += emit
-        return emit
-
-
-def system_text(messages: Sequence[ChatMessage], default: str) -> str:
-    """The first system message: the prompt. Later ones (the call's summary) are notes."""
-    first = next((m.content.strip() for m in messages if m.role == "system"), "")
-    return first or default
-
-
 # ---------------------------------------------------------------------------- OpenAI-compatible
 
 
