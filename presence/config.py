@@ -74,6 +74,10 @@ class Settings:
     eot_incomplete_threshold: float = _opt(
         0.5, "fused: detector probability below which the turn counts as 'unfinished'"
     )
+    eot_text_threshold: float = _opt(
+        0.3,
+        "fused: text end-of-turn probability (text_turn_detector) below which the words count as 'unfinished'",
+    )
     eot_detector_reading: str = _opt(
         "first",
         "fused: which detector answer of a silence counts: first (at the first silent chunk, where "
@@ -92,10 +96,12 @@ class Settings:
     min_turn_speech_ms: int = _opt(200, "caller speech needed before a turn can end (ignores clicks)")
     hold_onset_ms: int = _opt(60, "caller speech over the bot that pauses its output at once")
     barge_in_ms: int = _opt(
-        500, "caller speech over the bot, with a recognised non-backchannel word, that is a barge-in"
+        500, "caller speech over the bot, with two recognised words not all backchannels, that is a barge-in"
     )
     barge_in_max_ms: int = _opt(
-        1000, "caller speech over the bot that is a barge-in even before any word is recognised"
+        1500,
+        "caller speech over the bot that is a barge-in even before its words are recognised "
+        "(the bot is silent from the onset anyway; longer lets side talk be recognised)",
     )
     resume_silence_ms: int = _opt(
         300, "silence after a short overlap before the bot resumes (false interruption)"
@@ -139,6 +145,12 @@ class Settings:
         "smart-turn",
         "audio end-of-turn detector: smart-turn (v3.2 ONNX from the installed pipecat-ai wheel) or none",
         choices=("smart-turn", "none"),
+    )
+    text_turn_detector: str = _opt(
+        "llm",
+        "end of turn from the words: llm (the local llama.cpp model's next-token probability of a "
+        "sentence end, when the responder is llama) or none",
+        choices=("llm", "none"),
     )
     turn_detector_model: str = _opt(
         "", "smart-turn ONNX file: a local path or hub id (default: the file inside pipecat-ai)"
@@ -237,6 +249,8 @@ class Settings:
             problems.append("vad_threshold must lie between 0 and 1")
         if self.video_fps < 0:
             problems.append("video_fps must not be negative")
+        if not 0.0 <= self.eot_text_threshold <= 1.0:
+            problems.append("eot_text_threshold must lie between 0 and 1")
         if not 0.0 <= self.eot_incomplete_threshold <= self.eot_complete_threshold <= 1.0:
             problems.append(
                 "eot thresholds must satisfy 0 <= eot_incomplete_threshold <= eot_complete_threshold <= 1"

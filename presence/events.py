@@ -20,6 +20,7 @@ class Ev(enum.StrEnum):
     CALLER_SPEECH_END = "caller_speech_end"
     END_OF_TURN_DECIDED = "end_of_turn_decided"
     TURN_DETECTOR = "turn_detector"  # {"probability", "silence_ms", "ms"}: an end-of-turn answer
+    TEXT_TURN_DETECTOR = "text_turn_detector"  # {"probability", "ms"}: the words' end-of-turn answer
     NOT_ADDRESSED = "not_addressed"  # {"text", "reason"}: a caller turn that was not for the bot
     ASR_FINAL = "asr_final"  # the streaming ASR's final text of a caller utterance is known
     RESPONDER_FIRST_TOKEN = "responder_first_token"

@@ -106,6 +106,11 @@ class FloorState:
     # P(turn complete) from the TurnDetector for the current silence (None: not asked yet).
     eot_probability: float | None = None
     name_only: bool = False  # the words so far only call the bot ("Presence," ...): more is coming
+    # P(turn complete) from the TextTurnDetector for the words at this silence; pending while asked.
+    text_eot_probability: float | None = None
+    text_eot_pending: bool = False
+    # The speech over the bot sounds meant for someone else (a vocative, or off-axis level).
+    side_talk: bool = False
     last_backchannel_at: float = -1e9
     result_waiting: bool = False  # a background job's result is ready to be woven in
     result_urgent: bool = False  # ...and it may interrupt the caller
@@ -161,6 +166,20 @@ class TurnDetector(Protocol):
     name: str
 
     def probability(self, audio: np.ndarray) -> float: ...
+
+
+@runtime_checkable
+class TextTurnDetector(Protocol):
+    """End of turn from the words: P(the caller's last message is a finished turn), judged by
+    a language model in the context of the call (LiveKit's turn detector works this way).
+
+    ``messages`` is the call's context ending with the caller's words so far. Awaited; the
+    backend runs its model off the event loop.
+    """
+
+    name: str
+
+    async def end_of_turn(self, messages: Sequence[ChatMessage]) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)

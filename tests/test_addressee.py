@@ -287,3 +287,18 @@ def test_a_turn_that_began_with_the_name_alone_is_for_the_bot() -> None:
         bot_last_answered=None, participants=2, began_with_name=True,
     )  # fmt: skip
     assert tracker.step(began) == Verdict(True, "name")
+
+
+def test_speech_over_the_bot_is_judged_side_talk_while_it_goes_on() -> None:
+    t = AddresseeTracker(AddresseeOptions())
+    # Partial words, as the streaming ASR gives them during the overlap.
+    assert t.side_talk("Hey Sam, can you", "a", None) == "vocative:sam"
+    assert t.side_talk("Mike, could you close", "a", -20.0) == "vocative:mike"
+    assert t.side_talk("Presence, wait", "a", None) is None  # the bot's name always wins
+    assert t.side_talk("wait stop", "a", None) is None
+    assert t.side_talk("", "a", -40.0) is None  # no typical level known yet
+    t.observe_level("a", -22.0)
+    assert t.side_talk("", "a", -30.0) == "off-axis"  # quiet: someone away from the mic
+    assert t.side_talk("sorry to cut in", "a", -23.0) is None  # the caller's own level
+    for text in INTERRUPTIONS:
+        assert t.side_talk(text, "a", -22.0) is None, text

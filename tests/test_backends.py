@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,7 +28,13 @@ from presence.bot.backends.factory import (
     warm_up,
 )
 from presence.bot.backends.isolated import RemoteStream
-from presence.bot.backends.llama import LlamaResponder, build_fewshot_prompt, chat_messages
+from presence.bot.backends.llama import (
+    LlamaResponder,
+    build_fewshot_prompt,
+    chat_messages,
+    default_llama_model,
+    turn_end_probability,
+)
 from presence.bot.backends.responder import OpenAIResponder, ResponderError, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS, split_for_speech
 from presence.bot.backends.vad import EnergyVAD, SileroVAD
@@ -39,6 +46,7 @@ from presence.seams import (
     ChatMessage,
     Responder,
     StreamingASR,
+    TextTurnDetector,
     Transcriber,
 )
 
@@ -523,6 +531,38 @@ async def test_llama_prefill_puts_the_new_context_in_the_cache(llama: LlamaRespo
         assert llama._prefill(call) is False
 
 
+async def test_llama_judges_whether_the_words_are_a_finished_turn(llama: LlamaResponder) -> None:
+    assert isinstance(llama, TextTurnDetector)
+    call = [ChatMessage("user", "Hello?"), ChatMessage("assistant", "Hi! How can I help?")]
+    unfinished = ("When I got home yesterday evening,", "I would like to", "Could you tell me if")
+    finished = ("What is your name?", "I lost my keys yesterday.", "Can I pay with a credit card?")
+    p_unfinished = [await llama.end_of_turn([*call, ChatMessage("user", t)]) for t in unfinished]
+    p_finished = [await llama.end_of_turn([*call, ChatMessage("user", t)]) for t in finished]
+    assert max(p_unfinished) < Settings().eot_text_threshold < min(p_finished), (p_unfinished, p_finished)
+    # The reply that follows finds the judged prompt in the cache.
+    assert "".join(await collect(llama.stream([*call, ChatMessage("user", finished[0])]))).strip()
+    assert llama.last_timings["prompt_n"] < 10
+
+
+async def test_llama_judges_the_words_through_a_chat_template_too() -> None:
+    chat = LlamaResponder(model_path=default_llama_model(), prompt_style="chat")
+    p_unfinished = await chat.end_of_turn([ChatMessage("user", "Because the store was")])
+    p_finished = await chat.end_of_turn([ChatMessage("user", "What is the capital of France?")])
+    assert p_unfinished < p_finished, (p_unfinished, p_finished)
+
+
+def test_turn_end_probability_counts_the_tokens_that_end_a_turn() -> None:
+    top = [
+        {"token": ".", "logprob": math.log(0.4)},
+        {"token": " and", "logprob": math.log(0.3)},
+        {"token": "?", "logprob": math.log(0.1)},
+        {"token": "<end_of_turn>", "logprob": math.log(0.1)},
+        {"token": ",", "logprob": math.log(0.05)},
+    ]
+    assert turn_end_probability(top) == pytest.approx(0.6)
+    assert turn_end_probability([]) == 0.0
+
+
 def test_fewshot_prompt_shape() -> None:
     messages = [ChatMessage("user", "Hi!\nHow are\tyou?"), ChatMessage("assistant", "Fine.")]
     prompt = build_fewshot_prompt(messages, "Be brief.")
@@ -754,6 +794,10 @@ def test_build_backends_defaults() -> None:
     except ImportError:
         expected = "rules"
     assert backends.responder.name == expected
+    # The local model also judges whether the caller's words are finished.
+    assert backends.text_turn_detector is (backends.responder if expected == "llama" else None)
+    if expected == "llama":
+        assert build_backends(Settings(text_turn_detector="none")).text_turn_detector is None
 
 
 def test_build_backends_alternatives() -> None:
@@ -764,6 +808,7 @@ def test_build_backends_alternatives() -> None:
     assert backends.asr_factory is None and backends.transcriber is None
     assert isinstance(backends.tts, EspeakTTS) and backends.tts.voice == "en-us"
     assert isinstance(backends.responder, RuleResponder)
+    assert backends.text_turn_detector is None  # rule text has no model to judge the words
 
     spanish = build_backends(
         Settings(language="es", asr="none", transcriber="none", tts="espeak", responder="rules")

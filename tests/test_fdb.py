@@ -535,3 +535,21 @@ async def test_small_live_run_over_chromium(tmp_path: Path, backends) -> None:  
         injection["end"],
     ]
     assert cats["turn_taking"]["tor"] == 1.0
+
+
+def test_configurations_from_the_command_line() -> None:
+    from presence.bench.fdb.cli import Config, configs_from
+
+    configs, text = configs_from("rules,fused", "auto", "300,500")
+    assert text == "auto" and configs == [Config("rules", 300), Config("rules", 500), Config("fused", 300)]
+    configs, text = configs_from("", "", "300", "rules:auto,fused:auto,fused:rules")
+    assert text == "auto"
+    assert [c.label for c in configs] == ["rules eot=300ms text=auto", "fused text=auto", "fused text=rules"]
+    assert configs[2].dirname == "fused-rules"
+    configs, _ = configs_from("fused", "auto,rules", "300")
+    assert [c.responder for c in configs] == ["auto", "rules"]
+    for bad in (("nope", "auto", "300", None), ("fused", "gpt", "300", None), ("fused", "auto", "x", None)):
+        with pytest.raises(ValueError):
+            configs_from(*bad)
+    with pytest.raises(ValueError, match="policy:responder"):
+        configs_from("", "", "300", "fused")

@@ -84,11 +84,28 @@ def test_barge_in_needs_a_real_word_or_long_speech(policy: RuleBasedPolicy) -> N
     assert policy.step(turn(), s).floor is Floor.HOLD  # no words yet: keep holding
     s.partial_text = "yeah okay"
     assert policy.step(turn(), s).floor is Floor.HOLD  # backchannel words only
+    s.partial_text = "my"
+    assert policy.step(turn(), s).floor is Floor.HOLD  # one word: maybe misheard ("mike, ...")
     s.partial_text = "wait stop"
     assert policy.step(turn(), s).floor is Floor.YIELD
     s.partial_text = ""
-    s.overlap_speech_ms = 1000
+    s.overlap_speech_ms = 1500
     assert policy.step(turn(), s).floor is Floor.YIELD  # long speech, words or not
+
+
+def test_side_talk_over_the_bot_holds_it_but_never_takes_the_floor(policy: RuleBasedPolicy) -> None:
+    s = FloorState(
+        bot_speaking=True,
+        bot_held=True,
+        overlap_speech_ms=1200,
+        partial_text="hey sam can you pass",
+        side_talk=True,
+    )
+    assert policy.step(turn(), s).floor is Floor.HOLD  # long, real words: still no barge-in
+    s.caller_silence_ms = 300
+    assert policy.step(turn(), s).floor is Floor.RESUME  # it ended: carry on
+    s.side_talk, s.caller_silence_ms = False, 0
+    assert policy.step(turn(), s).floor is Floor.YIELD  # the same speech for the bot takes it
 
 
 def test_false_interruption_resumes(policy: RuleBasedPolicy) -> None:
@@ -135,7 +152,7 @@ def test_a_long_overlap_waits_for_its_words_before_resuming(policy: RuleBasedPol
     s.partial_text = "wait stop"
     assert policy.step(turn(), s).floor is Floor.YIELD
     s.partial_text = ""
-    s.caller_silence_ms = 1000  # nothing was recognised for a second: it was noise after all
+    s.caller_silence_ms = 1500  # nothing was recognised for 1.5 s: it was noise after all
     assert policy.step(turn(), s).floor is Floor.RESUME
 
 
@@ -194,6 +211,30 @@ def test_fused_uses_the_middle_delay_without_a_decisive_cue(fused: RuleBasedPoli
         assert fused.step(turn(), s).floor is Floor.SPEAK
 
 
+def test_fused_waits_for_max_delay_when_the_words_sound_unfinished(fused: RuleBasedPolicy) -> None:
+    # The audio detector is sure and no continuation word, but the language model says the
+    # words go on ("When I got home yesterday evening").
+    s = _waiting("when i got home yesterday evening", 0.95, 2000)
+    s.text_eot_probability = 0.02
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 2500
+    assert fused.step(turn(), s).floor is Floor.SPEAK
+    s.text_eot_probability, s.caller_silence_ms = 0.9, 200
+    assert fused.step(turn(), s).floor is Floor.SPEAK  # finished words: early
+
+
+def test_fused_does_not_take_the_turn_early_while_the_words_are_judged(fused: RuleBasedPolicy) -> None:
+    s = _waiting("what time is it", 0.9, 300)
+    s.text_eot_pending = True
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    assert fused.on_evidence(s) is None
+    s.caller_silence_ms = 600  # the middle delay: a slow judgement never holds the turn longer
+    assert fused.step(turn(), s).floor is Floor.SPEAK
+    s.text_eot_pending, s.text_eot_probability, s.caller_silence_ms = False, 0.8, 300
+    action = fused.on_evidence(s)
+    assert action is not None and action.floor is Floor.SPEAK
+
+
 def test_fused_on_evidence_takes_the_turn_between_ticks_only_when_due(fused: RuleBasedPolicy) -> None:
     s = _waiting("what time is it", 0.9, 250)
     action = fused.on_evidence(s)
@@ -221,6 +262,12 @@ def test_fused_options_come_from_settings() -> None:
         Settings(eot_complete_threshold=0.2, eot_incomplete_threshold=0.5)
     with pytest.raises(ValueError, match="eot delays"):
         Settings(eot_min_delay_ms=900, eot_delay_ms=600)
+    with pytest.raises(ValueError, match="eot_text_threshold"):
+        Settings(eot_text_threshold=1.5)
+    assert (
+        RuleParams.from_settings(Settings(eot_text_threshold=0.4)).endpointing.text_incomplete_threshold
+        == 0.4
+    )
 
 
 def test_fused_waits_after_the_bots_name_alone(fused: RuleBasedPolicy) -> None:

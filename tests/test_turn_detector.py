@@ -202,3 +202,30 @@ def test_endpointing_sweep_replays_the_fused_rule() -> None:
     rising = [0.1] * 5 + [0.9] * 25
     assert rule.fire_ms(rising, 100, True) == 500  # the latest answer counts
     assert Rule(200, 600, 2500, 0.7, 0.3, hold_ms=0).fire_ms(rising, 100, True) == 2500
+
+
+async def test_the_probe_asks_once_per_silence_unless_told_to_repeat(detector: SmartTurnDetector) -> None:
+    import asyncio
+
+    from presence.bot.turn_probe import TurnProbe, TurnProbeResult
+
+    for repeat, expect_more in ((False, False), (True, True)):
+        answers: list[TurnProbeResult] = []
+        probe = TurnProbe(detector, answers.append, interval_s=0.05, repeat=repeat)
+        probe.armed = True
+        speech = np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE).astype(np.float32)
+        silence = np.zeros(512, np.float32)
+        probe.push("a", speech, True, 1.0)
+        t = 1.0
+        for _ in range(20):  # 20 silent chunks, time for several answers
+            t += 0.032
+            probe.push("a", silence, False, t)
+            await asyncio.sleep(0.1)
+        await probe.close()
+        assert answers and answers[0].first
+        assert (len(answers) > 1) is expect_more, [a.first for a in answers]
+        probe.push("a", speech, True, t + 0.1)  # new speech: its silence gets an answer again
+        probe.push("a", silence, False, t + 0.2)
+        await asyncio.sleep(0.5)
+        assert probe.queries >= 2
+        await probe.close()

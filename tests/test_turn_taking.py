@@ -61,6 +61,9 @@ async def test_a_pause_to_think_gets_no_reply_until_the_sentence_ends(bot: BotSe
         print(f"reply {late:.2f} s after the sentence; decided {decided}")
         print([(round(float(e["t"]) - spoken_end, 2), e["probability"], e["silence_ms"]) for e in detector])  # type: ignore[arg-type]
         assert detector, "the turn detector was never asked"
+        words = [e["probability"] for e in caller.events if e.get("name") == Ev.TEXT_TURN_DETECTOR]
+        print("text detector", words)
+        assert words, "the words were never judged (the default LLM also judges the end of turn)"
         # Nothing during the pause: the first reply comes after the second half was spoken.
         assert float(reply["t"]) > sent_at + pause_end, (  # type: ignore[arg-type]
             f"the bot answered {float(reply['t']) - sent_at - pause_start:.2f} s into a 1.5 s pause"  # type: ignore[arg-type]
@@ -127,3 +130,32 @@ async def test_a_participant_leaving_mid_speech_does_not_silence_the_bot(bot_fac
         assert not holds, "\n".join(map(str, timeline))
     finally:
         await bob.hangup()
+
+
+async def test_side_talk_over_the_bot_pauses_it_but_does_not_stop_it(bot: BotServer, speech) -> None:  # type: ignore[no-untyped-def]
+    # Someone else in the room, away from the microphone (7 dB below the caller), speaks while
+    # the bot answers: the caller's own question told the bot their level.
+    question = speech("Can you tell me a little about the solar system?")
+    side_talk = speech("Hey Sam, can you pass me the salt?") * np.float32(0.3)
+    caller = await _connect(bot)
+    try:
+        await asyncio.sleep(0.5)
+        asked = await caller.say(question, SR_OUT)
+        start = await caller.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
+        await asyncio.sleep(0.5)
+        said = await caller.say(side_talk, SR_OUT)
+        end = await caller.wait_event(Ev.BOT_SPEECH_END, after=float(start["t"]), timeout=60)  # type: ignore[arg-type]
+        timeline = "\n".join(
+            str((round(float(e["t"]) - said, 2), e["name"], e.get("text") or e.get("reason") or ""))  # type: ignore[arg-type]
+            for e in caller.events
+            if e.get("name") not in ("latency", "state") and float(e["t"]) >= asked  # type: ignore[arg-type]
+        )
+        after = {e["name"] for e in caller.events if float(e["t"]) >= said}  # type: ignore[arg-type]
+        # The bot paused for it, then finished its answer: no barge-in, no flush, no new turn.
+        assert Ev.PLAYBACK_HELD in after, timeline
+        assert not after & {Ev.BARGE_IN_DETECTED, Ev.PLAYBACK_FLUSHED, Ev.END_OF_TURN_DECIDED}, timeline
+        assert end.get("flushed") is False, timeline
+        skipped = [e for e in caller.events if e.get("name") == Ev.NOT_ADDRESSED]
+        assert skipped, timeline
+    finally:
+        await caller.hangup()

@@ -281,6 +281,25 @@ class AddresseeTracker:
             self.observe_level(u.participant, u.level_dbfs)
         return verdict
 
+    def _off_axis(self, participant: str, level_dbfs: float | None) -> bool:
+        typical = self.typical_level(participant)
+        return (
+            level_dbfs is not None
+            and typical is not None
+            and level_dbfs < typical - self.options.side_talk_level_db
+        )
+
+    def side_talk(self, text: str, participant: str, level_dbfs: float | None) -> str | None:
+        """Why speech still going on over the bot sounds meant for someone else ("vocative:sam",
+        "off-axis"), or None. It is judged from partial words and the level so far, so the bot
+        can keep its place instead of giving the floor to it; the bot's name always wins."""
+        if text and self.names_bot(text):
+            return None
+        vocative = find_vocative(text) if text else None
+        if vocative is not None:
+            return f"vocative:{vocative}"
+        return "off-axis" if self._off_axis(participant, level_dbfs) else None
+
     def _decide(self, u: AddresseeInput) -> Verdict:
         o = self.options
         summoned, self._summoned = self._summoned, None
@@ -294,8 +313,7 @@ class AddresseeTracker:
         if vocative is not None:
             return Verdict(False, f"vocative:{vocative}")
         if u.participants <= 1:
-            typical, level = self.typical_level(u.participant), u.level_dbfs
-            quiet = level is not None and typical is not None and level < typical - o.side_talk_level_db
+            quiet = self._off_axis(u.participant, u.level_dbfs)
             asking = is_question(u.text) or is_request(u.text)
             again, self._quiet_before = self._quiet_before.get(u.participant, False), {u.participant: quiet}
             if quiet and not (asking and again):

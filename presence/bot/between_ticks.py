@@ -10,23 +10,31 @@ replies stays in the engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import numpy as np
 
+from presence.bot.backends.factory import Backends
 from presence.bot.caller_state import CallerState
+from presence.bot.reply import plain_words
 from presence.bot.turn_probe import TurnProbe, TurnProbeResult
 from presence.clock import now
 from presence.config import Settings
 from presence.events import Ev, EventLog
 from presence.media.speech import SpeechTrack
-from presence.seams import Action, Floor, FloorPolicy, FloorState, MicroTurn
+from presence.seams import Action, ChatMessage, Floor, FloorPolicy, FloorState, MicroTurn
+
+log = logging.getLogger(__name__)
 
 
 class BetweenTicks:
     """Mixed into ``Engine``; the attributes below are the engine's."""
 
     settings: Settings
+    backends: Backends
+    _pending: object | None
+    _pending_text: asyncio.Future[str] | None
     state: FloorState
     policy: FloorPolicy
     track: SpeechTrack
@@ -39,6 +47,15 @@ class BetweenTicks:
     _evidence_timer: asyncio.TimerHandle | None
 
     def _apply(self, action: Action, turn: MicroTurn | None) -> None:
+        raise NotImplementedError
+
+    def _prepare_reply(self, text: str) -> None:
+        raise NotImplementedError
+
+    def _context(self, *extra: ChatMessage) -> list[ChatMessage]:
+        raise NotImplementedError
+
+    async def _transcribe_turn(self) -> str:
         raise NotImplementedError
 
     def _update_state_name(self) -> None:
@@ -86,6 +103,48 @@ class BetweenTicks:
             return
         self.state.eot_probability = result.probability
         self._on_evidence()
+
+    async def _judge_words(self, text_future: asyncio.Future[str], text: str) -> None:
+        """Ask the text detector whether the caller's words are a finished turn; then prepare
+        the reply, unless they are not (the turn will wait, and a reply made now is likely wasted).
+
+        "Unfinished" may be the streaming ASR's garbling ("what is the difference between a
+        virus a"): then the transcriber's text of the turn so far gets a second opinion, while
+        the first one holds the turn.
+        """
+        p = await self._judged(text_future, text)
+        if p is not None and p < self.settings.eot_text_threshold and self.backends.transcriber is not None:
+            clean = await self._transcribe_turn()
+            if clean and plain_words(clean) != plain_words(text):
+                p = await self._judged(text_future, clean)
+        if (
+            text_future is self._pending_text
+            and not self._commit_when_ready
+            and self._pending is None
+            and (p is None or p >= self.settings.eot_text_threshold)
+        ):
+            self._prepare_reply(text)
+
+    async def _judged(self, text_future: asyncio.Future[str], text: str) -> float | None:
+        """One judgement, put in the state (None when stale or failed: the ASR went on)."""
+        detector = self.backends.text_turn_detector
+        assert detector is not None
+        asked = now()
+        try:
+            p = await detector.end_of_turn(self._context(ChatMessage("user", text)))
+        except Exception:
+            log.exception("text end-of-turn detector failed; deciding without it")
+            p = None
+        if text_future is not self._pending_text or self._commit_when_ready:
+            return None  # the caller went on, or the turn was taken meanwhile
+        s = self.state
+        s.text_eot_pending, s.text_eot_probability = False, p
+        if p is not None:
+            self.events.emit(
+                Ev.TEXT_TURN_DETECTOR, probability=round(p, 3), ms=round((now() - asked) * 1000, 1)
+            )
+        self._on_evidence()
+        return p
 
     def _on_evidence(self) -> None:
         """New evidence between ticks: take the turn now, or when its silence will be enough."""

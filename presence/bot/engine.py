@@ -83,7 +83,9 @@ class Engine(BetweenTicks):
         self.caller = CallerState(settings.vad_threshold)
         self._asr = backends.asr_factory() if backends.asr_factory else None
         self.asr = ASRFeed(call_id, self._asr, self._transcribe_turn, self._on_partial)
-        self.probe = TurnProbe(backends.turn_detector, self._on_probe)
+        self.probe = TurnProbe(
+            backends.turn_detector, self._on_probe, repeat=settings.eot_detector_reading != "first"
+        )
         self.addressee = AddresseeTracker(AddresseeOptions(bot_name=settings.bot_name))
         self._evidence_timer: asyncio.TimerHandle | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
@@ -101,6 +103,7 @@ class Engine(BetweenTicks):
         self._bot_last_answered: str | None = None
         self._turn_speakers: set[str] = set()
         self._began_with_name = False  # this utterance's words were once the bot's name alone
+        self._side_talk: str | None = None  # why the speech over the bot is for someone else
         self._state_name = ""
         self.results = CallResults(events, self._fixed_reply, self._spawn)
         self._tasks: set[asyncio.Task[object]] = set()
@@ -187,6 +190,7 @@ class Engine(BetweenTicks):
         s.bot_speaking = self.track.speaking
         s.bot_held = self.track.held
         self._track_caller(turn)
+        self._judge_overlap()
         s.reply_ready = self._pending is not None and bool(self._pending.utterance.segments)
         s.result_waiting = self.results.waiting
         s.result_urgent = self.results.urgent
@@ -208,14 +212,25 @@ class Engine(BetweenTicks):
         elif step.continued and (self._pending is not None or self._pending_text is not None):
             self._restart_utterance()
         if step.onset is not None or step.continued:
+            # Not the detector's answer: the tick hears the speech a playout delay after the
+            # chunk reader, which already dropped any answer older than the speech (on_voice).
             self._turn_speakers.update(turn.speaking)
-            self.state.eot_probability = None
         if self.caller.utt_start is not None:
             self._turn_audio.append(turn.caller_audio)
             self.asr.audio(turn.caller_audio)
         if step.speech_end is not None:
             self.events.emit(Ev.CALLER_SPEECH_END, step.speech_end)
         self._preroll.append(turn.caller_audio)
+
+    def _judge_overlap(self) -> None:
+        """Speech over the bot that sounds meant for someone else keeps it held, never yielding."""
+        reason = None
+        if self.state.bot_speaking and self.caller.utt_start is not None and self._turn_audio:
+            speaker = next(iter(self._turn_speakers)) if len(self._turn_speakers) == 1 else ""
+            level = speech_level_dbfs(np.concatenate(self._turn_audio))
+            reason = self.addressee.side_talk(self.state.partial_text, speaker, level)
+        self._side_talk = reason
+        self.state.side_talk = reason is not None
 
     def _begin_caller_utterance(self) -> None:
         # The onset is in this tick's audio; the preroll (up to 400 ms) keeps the first phoneme.
@@ -241,6 +256,10 @@ class Engine(BetweenTicks):
         if self._pending_text is not None:
             self._pending_text.cancel()
             self._pending_text = None
+        # New words (or none yet) to judge: until then the detector's "finished" alone does not
+        # end the turn, even when its answer comes before the first micro-turn of the silence.
+        self.state.text_eot_probability = None
+        self.state.text_eot_pending = self.backends.text_turn_detector is not None
 
     def _end_caller_utterance(self) -> None:
         self.caller.end_utterance()
@@ -311,7 +330,13 @@ class Engine(BetweenTicks):
             self._take_turn(text)
             return
         if self._pending is None and text and not is_backchannel(text, self._bc_words):
-            self._prepare_reply(text)
+            if self.state.text_eot_pending and not is_filler(text):
+                self._spawn(self._judge_words(fut, text), "text-turn")  # then prepares the reply
+            else:
+                self.state.text_eot_pending = False
+                self._prepare_reply(text)
+        else:
+            self.state.text_eot_pending = False
 
     def _take_turn(self, text: str) -> None:
         """End of the caller's turn with its text: commit the reply (or resume after noise)."""
@@ -490,6 +515,8 @@ class Engine(BetweenTicks):
         elif floor is Floor.HOLD:
             self.track.hold()
         elif floor is Floor.RESUME:
+            if self._side_talk is not None:
+                self.events.emit(Ev.NOT_ADDRESSED, text=self.state.partial_text, reason=self._side_talk)
             self.track.resume()
             self.asr.drop()  # the backchannel's words are not a turn
             self._end_caller_utterance()

@@ -3,13 +3,15 @@
 ``RuleBasedPolicy`` ends the caller's turn in one of two ways. ``policy=rules`` (the old
 baseline) waits for a silence threshold, longer when the words so far end on "and", "the",
 "to"... ``policy=fused`` (the default) fuses that word cue with the audio end-of-turn detector
-(``TurnDetector``) through ``EndpointingOptions``: early when both say "finished", late when
-either says "unfinished", never later than ``max_delay_ms`` of silence. Both share the rest: a
-barge-in when the caller keeps talking over the bot (with a real word, or for long),
+(``TurnDetector``) and, where the local LLM can judge the words, the text detector
+(``TextTurnDetector``) through ``EndpointingOptions``: early when they say "finished", late
+when any says "unfinished", never later than ``max_delay_ms`` of silence. Both share the
+rest: a barge-in when the caller keeps talking over the bot (with a real word, or for long),
 backchannel words that never stop the bot, and a resume after a false interruption. A held bot
 is silent at once (so a real barge-in stops it within a frame of the onset) but keeps its
-place, so a "mm-hm" costs a short pause, not the reply. ``on_evidence`` lets a detector answer
-that lands between two micro-turns take the turn at once.
+place, so a "mm-hm" costs a short pause, not the reply; speech over the bot that sounds meant
+for someone else (``FloorState.side_talk``) keeps it held and never takes the floor from it.
+``on_evidence`` lets a detector answer that lands between two micro-turns take the turn at once.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class EndpointingOptions:
 
     Like LiveKit's endpointing delays: the silence needed is ``min_delay_ms`` when the detector
     is confident (``p >= complete_threshold``) and the words look finished, ``max_delay_ms``
-    when either says "unfinished" (``p < incomplete_threshold`` or a continuation word), and
-    ``delay_ms`` otherwise (no detector answer yet, or an unsure one).
+    when either says "unfinished" (``p < incomplete_threshold``, a continuation word, or the
+    text detector's ``text_p < text_incomplete_threshold``), and ``delay_ms`` otherwise (no
+    detector answer yet, an unsure one, or the text detector still thinking).
     """
 
     min_delay_ms: float = 200
@@ -45,12 +48,18 @@ class EndpointingOptions:
     max_delay_ms: float = 2500
     complete_threshold: float = 0.7
     incomplete_threshold: float = 0.5
+    text_incomplete_threshold: float = 0.3
 
-    def needed_silence_ms(self, probability: float | None, text: str, name_only: bool = False) -> float:
-        unfinished_words = name_only or sounds_unfinished(text)
-        if unfinished_words or (probability is not None and probability < self.incomplete_threshold):
+    def needed_silence_ms(self, state: FloorState) -> float:
+        p, text_p = state.eot_probability, state.text_eot_probability
+        unfinished_words = (
+            state.name_only
+            or sounds_unfinished(state.partial_text)
+            or (text_p is not None and text_p < self.text_incomplete_threshold)
+        )
+        if unfinished_words or (p is not None and p < self.incomplete_threshold):
             return self.max_delay_ms
-        if probability is not None and probability >= self.complete_threshold:
+        if p is not None and p >= self.complete_threshold and not state.text_eot_pending:
             return self.min_delay_ms
         return self.delay_ms
 
@@ -62,6 +71,7 @@ class EndpointingOptions:
             max_delay_ms=s.eot_max_delay_ms,
             complete_threshold=s.eot_complete_threshold,
             incomplete_threshold=s.eot_incomplete_threshold,
+            text_incomplete_threshold=s.eot_text_threshold,
         )
 
 
@@ -70,14 +80,14 @@ class InterruptionOptions:
     """What the caller's speech over the bot does (LiveKit's interruption options, plus a hold).
 
     Overlapping speech for ``hold_onset_ms`` pauses the bot at once, keeping its place. The bot
-    yields once the overlap reaches ``barge_in_ms`` with a real word in it, or ``max_ms`` with
+    yields once the overlap reaches ``barge_in_ms`` with two real words in it, or ``max_ms`` with
     anything; ``backchannel_words`` ("okay", "mm-hm") are never real. A held bot resumes after
     ``resume_silence_ms`` of silence.
     """
 
     hold_onset_ms: float = 60
     barge_in_ms: float = 500
-    max_ms: float = 1000
+    max_ms: float = 1500
     resume_silence_ms: float = 300
     backchannel_words: frozenset[str] = field(default_factory=frozenset)
 
@@ -158,7 +168,7 @@ class RuleBasedPolicy:
         """The silence that ends the caller's turn, given what is known now."""
         p = self.p
         if p.endpointing is not None:
-            return p.endpointing.needed_silence_ms(state.eot_probability, state.partial_text, state.name_only)
+            return p.endpointing.needed_silence_ms(state)
         return p.eot_incomplete_ms if sounds_unfinished(state.partial_text) else p.eot_silence_ms
 
     def _turn_over(self, state: FloorState) -> bool:
@@ -199,10 +209,14 @@ class RuleBasedPolicy:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
             overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
             words = state.partial_text.strip()
-            real_words = bool(words) and not is_backchannel(words, bi.backchannel_words)
-            if overlap >= bi.max_ms or (overlap >= bi.barge_in_ms and real_words):
+            # Two words at least: a partial's first word is often misheard ("my" for "Mike,").
+            real_words = len(_WORD.findall(words.lower())) >= 2 and not is_backchannel(
+                words, bi.backchannel_words
+            )
+            if (overlap >= bi.max_ms or (overlap >= bi.barge_in_ms and real_words)) and not state.side_talk:
                 return Action(Floor.YIELD, reason="barge-in")
             if state.bot_held:
+                # Side talk ("Mike, close the door") keeps the bot held, never yielding, until it ends.
                 if state.caller_silence_ms >= bi.resume_silence_ms:
                     # Short speech or backchannel words: resume. Long speech whose words the
                     # ASR has not delivered yet ("Wait, stop." then a pause): keep holding a

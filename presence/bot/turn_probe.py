@@ -5,7 +5,9 @@ participant's ring of recent audio (the detector hears the speaker's own voice, 
 mix), and at the first silent chunk after speech (then again while the silence lasts, at most
 every ``interval_s``) the detector runs in an executor on the speaker's last seconds. One query
 is in flight per call at most; an answer that comes after the caller spoke again is stale and
-dropped. Nothing here runs in the micro-turn tick.
+dropped. With ``repeat=False`` (the engine reads only the first answer of a silence) one answer
+per silence is enough, and asking again would only take a core from the reply. Nothing here
+runs in the micro-turn tick.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ class TurnProbe:
         window_s: float = 8.0,
         interval_s: float = 0.1,
         max_silence_s: float = 3.0,
+        repeat: bool = True,
     ) -> None:
         self.detector = detector
         self.on_result = on_result
         self.window_s = window_s
         self.interval_s = interval_s
         self.max_silence_s = max_silence_s
+        self.repeat = repeat
+        self._answered_gen = -1  # the voice generation the last answer was for
         self.armed = False  # the engine arms it while a caller utterance is open and the bot is quiet
         self.queries = 0
         self.failures = 0
@@ -84,7 +89,10 @@ class TurnProbe:
         if silence > self.max_silence_s:
             return
         first = self._asked_gen != self._voice_gen  # the first silent chunk after speech
-        if not first and t - self._last_query < self.interval_s:
+        if not first and (
+            t - self._last_query < self.interval_s
+            or (not self.repeat and self._answered_gen == self._voice_gen)
+        ):
             return
         ring = self._rings.get(self._speaker)
         audio = ring.chunks() if ring is not None else []
@@ -111,6 +119,7 @@ class TurnProbe:
             return
         if gen != self._voice_gen or not self.armed:
             return  # the caller spoke again, or the turn was taken meanwhile
+        self._answered_gen = gen
         self.on_result(TurnProbeResult(float(p), speaker, silence_ms, first, t, now()))
 
     def remove_participant(self, participant: str) -> None:

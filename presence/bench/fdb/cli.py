@@ -42,14 +42,21 @@ _STIMULUS_FILES = ("input.wav", "meta.json", "clean_input.wav", "pause.json", "t
 class Config:
     policy: str
     eot_silence_ms: int
+    # Reply text of this configuration; "" takes the run's --responder (and keeps the label short).
+    responder: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.policy} eot={self.eot_silence_ms}ms" if self.policy == "rules" else self.policy
+        base = f"{self.policy} eot={self.eot_silence_ms}ms" if self.policy == "rules" else self.policy
+        return f"{base} text={self.responder}" if self.responder else base
 
     @property
     def dirname(self) -> str:
-        return f"{self.policy}-eot{self.eot_silence_ms}" if self.policy == "rules" else self.policy
+        base = f"{self.policy}-eot{self.eot_silence_ms}" if self.policy == "rules" else self.policy
+        return f"{base}-{self.responder}" if self.responder else base
+
+
+RESPONDERS = ("auto", "llama", "openai", "rules")
 
 
 def _csv(value: str) -> list[str]:
@@ -89,8 +96,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--responder",
         default="rules",
-        choices=("auto", "llama", "openai", "rules"),
-        help="reply text [rules: deterministic, so runs compare floor control, not wording]",
+        help="reply text, comma separated from auto, llama, openai, rules; several run every policy "
+        "with each [rules: deterministic, so runs compare floor control, not wording]",
+    )
+    p.add_argument(
+        "--configs",
+        help="instead of --policy x --responder: policy:responder pairs, comma separated, e.g. "
+        "rules:auto,fused:auto,fused:rules (the issue's run: both policies with the LLM, and the "
+        "default with rule text)",
     )
     p.add_argument(
         "--transport",
@@ -214,9 +227,19 @@ async def run_benchmark(
         voices=chosen,
         progress=_progress("stimuli") if show_progress else None,
     )
-    if backends is None:
-        backends = build_backends(Settings.from_env(None, port=0, greeting="", responder=responder))
-        await warm_up(backends)
+    # One set of backends per reply text (the responder also judges the words' end of turn).
+    built: dict[str, Backends] = {}
+
+    async def backends_for(config: Config) -> Backends:
+        if backends is not None:
+            return backends
+        name = config.responder or responder
+        if name not in built:
+            built[name] = build_backends(Settings.from_env(None, port=0, greeting="", responder=name))
+            await warm_up(built[name])
+        return built[name]
+
+    scoring_backends = backends or await backends_for(configs[0])
     calib: dict[str, Any] | None = None
     if calibration:
         from .calibrate import calibrate
@@ -235,8 +258,8 @@ async def run_benchmark(
             config,
             stimuli,
             out,
-            backends,
-            responder=responder,
+            await backends_for(config),
+            responder=config.responder or responder,
             transport=transport,
             show_progress=show_progress,
         )
@@ -244,7 +267,7 @@ async def run_benchmark(
         config.label: {
             "policy": config.policy,
             "eot_silence_ms": config.eot_silence_ms,
-            "responder": responder,
+            "responder": config.responder or responder,
             "voices": voices,
         }
         for config in configs
@@ -253,7 +276,7 @@ async def run_benchmark(
         config.label: (settings[config.label], out / config.dirname, dirs)
         for config, dirs in run_dirs.items()
     }
-    results = await _score(runs, scoring.Scorer(asr=backends.transcriber), show_progress)
+    results = await _score(runs, scoring.Scorer(asr=scoring_backends.transcriber), show_progress)
     return write_report(out, results, calibration=calib, timelines=timelines)
 
 
@@ -297,6 +320,45 @@ async def rescore(out: Path, *, timelines: int = 4, show_progress: bool = True) 
     return write_report(out, results, calibration=previous.get("calibration"), timelines=timelines)
 
 
+def configs_from(
+    policy: str, responder: str, eot_silence_ms: str, pairs: str | None = None
+) -> tuple[list[Config], str]:
+    """The configurations to run, and the run's reply text, from the command line's options.
+
+    Every policy runs with every responder (the rule policy once per silence threshold; a
+    learned policy once), or exactly the ``policy:responder`` pairs given. Configurations are
+    named by their reply text only when it differs between them. Raises ValueError.
+    """
+    allowed = Settings.__dataclass_fields__["policy"].metadata.get("choices") or ("rules",)
+    try:
+        eots = [int(v) for v in _csv(eot_silence_ms)]
+    except ValueError:
+        raise ValueError("--eot-silence-ms takes integers, e.g. 300,500,800") from None
+    if pairs:
+        chosen = [tuple(c.split(":", 1)) for c in _csv(pairs)]
+        if not chosen or any(len(c) != 2 or c[0] not in allowed or c[1] not in RESPONDERS for c in chosen):
+            raise ValueError(
+                f"--configs takes policy:responder pairs: policies {allowed}, responders {RESPONDERS}"
+            )
+        combos = [(c[0], c[1]) for c in chosen]
+    else:
+        policies, responders = _csv(policy), _csv(responder)
+        if not policies or any(p not in allowed for p in policies):
+            raise ValueError(f"--policy takes policies from {allowed}, comma separated")
+        if not responders or any(r not in RESPONDERS for r in responders):
+            raise ValueError(f"--responder takes {', '.join(RESPONDERS)}, comma separated")
+        combos = [(p, r) for r in responders for p in policies]
+    if not eots:
+        raise ValueError("--eot-silence-ms needs at least one value")
+    texts = list(dict.fromkeys(r for _, r in combos))
+    configs = [
+        Config(p, e, r if len(texts) > 1 else "")
+        for p, r in combos
+        for e in (eots if p == "rules" and not pairs else eots[:1])
+    ]
+    return configs, texts[0]
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     """``presence bench fdb [--policy ...] [--category ...] [--limit N] [--out DIR] [--eot-silence-ms ...]``."""
     args = parser().parse_args(argv)
@@ -314,19 +376,14 @@ async def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"unknown categories {unknown}; choose from {', '.join(CATEGORIES)}", file=sys.stderr)
         return 2
+    if args.limit < 1:
+        print("--limit must be at least 1", file=sys.stderr)
+        return 2
     try:
-        eots = [int(v) for v in _csv(args.eot_silence_ms)]
-    except ValueError:
-        print("--eot-silence-ms takes integers, e.g. 300,500,800", file=sys.stderr)
+        configs, responder = configs_from(args.policy, args.responder, args.eot_silence_ms, args.configs)
+    except ValueError as exc:
+        print(f"[fdb] {exc}", file=sys.stderr)
         return 2
-    policies = _csv(args.policy)
-    allowed = Settings.__dataclass_fields__["policy"].metadata.get("choices") or ("rules",)
-    bad = [p for p in policies if p not in allowed]
-    if bad or not policies or not eots or args.limit < 1:
-        print(f"need policies from {allowed}, at least one eot and --limit >= 1", file=sys.stderr)
-        return 2
-    # The silence threshold is the rule policy's knob; a learned policy runs once.
-    configs = [Config(p, e) for p in policies for e in (eots if p == "rules" else eots[:1])]
     if args.transport == "chromium" and (problem := chromium_problem()) is not None:
         print(f"--transport chromium: {problem}", file=sys.stderr)
         return 2
@@ -336,7 +393,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         categories,
         args.limit,
         seed=args.seed,
-        responder=args.responder,
+        responder=responder,
         transport=args.transport,
         calibration=not args.no_calibration,
         timelines=args.timelines,

@@ -35,6 +35,7 @@ from presence.seams import (
     ChatMessage,
     Responder,
     StreamingASR,
+    TextTurnDetector,
     Transcriber,
     TurnDetector,
 )
@@ -56,6 +57,7 @@ class Backends:
     tts: TTS
     responder: Responder
     turn_detector: TurnDetector | None = None  # shared, stateless; None: silence timing only
+    text_turn_detector: TextTurnDetector | None = None  # the words' end of turn; None: word list only
 
 
 def _llama_usable(settings: Settings) -> tuple[bool, str]:
@@ -230,22 +232,31 @@ def build_backends(settings: Settings) -> Backends:
     else:
         raise BackendConfigError(f"unknown asr {settings.asr!r}; set asr to pocketsphinx or none")
 
+    responder = _build_responder(settings)
     backends = Backends(
         vad_factory=vad_factory,
         asr_factory=asr_factory,
         transcriber=_build_transcriber(settings),
         tts=_build_tts(settings),
-        responder=_build_responder(settings),
+        responder=responder,
         turn_detector=_build_turn_detector(settings),
+        # The words are judged by the responder's own model: loaded once, and its prompt cache
+        # already holds the call's context, so a judgement costs a few tokens.
+        text_turn_detector=(
+            responder
+            if settings.text_turn_detector == "llm" and isinstance(responder, TextTurnDetector)
+            else None
+        ),
     )
     log.info(
-        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s",
+        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s text_turn_detector=%s",
         settings.vad,
         settings.asr,
         settings.transcriber,
         type(backends.tts).__name__,
         backends.responder.name,
         backends.turn_detector.name if backends.turn_detector else "none",
+        backends.text_turn_detector.name if backends.text_turn_detector else "none",
     )
     return backends
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -204,12 +205,44 @@ class _Server:
     def count_tokens(self, text: str) -> int:
         return len(self._http("/tokenize", {"content": text, "add_special": True})["tokens"])
 
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        return str(self._http("/apply-template", {"messages": messages})["prompt"])
+
+    def next_token(self, prompt: str, n_probs: int) -> list[dict[str, Any]]:
+        """The top ``n_probs`` candidates for the token after ``prompt`` (its prefix cached)."""
+        chunks: list[dict[str, Any]] = []
+        request = {"prompt": prompt, "max_tokens": 1, "n_probs": n_probs, "temperature": 0.0}
+        result = self.server.handle_completions(
+            {**request, "stream": False, "cache_prompt": True}, chunks.append
+        )
+        for out in (result, *chunks):
+            if not isinstance(out, dict):
+                continue
+            if "error" in out:
+                raise ResponderError(f"llama.cpp refused the request: {out['error']}")
+            for choice in out.get("choices") or []:
+                content = (choice.get("logprobs") or {}).get("content") or []
+                if content:
+                    return list(content[0].get("top_logprobs") or [])
+        raise ResponderError("llama.cpp gave no token probabilities")
+
     def run(self, request: dict[str, Any], chat: bool, on_chunk: Callable[[dict[str, Any]], bool]) -> None:
         """Blocking: ``on_chunk`` gets each streamed chunk and returns True to stop."""
         handle = self.server.handle_chat_completions if chat else self.server.handle_completions
         result = handle({**request, "stream": True, "cache_prompt": True}, on_chunk)
         if isinstance(result, dict) and "error" in result:
             raise ResponderError(f"llama.cpp refused the request: {result['error']}")
+
+
+# What the caller's words end with in the transcript when their turn is over: a sentence mark,
+# the line's end, or (chat templates) the end-of-turn token.
+_TURN_END = re.compile(r"\s*(?:[.?!]|\n|<[^<>\s]+>$)")
+
+
+def turn_end_probability(top_logprobs: Sequence[dict[str, Any]]) -> float:
+    """P(the text is a finished turn) from the next token's top candidates (llama.cpp's
+    ``top_logprobs``): the mass of the ones that end it."""
+    return min(1.0, sum(math.exp(t["logprob"]) for t in top_logprobs if _TURN_END.match(str(t["token"]))))
 
 
 def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
@@ -353,6 +386,35 @@ class LlamaResponder:
             return True
         finally:
             self._run_lock.release()
+
+    def _turn_prompt(self, server: _Server, messages: Sequence[ChatMessage]) -> str:
+        """The prompt up to the caller's last words, their end mark taken off."""
+        *context, last = messages
+        words = last.content.strip().rstrip(".,;:!?…-").rstrip()
+        if not self.chat:
+            prompt = self.prompt_for([*context, ChatMessage("user", words)])
+            return prompt[: prompt.rindex("\n")]  # drops the bot's cue: ends on "Caller: <words>"
+        rendered = server.apply_template(
+            chat_messages([*context, ChatMessage("user", words)], self.system_prompt)
+        )
+        cut = rendered.rfind(words)
+        if not words or cut < 0:
+            raise ResponderError("the chat template does not show the caller's words")
+        return rendered[: cut + len(words)]
+
+    def turn_probability(self, messages: Sequence[ChatMessage]) -> float:
+        """Blocking: P(the caller's last message is a finished turn), read from the model's next
+        token after it: a sentence mark or the line's end means done, a word means more is coming.
+        The prompt is the reply's own, so the reply that follows finds it cached."""
+        with self._run_lock:
+            self.load()
+            assert self._server is not None
+            return turn_end_probability(
+                self._server.next_token(self._turn_prompt(self._server, messages), 20)
+            )
+
+    async def end_of_turn(self, messages: Sequence[ChatMessage]) -> float:
+        return await asyncio.get_running_loop().run_in_executor(None, self.turn_probability, list(messages))
 
     async def prefill(self, messages: Sequence[ChatMessage]) -> None:
         """After the call's context folded: its new front goes into the cache now, rather than
