@@ -31,6 +31,7 @@ Presence: a real-time, full-duplex call bot.
   presence bench longcall              a 10-minute Chromium video call: latency per minute
   presence bench responder --model X.gguf
                                        local LLMs side by side: first token, answer quality
+  presence bench textturn              the LLM's end-of-turn judgement of the words: sweep
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         "responder", help="local LLMs side by side: latency and answer quality (see --help)", add_help=False
     )
     bench_sub.add_parser(
+        "textturn",
+        help="the text end-of-turn detector on the project's own sentences (see --help)",
+        add_help=False,
+    )
+    bench_sub.add_parser(
         "fdb",
         help="Full-Duplex-Bench-style interaction quality over real WebRTC (see --help)",
         add_help=False,
@@ -203,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _logging("warning")
         return responder_main(argv[2:])
+    if argv[:2] == ["bench", "textturn"]:  # its own parser
+        from presence.bench.textturn import main as textturn_main
+
+        _logging("warning")
+        return textturn_main(argv[2:])
     if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
         from presence.bench.fdb.cli import main as fdb_main
 

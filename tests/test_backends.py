@@ -544,6 +544,18 @@ async def test_llama_judges_whether_the_words_are_a_finished_turn(llama: LlamaRe
     assert llama.last_timings["prompt_n"] < 10
 
 
+def test_textturn_bench_separates_its_own_sentences(llama: LlamaResponder) -> None:
+    from presence.bench.textturn import asr_form, run
+
+    assert asr_form("Can I pay with a credit card?") == "can i pay with a credit card"
+    out = run(llama, forms=("clean",))["clean"]
+    assert len(out["unfinished"]) == len(out["finished"]) == 20
+    threshold = Settings().eot_text_threshold
+    caught = sum(p < threshold for p in out["unfinished"])
+    delayed = sum(p < threshold for p in out["finished"])
+    assert caught >= 16 and delayed <= 4, (caught, delayed)
+
+
 async def test_llama_judges_the_words_through_a_chat_template_too() -> None:
     chat = LlamaResponder(model_path=default_llama_model(), prompt_style="chat")
     p_unfinished = await chat.end_of_turn([ChatMessage("user", "Because the store was")])
