@@ -58,7 +58,7 @@ class Settings:
     # --- floor policy (rule-based baseline)
     policy: str = _opt(
         "fused",
-        "floor policy: fused (silence + words + the audio end-of-turn detector), rules (silence "
+        "floor policy: fused (silence + words + the audio and text end-of-turn detectors), rules (silence "
         "and words only, the old baseline), or model (the trained interaction model)",
         choices=("fused", "rules", "model"),
     )
