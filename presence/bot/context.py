@@ -15,13 +15,13 @@ drops in.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from presence.aio import run_blocking
 from presence.seams import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class Conversation:
         """Summarize ``fold`` in an executor thread and put it in place."""
         summary: str | None = None
         try:
-            summary = await asyncio.get_running_loop().run_in_executor(
-                None, self.summarize, fold.summary, fold.messages
-            )
+            summary = await run_blocking(self.summarize, fold.summary, fold.messages)
         except Exception:
             log.exception("the conversation summary failed; older turns stay verbatim")
         finally:

@@ -332,11 +332,9 @@ class Engine(BetweenTicks):
         if self._pending is None and text and not is_backchannel(text, self._bc_words):
             if self.state.text_eot_pending and not is_filler(text):
                 self._spawn(self._judge_words(fut, text), "text-turn")  # then prepares the reply
-            else:
-                self.state.text_eot_pending = False
-                self._prepare_reply(text)
-        else:
-            self.state.text_eot_pending = False
+                return
+            self._prepare_reply(text)
+        self.state.text_eot_pending = False  # nothing to judge: the words alone decide
 
     def _take_turn(self, text: str) -> None:
         """End of the caller's turn with its text: commit the reply (or resume after noise)."""

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from presence.aio import run_blocking
 from presence.bot.backends.responder import (
     BOT_NAME,
     DEFAULT_SYSTEM_PROMPT,
@@ -414,12 +415,12 @@ class LlamaResponder:
             )
 
     async def end_of_turn(self, messages: Sequence[ChatMessage]) -> float:
-        return await asyncio.get_running_loop().run_in_executor(None, self.turn_probability, list(messages))
+        return await run_blocking(self.turn_probability, list(messages))
 
     async def prefill(self, messages: Sequence[ChatMessage]) -> None:
         """After the call's context folded: its new front goes into the cache now, rather than
         into the next reply's first token (~1 s for 600 tokens on 2 busy cores)."""
-        await asyncio.get_running_loop().run_in_executor(None, self._prefill, list(messages))
+        await run_blocking(self._prefill, list(messages))
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         if self.exact_arithmetic:
