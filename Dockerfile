@@ -2,7 +2,7 @@
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng flite libgomp1 git \
+ && apt-get install -y --no-install-recommends espeak-ng flite libgomp1 libopus0 git bubblewrap \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -17,6 +17,7 @@ RUN pip install --no-cache-dir ".[llm]"
 RUN pip install --no-cache-dir --no-deps pipecat-ai==1.14.0
 
 EXPOSE 8080
-# Listen on all interfaces inside the container; ICE host candidates come from the settings.
+# Listen on all interfaces inside the container (the bot then refuses to start without
+# PRESENCE_TOKEN_SECRET); ICE host candidates come from the settings.
 ENV PRESENCE_HOST=0.0.0.0 PRESENCE_ICE_HOST_ADDRESSES=""
 CMD ["presence", "serve"]

@@ -201,6 +201,7 @@ class Caller:
     inbox: EventInbox = field(default_factory=EventInbox)
     pc: RTCPeerConnection | None = None
     resource: str | None = None
+    resource_token: str | None = None  # from the answer: what a Presence server wants to hang up
     call_id: str | None = None
     player: PlayerTrack = field(default_factory=PlayerTrack)
     recorder: Recorder = field(default_factory=Recorder)
@@ -244,6 +245,7 @@ class Caller:
                     raise CallError(f"WHIP offer refused: HTTP {resp.status}: {body}")
                 location = resp.headers.get("Location", "")
                 self.resource = str(resp.url.join(aiohttp.client.URL(location))) if location else None
+                self.resource_token = resp.headers.get("X-Presence-Resource-Token")
                 self.call_id = resp.headers.get("X-Presence-Call")
                 return body
         payload: dict[str, object] = {"sdp": offer, "type": "offer", "name": self.name}
@@ -257,6 +259,8 @@ class Caller:
                 raise CallError(f"offer refused: HTTP {resp.status}: {data}")
         base = self.url.rstrip("/")
         self.resource = base + str(data["resource"]).replace("/whip/resource/", "/api/calls/")
+        token = data.get("resource_token")
+        self.resource_token = str(token) if token else None
         self.call_id = str(data["call_id"])
         return str(data["sdp"])
 
@@ -277,7 +281,9 @@ class Caller:
     async def hangup(self) -> None:
         if self._session is not None and self.resource:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                # other WHIP servers (no resource token) expect the offer's own bearer token
+                token = self.resource_token or self.token
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
                 async with self._session.delete(self.resource, headers=headers):
                     pass
         await self.close()

@@ -32,6 +32,8 @@ Presence: a real-time, full-duplex call bot.
   presence bench responder --model X.gguf
                                        local LLMs side by side: first token, answer quality
   presence bench textturn              the LLM's end-of-turn judgement of the words: sweep
+  presence bench aec                   server-side echo cancellation: ERLE, CPU, false barge-ins
+  presence bench loss                  caller audio under packet loss: share reaching the model, WER
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -60,6 +62,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     from presence.signaling.app import dev_join_url, run_server
     from presence.signaling.metrics import Metrics
 
+    problem = settings.exposure_problem()
+    if problem is not None:
+        raise SystemExit(f"presence serve: {problem}")
+    if settings.insecure_dev and not settings.token_secret:
+        print(f"WARNING: insecure_dev: listening on {settings.host} with no token secret", flush=True)
     print(f"presence {__version__}: loading models (first start assembles the LLM, ~10 s)...", flush=True)
     started = time.monotonic()
     backends = build_backends(settings)
@@ -162,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_worker.add_argument(
         "--docs", default="", help="folder of documents the search kind indexes (default: jobs_docs_dir)"
     )
+    p_worker.add_argument("--prefix", default="presence", help="Redis key prefix (tests use a unique one)")
+    p_worker.add_argument("--consumer", default=None, help="worker name (default: host-pid-random)")
+    p_worker.add_argument("--concurrency", type=int, help="jobs run at once (default 1)")
+    p_worker.add_argument("--idle-reclaim-ms", type=int, help="take over a silent worker's job after this")
+    p_worker.add_argument("--max-attempts", type=int, help="deliveries of a job before it is dead")
+    p_worker.add_argument(
+        "--test-kinds", action="store_true", help="also serve the test-only kinds sleep and fail"
+    )
     Settings.add_arguments(p_worker)
 
     sub.add_parser("train-interaction", help="train the interaction model (see its --help)", add_help=False)
@@ -191,8 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench_sub.add_parser(
+        "aec",
+        help="server-side echo cancellation: ERLE, CPU, false barge-ins over a call (see --help)",
+        add_help=False,
+    )
+    bench_sub.add_parser(
         "fdb",
         help="Full-Duplex-Bench-style interaction quality over real WebRTC (see --help)",
+        add_help=False,
+    )
+    bench_sub.add_parser(
+        "loss",
+        help="caller audio under simulated packet loss, concealment off and on (see --help)",
         add_help=False,
     )
     return parser
@@ -214,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
 
         _logging("warning")
         return textturn_main(argv[2:])
+    if argv[:2] == ["bench", "aec"]:  # its own parser
+        from presence.bench.aec import main as aec_main
+
+        _logging("warning")
+        return aec_main(argv[2:])
+    if argv[:2] == ["bench", "loss"]:  # its own parser
+        from presence.bench.loss import main as loss_main
+
+        _logging("warning")
+        return loss_main(argv[2:])
     if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
         from presence.bench.fdb.cli import main as fdb_main
 
@@ -239,10 +274,21 @@ def main(argv: list[str] | None = None) -> int:
             from presence.bot.jobs.worker import run_worker
 
             kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-            print(
-                f"presence worker: kinds {', '.join(kinds)} on {settings.redis_url or 'redis://127.0.0.1:6379/0'}"
+            options = {
+                k: getattr(args, k)
+                for k in ("concurrency", "idle_reclaim_ms", "max_attempts", "test_kinds")
+                if getattr(args, k) is not None
+            }
+            asyncio.run(
+                run_worker(
+                    settings,
+                    kinds,
+                    docs_dir=args.docs,
+                    consumer_name=args.consumer,
+                    prefix=args.prefix,
+                    options=options,
+                )
             )
-            asyncio.run(run_worker(settings, kinds, docs_dir=args.docs or settings.jobs_docs_dir or None))
             return 0
         if args.command == "bench":
             if args.bench == "longcall":

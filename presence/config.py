@@ -40,6 +40,20 @@ class Settings:
         "", "HMAC secret for join tokens; empty = dev mode (no token needed)", secret=True
     )
     token_ttl_s: int = _opt(3600, "lifetime of tokens the server mints, in seconds")
+    insecure_dev: bool = _opt(
+        False,
+        "allow listening on a non-loopback address without token_secret (anyone who reaches the "
+        "port can call the bot and queue background jobs): development only",
+    )
+    max_peers_per_room: int = _opt(
+        8, "participants one room takes; the next one's offer is refused with 409 room_full"
+    )
+    offer_rate_per_min: float = _opt(
+        30.0, "offers accepted per minute from one client address, after a burst (0 = no limit); over it: 429"
+    )
+    offer_burst: int = _opt(
+        10, "offers one client address may send at once before offer_rate_per_min applies"
+    )
     # --- WebRTC
     ice_servers: list[str] = _opt([], "STUN/TURN URLs (comma separated); empty = contact nothing outside")
     ice_host_addresses: list[str] = _opt(
@@ -47,6 +61,14 @@ class Settings:
     )
     rx_prefetch_packets: int = _opt(
         1, "audio packets aiortc buffers before playout on the bot's receivers (aiortc: 4 = 80 ms)"
+    )
+    opus_plc: bool = _opt(
+        True,
+        "conceal lost caller packets before VAD and ASR: libopus rebuilds them from the next packet's "
+        "FEC or by PLC (off: aiortc's own buffer, which waits up to 320 ms at a gap)",
+    )
+    opus_fec_loss_pct: int = _opt(
+        10, "in-band FEC in the bot's opus audio, sized for this expected packet loss in percent (0 = off)"
     )
     # --- media and micro-turns
     micro_turn_ms: int = _opt(200, "length of one micro-turn, the decision clock")
@@ -75,7 +97,7 @@ class Settings:
         0.5, "fused: detector probability below which the turn counts as 'unfinished'"
     )
     eot_text_threshold: float = _opt(
-        0.3,
+        0.4,
         "fused: text end-of-turn probability (text_turn_detector) below which the words count as 'unfinished'",
     )
     eot_detector_reading: str = _opt(
@@ -139,6 +161,17 @@ class Settings:
     # --- backends
     vad: str = _opt("silero", "voice activity detector", choices=("silero", "energy"))
     asr: str = _opt("pocketsphinx", "streaming ASR for partials", choices=("pocketsphinx", "none"))
+    echo_cancel: str = _opt(
+        "auto",
+        "server-side echo cancellation of each caller's audio before VAD and ASR: on (phone-style "
+        "callers: speakerphones, SIP), off, auto (off for WebRTC peers, which cancel their own echo)",
+        choices=("auto", "on", "off"),
+    )
+    echo_canceller: str = _opt(
+        "webrtc",
+        "echo canceller: webrtc (AEC3, pywebrtc-audio) or speex (speexdsp)",
+        choices=("webrtc", "speex"),
+    )
     transcriber: str = _opt("whisper", "final-pass ASR of a turn", choices=("whisper", "none"))
     whisper_model: str = _opt("", "faster-whisper model: a local path or hub id (default: bundled tiny.en)")
     turn_detector: str = _opt(
@@ -261,8 +294,24 @@ class Settings:
             )
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
+        if self.max_peers_per_room < 1:
+            problems.append("max_peers_per_room must be at least 1")
+        if self.offer_rate_per_min < 0 or self.offer_burst < 1:
+            problems.append("offer_rate_per_min must not be negative and offer_burst must be at least 1")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def exposure_problem(self) -> str | None:
+        """Why serving with these settings would expose the bot to anyone on the network."""
+        loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
+        if loopback or self.token_secret or self.insecure_dev:
+            return None
+        return (
+            f"refusing to listen on {self.host or 'every address'} without a token secret: anyone who "
+            "reaches the port could call the bot and queue background jobs. Set PRESENCE_TOKEN_SECRET "
+            "(--token-secret) to a long random string, bind to 127.0.0.1, or, for development only, "
+            "set PRESENCE_INSECURE_DEV=1 (--insecure-dev)"
+        )
 
     @property
     def base_url(self) -> str:

@@ -155,6 +155,24 @@ class VAD(Protocol):
 
 
 @runtime_checkable
+class EchoCanceller(Protocol):
+    """Takes the bot's own voice out of one caller's audio; stateful, so one per stream.
+
+    ``near`` is the caller's audio, ``far`` the reference the bot played over the same instants
+    (the canceller finds the echo path delay itself), both float32 at ``sample_rate`` and a
+    whole number of ``frame_samples`` long. Blocking; the reader runs it in an executor.
+    """
+
+    name: str
+    sample_rate: int
+    frame_samples: int
+
+    def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
 class TurnDetector(Protocol):
     """End of turn from the sound of the speech: P(the speaker's turn is complete).
 

@@ -7,13 +7,19 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# System packages: the browser for the page tests, the offline voices, sox, redis-server.
+# System packages: the browser for the page tests, the offline voices, sox, redis-server,
+# bubblewrap (the code jobs' sandbox), libopus (loss concealment, through opuslib-next).
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 command -v flite >/dev/null 2>&1 || need_apt+=(flite)
 command -v sox >/dev/null 2>&1 || need_apt+=(sox)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
+# speexdsp (the alternative echo canceller the tests measure) builds from source against these
+command -v swig >/dev/null 2>&1 || need_apt+=(swig)
+dpkg -s libspeexdsp-dev >/dev/null 2>&1 || need_apt+=(libspeexdsp-dev)
+[[ "$( (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null)" == *libopus.so.0* ]] || need_apt+=(libopus0)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq

@@ -52,7 +52,7 @@ def delete_keys(url: str, prefix: str) -> None:
 def spawn_worker(redis_url: str, prefix: str, name: str, kinds: str, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "presence.bot.jobs", "--redis-url", redis_url),
+            *(sys.executable, "-m", "presence.cli", "worker", "--redis-url", redis_url, "--test-kinds"),
             *("--prefix", prefix, "--kinds", kinds, "--consumer", name, *extra),
         ],
         stdout=subprocess.PIPE,
@@ -61,8 +61,8 @@ def spawn_worker(redis_url: str, prefix: str, name: str, kinds: str, *extra: str
         cwd=ROOT,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until "ready <name>" (or EOF on a crash)
-    if not line.startswith("ready"):
+    line = proc.stdout.readline()  # blocks until "presence worker <name>: ready" (or EOF on a crash)
+    if not line.startswith(f"presence worker {name}: ready"):
         proc.kill()
         raise AssertionError(
             f"worker {name} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
@@ -83,16 +83,19 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str =
         await asyncio.sleep(0.02)
 
 
-def start_redis(port: int) -> subprocess.Popen[bytes]:
+def start_redis(port: int, password: str = "") -> subprocess.Popen[bytes]:
     """A private redis-server on ``port`` (nothing on disk), once it answers."""
     binary = shutil.which("redis-server", path=f"{os.environ.get('PATH', '')}:/usr/bin") or "redis-server"
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + (["--requirepass", password] if password else []),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     end = time.monotonic() + 10
-    while redis_problem(f"redis://127.0.0.1:{port}/0"):
+    while redis_problem(
+        f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    ):
         if time.monotonic() > end or proc.poll() is not None:
             proc.kill()
             raise AssertionError("private redis-server did not start")

@@ -302,3 +302,10 @@ def test_speech_over_the_bot_is_judged_side_talk_while_it_goes_on() -> None:
     assert t.side_talk("sorry to cut in", "a", -23.0) is None  # the caller's own level
     for text in INTERRUPTIONS:
         assert t.side_talk(text, "a", -22.0) is None, text
+    # A vocative heard once holds for the utterance, whatever the next partial makes of it.
+    first = t.side_talk("emma", "a", -22.0)
+    assert first == "vocative:emma"
+    assert t.side_talk("em up in you grab my charger", "a", -22.0, first) == first
+    assert t.side_talk("em up in you grab my charger", "a", -22.0) is None
+    assert t.side_talk("em up presence stop", "a", -22.0, first) is None  # the bot's name wins
+    assert t.side_talk("wait stop", "a", -22.0, "off-axis") is None  # a level verdict is redone

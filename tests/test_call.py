@@ -14,7 +14,7 @@ import pytest
 from aiortc import RTCPeerConnection
 from conftest import SR_OUT, BotServer, bot_heard, heard_as
 
-from presence.caller import Caller
+from presence.caller import Caller, CallError
 from presence.clock import now
 from presence.events import Ev
 from presence.seams import SAMPLE_RATE
@@ -134,7 +134,10 @@ async def test_vanishing_caller_is_cleaned_up(bot: BotServer, speech) -> None:  
 
 async def test_silent_caller_times_out(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
     server = await bot_factory(peer_timeout_s=1.0)
+    gc.collect()
+    tasks_before = {t.get_name() for t in asyncio.all_tasks()}
     caller = await _connect(server)
+    call_id = _session(server).call_id
     # Stop the caller's media without closing anything: as if its network went away.
     caller.player.stop()
     deadline = now() + 10
@@ -142,14 +145,55 @@ async def test_silent_caller_times_out(bot_factory, speech) -> None:  # type: ig
         await asyncio.sleep(0.1)
     assert not server.manager.sessions
     await caller.close()
+    await asyncio.sleep(1.0)  # a watchdog that went on would tick again by now
+    gc.collect()
+    leftover = [t.get_name() for t in asyncio.all_tasks() if not t.done()]
+    assert not [name for name in leftover if call_id in name], leftover  # engine, watchdog, readers
+    assert len(leftover) <= len(tasks_before) + 1, sorted(set(leftover) - tasks_before)
+
+
+@pytest.mark.parametrize("ending", ["hangup", "vanish", "timeout", "shutdown"])
+async def test_every_way_a_call_ends_leaves_nothing_behind(bot_factory, speech, ending: str) -> None:  # type: ignore[no-untyped-def]
+    """Hang-up, the peer connection closing, the peer going silent, the server shutting down:
+    each ends the call's tasks, tracks, peer connections and session."""
+    server = await bot_factory(peer_timeout_s=1.0)
+    gc.collect()
+    tasks_before = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    caller = await _connect(server)
+    session = _session(server)
+    await caller.say(speech("Hello, can you hear me?"), SR_OUT)
+    await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=20)  # ended mid-utterance
+    server_pcs = [peer.pc for peer in session.peers.values()]
+    if ending == "hangup":
+        await caller.hangup()
+    elif ending == "vanish":
+        await caller.close()
+    elif ending == "timeout":
+        caller.player.stop()  # media stops, nothing is closed: a network gone away
+    else:
+        await server.manager.close()
+    deadline = now() + 15
+    while server.manager.sessions and now() < deadline:
+        await asyncio.sleep(0.1)
+    await caller.close()
+    assert not server.manager.sessions, f"{ending}: the session outlived the call"
+    assert session.closed and not session.peers
+    assert session.track.readyState == "ended"
+    assert all(pc.connectionState == "closed" for pc in server_pcs)
+    await asyncio.sleep(1.0)  # a loop that went on would have ticked again by now
+    gc.collect()
+    leftover = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert not [name for name in leftover if session.call_id in name], leftover
+    assert leftover <= tasks_before | {asyncio.current_task().get_name()}, leftover - tasks_before  # type: ignore[union-attr]
 
 
 async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
     from presence.signaling import tokens
 
     question = speech("What is your name?")
-    server = await bot_factory(token_secret="s3cret")
-    token = tokens.mint("s3cret", room=None, sub="tester", ttl_s=60)
+    secret = "s3cret-of-at-least-32-bytes-for-hs256"  # HS256 wants 32 bytes
+    server = await bot_factory(token_secret=secret)
+    token = tokens.mint(secret, room=None, sub="tester", ttl_s=60)
     caller = await _connect(server, token=token)
     base = server.url
     try:
@@ -183,14 +227,16 @@ async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) ->
                     "/whip",
                     {
                         "Authorization": "Bearer "
-                        + tokens.mint("s3cret", room=None, sub="x", ttl_s=5, now=0.0),
+                        + tokens.mint(secret, room=None, sub="x", ttl_s=5, now=0.0),
                         "Content-Type": "application/sdp",
                     },
                     good_offer,
                     401,
                 ),
                 ("POST", "/api/offer", {"Content-Type": "application/json"}, "{not json", 400),
-                ("DELETE", "/whip/resource/doesnotexist", auth, None, 404),
+                # hanging up takes the call's own resource token, not a join token
+                ("DELETE", "/whip/resource/doesnotexist", auth, None, 403),
+                ("DELETE", "/whip/resource/doesnotexist", {}, None, 401),
             ]
             for method, path, headers, body, status in cases:
                 async with http.request(method, base + path, headers=headers, data=body) as resp:
@@ -208,12 +254,15 @@ async def test_bad_input_is_refused_while_a_call_goes_on(bot_factory, speech) ->
             ) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "no_audio"
             await pc.close()
-            # Double hang-up: the second one is a 404.
+            # Double hang-up: the second one is a 404. The join token hangs nothing up.
             second = await _connect(server, token=token)
-            assert second.resource
+            assert second.resource and second.resource_token
             async with http.delete(second.resource, headers=auth) as resp:
+                assert resp.status == 403 and (await resp.json())["error"]["code"] == "bad_resource_token"
+            owner = {"Authorization": f"Bearer {second.resource_token}"}
+            async with http.delete(second.resource, headers=owner) as resp:
                 assert resp.status == 200
-            async with http.delete(second.resource, headers=auth) as resp:
+            async with http.delete(second.resource, headers=owner) as resp:
                 assert resp.status == 404
             await second.close()
             # The first call was never disturbed: it still answers.
@@ -250,6 +299,31 @@ async def test_two_people_in_one_room_share_one_call(bot: BotServer, speech) -> 
         await bob.hangup()
     await asyncio.sleep(0.3)
     assert not bot.manager.sessions
+
+
+async def test_a_full_room_refuses_the_next_caller(bot_factory) -> None:  # type: ignore[no-untyped-def]
+    server = await bot_factory(max_peers_per_room=2)
+    ann = await _connect(server, room="small", name="ann")
+    bob = await _connect(server, room="small", name="bob")
+    carl = Caller(url=server.url, room="small", name="carl")
+    try:
+        with pytest.raises(CallError, match=r"HTTP 409.*room_full"):
+            await carl.connect()
+        session = _session(server)
+        assert sorted(p.participant for p in session.peers.values()) == ["ann", "bob"]
+        assert all(c.pc is not None and c.pc.connectionState == "connected" for c in (ann, bob))
+        # the others learn names, never peer ids (a peer id is its owner's to hang up with)
+        await ann.wait_event(Ev.PARTICIPANT_JOINED, timeout=5)
+        joined = [e for e in ann.events if e.get("name") == Ev.PARTICIPANT_JOINED]
+        assert joined and all("peer" not in e for e in joined), joined
+        await bob.hangup()
+        await asyncio.sleep(0.3)
+        dave = await _connect(server, room="small", name="dave")  # a free place again
+        await dave.hangup()
+    finally:
+        await carl.close()
+        await ann.hangup()
+        await bob.hangup()
 
 
 async def test_asr_worker_dying_mid_call_loses_no_turn(bot: BotServer, speech, backends) -> None:  # type: ignore[no-untyped-def]

@@ -46,6 +46,14 @@ def test_bad_settings_are_a_clear_error() -> None:
     assert result.returncode == 2 and "cannot read 'eighty' as int" in result.stderr
 
 
+def test_serve_refuses_an_open_address_without_a_token_secret() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
+    out = run_cli("serve", "--host", "0.0.0.0", "--port", "0", env=env)
+    assert out.returncode != 0
+    assert "refusing to listen on 0.0.0.0 without a token secret" in out.stderr
+    assert "PRESENCE_TOKEN_SECRET" in out.stderr and "loading models" not in out.stdout
+
+
 def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "PRESENCE_PORT": "0", "PRESENCE_GREETING": "", "PRESENCE_JOBS": "off"}
     server = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import statistics
@@ -20,9 +21,10 @@ from typing import Any
 
 import pytest
 import redis
-from jobs_support import REDIS_URL, delete_keys, redis_problem, spawn_worker, until
+from jobs_support import REDIS_URL, delete_keys, redis_problem, spawn_worker, start_redis, until
 
-from presence.bot.jobs import LOST_ERROR, Backoff, JobRequest, JobResult, JobStatus
+from presence.bot.backends.responder import arithmetic
+from presence.bot.jobs import LOST_ERROR, Backoff, JobBroker, JobRequest, JobResult, JobStatus, Worker
 from presence.bot.jobs.bridge import (
     CallJobs,
     JobBridge,
@@ -34,8 +36,10 @@ from presence.bot.jobs.bridge import (
     is_cancel_request,
     speakable,
 )
+from presence.bot.jobs.kinds import load_handlers
 from presence.bot.jobs.redisio import Keys
 from presence.bot.jobs.router import RuleToolRouter, find_math
+from presence.bot.numbers import parse_number, parse_words, say_number
 from presence.config import Settings
 from presence.signaling.metrics import Metrics
 
@@ -141,6 +145,7 @@ def test_route_cases() -> None:
     assert _code(r.route("what is 15 percent of 80")) == ["15/100*80"]
     assert _code(r.route("two to the power of ten")) == ["2 ** 10"]
     assert _code(r.route("what's 1,000 minus 1")) == ["1000 - 1"]
+    assert _code(r.route("what is the factorial of two hundred")) == ["math.factorial(200)"]
     assert _code(r.route("run this code print(6 * 7)")) == ["(6 * 7)"]
     # both at once
     both = r.route("look up the opening hours and calculate 17 times 23")
@@ -195,6 +200,10 @@ def test_acknowledgement_and_speakable() -> None:
     assert speakable(ok("code", {"stdout": "391\n", "exit_code": 0, "error": None})) == "That comes to 391."
     assert speakable(ok("code", {"stdout": "5.0\n", "error": None})) == "That comes to 5."
     assert speakable(ok("code", {"stdout": "1.4142135623730951\n"})) == "That comes to about 1.414."
+    assert speakable(ok("code", {"stdout": "-4\n"})) == "That comes to minus 4."
+    # factorial of two hundred: 375 exact digits, never "infinity"
+    huge = speakable(ok("code", {"stdout": f"{math.factorial(200)}\n"}))
+    assert huge == "That comes to about 7.887 times ten to the power of 374, a number with 375 digits."
     assert "division by zero" in speakable(
         ok("code", {"stdout": "", "error": "exit code 1: ZeroDivisionError: division by zero"})
     )
@@ -215,6 +224,42 @@ def test_acknowledgement_and_speakable() -> None:
     assert speakable(failed) == "I couldn't finish the search: docs_dir '/x' is not a directory."
     late = JobResult.failure(JobRequest.new("c", "code", {}), "timeout: no result within 5 s of the deadline")
     assert speakable(late) == "I couldn't finish the calculation: it took too long."
+    expired = JobResult.failure(JobRequest.new("c", "code", {}), "deadline passed before the job started")
+    assert expired.status is JobStatus.FAILED  # not a dead letter: "deadline" is not "dead"
+    assert speakable(expired) == "I couldn't finish the calculation: it took too long."
+    dead = JobResult.failure(JobRequest.new("c", "code", {}), "dead: TransientJobError: x (after 3 attempts)")
+    assert dead.status is JobStatus.DEAD and speakable(dead).endswith(": it kept failing.")
+
+
+def test_spoken_numbers_both_ways() -> None:
+    """One parser of number words (the router and the rule responder) and one reader."""
+    assert parse_number("twenty-three") == 23 and parse_number("a hundred and five") == 105
+    assert parse_number("three thousand two hundred") == 3200 and parse_number("-2.5") == -2.5
+    for text in ("ten five", "five five", "nan", "inf", "what", ""):
+        assert parse_number(text) is None, text
+    assert parse_words("two point five times three".split()) == ("2.5", 3)
+    assert parse_words("times three".split()) is None
+    said = {
+        "391": "391",
+        "5.0": "5",
+        "-4": "minus 4",
+        "0.30000000000000004": "about 0.3",
+        "1.4142135623730951": "about 1.414",
+        "123456.789": "about 123456.79",
+        "1e-20": "ten to the power of minus 20",
+        "1e+300": "ten to the power of 300, a number with 301 digits",
+        "-12345678901234567890": "about minus 1.235 times ten to the power of 19, a number with 20 digits",
+        "inf": "infinity",
+    }
+    for printed, words in said.items():
+        assert say_number(printed) == words, printed
+    assert say_number(7 / 2) == "3.5" and say_number(-4.0) == "minus 4"
+    with pytest.raises(ValueError):
+        say_number("hello")
+    # the rule responder reads and says numbers through the same module
+    assert arithmetic("what is twenty three times four") == "23 times 4 is 92."
+    assert arithmetic("what is 10 divided by 3") == "10 divided by 3 is about 3.333."
+    assert arithmetic("what is 12 minus 20") == "12 minus 20 is minus 8."
 
 
 # ---------------------------------------------------------------------- choosing a Redis
@@ -303,6 +348,47 @@ async def test_auto_with_nothing_answering_starts_a_private_redis(
     assert redis_problem(f"redis://127.0.0.1:{port}/0") is not None
 
 
+async def test_redis_password_never_reaches_logs_or_output(
+    redis_bin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="presence")
+    secret = f"pw{uuid.uuid4().hex}"
+    port = free_port()
+    server = start_redis(port, password=secret)
+    url, dead = f"redis://:{secret}@127.0.0.1:{port}/0", f"redis://u:{secret}@127.0.0.1:{free_port()}/0"
+    try:
+        # a worker process: its ready line and its start-up log
+        proc = spawn_worker(url, "test-pw", "P", "noop", "--log-level", "info")
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+        assert "worker P: serving noop on redis://:***@127.0.0.1" in err, err
+        # an in-process worker against a Redis that does not answer: its start and its retries
+        worker = Worker(dead, ["noop"], load_handlers(["noop"]), prefix="test-pw")
+        task = asyncio.create_task(worker.run())
+        await until(lambda: "unreachable during" in caplog.text, what="the worker's first retry")
+        task.cancel()  # it would wait for that Redis forever
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # a broker that gives up, and the bridge that refuses it
+        broker = JobBroker(dead, prefix="test-pw", backoff=Backoff(0.01, 0.05, 0.3))
+        with pytest.raises(ConnectionError) as gave_up:
+            await broker.submit(JobRequest.new("call-pw", "noop"))
+        await broker.close()
+        with pytest.raises(JobsUnavailable) as refused:
+            await JobBridge.start(settings(jobs="redis", redis_url=dead))
+        # auto mode: the configured URL does not answer; the private Redis of the test does not either
+        assert (
+            await JobBridge.start(settings(jobs="auto", redis_url=dead), probe_url=dead, redis_server="/no")
+            is None
+        )
+    finally:
+        server.kill()
+        server.wait()
+    shown = [caplog.text, out, err, str(gave_up.value), str(refused.value)]
+    assert all(secret not in text for text in shown), shown
+    assert "serving noop on redis://u:***@127.0.0.1" in caplog.text and "redis://u:***@" in str(refused.value)
+
+
 # ---------------------------------------------------------------------- delivery rules
 async def test_duplicate_and_foreign_results_are_delivered_once(
     redis_url: str, prefix: str, raw: redis.Redis, bridges: list[JobBridge]
@@ -335,6 +421,7 @@ async def test_no_delivery_after_close_or_cancel(
         probe_url=redis_url,
         prefix=prefix,
         worker_kinds=("search", "code", "think", "sleep"),
+        worker_options={"test_kinds": True},
     )
     assert bridge is not None
     bridges.append(bridge)
@@ -374,7 +461,7 @@ async def test_retries_and_dead_letters_reach_metrics(
         probe_url=redis_url,
         prefix=prefix,
         worker_kinds=("search", "code", "think", "fail"),
-        worker_options={"max_attempts": 3},
+        worker_options={"max_attempts": 3, "test_kinds": True},
     )
     assert bridge is not None
     bridges.append(bridge)
@@ -400,7 +487,7 @@ async def test_redis_restart_mid_call_loses_no_job(redis_bin: str, bridges: list
             settings(jobs="auto", redis_url=server.url),
             prefix="test-bridge-restart",
             worker_kinds=("search", "code", "think", "sleep", "echo"),
-            worker_options={"concurrency": 1},  # the echo jobs wait in the queue behind the sleep
+            worker_options={"concurrency": 1, "test_kinds": True},  # the echo jobs wait behind the sleep
             backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_s=20),
         )
         assert bridge is not None and bridge.mode == "redis"
@@ -467,7 +554,9 @@ async def test_redis_gone_for_good_fails_fast_and_audibly(redis_bin: str, bridge
 async def test_sigkilled_worker_job_completes_elsewhere_once(
     redis_url: str, prefix: str, raw: redis.Redis, bridges: list[JobBridge]
 ) -> None:
-    bridge = await JobBridge.start(settings(jobs="redis", redis_url=redis_url), prefix=prefix)
+    bridge = await JobBridge.start(
+        settings(jobs="redis", redis_url=redis_url), prefix=prefix, worker_kinds=("sleep",)
+    )
     assert bridge is not None
     bridges.append(bridge)
     calls, inbox = await open_call(bridge, "call-k")

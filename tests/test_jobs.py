@@ -13,11 +13,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +48,10 @@ from presence.bot.jobs import (
     TransientJobError,
     Worker,
 )
-from presence.bot.jobs.code import SandboxLimits, run_python
+from presence.bot.jobs.code import REFUSED, SandboxLimits, default_python, run_python
 from presence.bot.jobs.kinds import load_handlers, options_from_settings
 from presence.bot.jobs.redisio import Keys
+from presence.bot.jobs.worker import default_consumer_name
 
 KINDS = ["noop", "echo", "sleep", "fail"]
 
@@ -120,7 +124,8 @@ async def running_worker(
     redis_url: str, prefix: str, kinds: list[str] = KINDS, **kw: Any
 ) -> AsyncIterator[Worker]:
     kw.setdefault("idle_reclaim_ms", 2_000)
-    worker = Worker(redis_url, kinds, load_handlers(kinds), kw.pop("name", "w1"), prefix=prefix, **kw)
+    handlers = load_handlers(kinds, test_kinds=True)
+    worker = Worker(redis_url, kinds, handlers, kw.pop("name", "w1"), prefix=prefix, **kw)
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.started.wait(), 10)
     try:
@@ -151,6 +156,15 @@ def test_request_roundtrip_and_validation() -> None:
     res = JobResult.failure(req, "cancelled: test")
     assert JobResult.from_json(res.to_json()) == res
     assert res.status is JobStatus.CANCELLED
+    # statuses by exact tag: "deadline ..." is no dead letter, "cancelled" alone no cancellation
+    for error, status in {
+        "dead: worker died (after 3 attempts)": JobStatus.DEAD,
+        "deadline passed before the job started": JobStatus.FAILED,
+        "deadline: the handler ran past the job's deadline": JobStatus.FAILED,
+        "deadletter: x": JobStatus.FAILED,
+        "cancelledx: y": JobStatus.FAILED,
+    }.items():
+        assert JobResult.failure(req, error).status is status, error
     with pytest.raises(JobError, match="ok must be a bool"):
         JobResult.from_json(json.dumps({"job_id": "a", "call_id": "b", "kind": "k", "ok": "yes"}))
 
@@ -337,6 +351,8 @@ async def test_deadlines(broker: JobBroker, redis_url: str, prefix: str) -> None
         got = {r.job_id: r for r in await results.wait(2, timeout=5)}
         assert not got["late-1"].ok and got["late-1"].error == "deadline passed before the job started"
         assert not got[too_long].ok and got[too_long].error.startswith("deadline:")  # type: ignore[union-attr]
+        for job_id in ("late-1", too_long):  # failed, not dead: "deadline" does not start with "dead:"
+            assert got[job_id].status is JobStatus.FAILED and await broker.status(job_id) is JobStatus.FAILED
         assert got[too_long].finished_at - got[too_long].started_at < 1.5
         assert worker.stats.deadline == 1
     await results.stop()
@@ -416,7 +432,7 @@ async def test_redis_restart_loses_nothing(on_lost: str) -> None:
     prefix = f"test-jobs-{uuid.uuid4().hex[:10]}"  # a private server: nothing to clean up
     server = start_redis(port)
     fast = Backoff(initial_s=0.02, max_s=0.2, give_up_s=20)
-    broker = JobBroker(url, prefix=prefix, on_lost=on_lost, backoff=fast)  # type: ignore[arg-type]
+    broker = JobBroker(url, prefix=prefix, kinds=KINDS, on_lost=on_lost, backoff=fast)  # type: ignore[arg-type]
     try:
         await broker.open_call("call-r")
         results = Collector(broker, "call-r")
@@ -465,8 +481,22 @@ async def test_broker_gives_up_clearly_when_redis_stays_down() -> None:
 
 
 # ---------------------------------------------------------------------- code sandbox
+PG_SOCKETS = ("/run/postgresql/.s.PGSQL.5432", "/var/run/postgresql/.s.PGSQL.5432")
 ESCAPES = {
     "network": "import socket\nsocket.create_connection(('127.0.0.1', 6379), timeout=2)\nprint('CONNECTED')",
+    "child_network": (  # a child process is not bound by anything Python-level in the parent
+        "import subprocess, sys\n"
+        "src = \"import socket; socket.create_connection(('127.0.0.1', 6379), timeout=2); print('CONNECTED')\"\n"
+        "r = subprocess.run([sys.executable or 'python3', '-c', src], capture_output=True, text=True)\n"
+        "print(r.stdout, r.stderr.strip().splitlines()[-1:])\nraise SystemExit(r.returncode)\n"
+    ),
+    "postgres": (  # a read-only mount does not stop connect() on a Unix socket; PostgreSQL trusts local users
+        "import socket\n"
+        f"for path in {PG_SOCKETS!r}:\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    try:\n        s.connect(path)\n        print('CONNECTED', path)\n"
+        "    except OSError as e:\n        print('refused', path, e)\n"
+    ),
     "secrets": (
         "import os\nprint('ENV', sorted(os.environ))\n"
         "for pid in (os.getppid(), 1):\n"
@@ -474,17 +504,62 @@ ESCAPES = {
         "        try:\n            print(open(f'/proc/{pid}/{name}').read())\n"
         "        except OSError as e:\n            print('denied', e)\n"
     ),
-    "write": "import sys\nfor p in sys.stdin.read().split():\n    try:\n        open(p, 'w').write('x')\n"
-    "        print('WROTE', p)\n    except OSError as e:\n        print('blocked', e)\n",
+    "write": "import os, sys\nfor p in sys.stdin.read().split():\n    try:\n        open(p, 'w').write('x')\n"
+    "        print('WROTE', p)\n    except OSError as e:\n        print('blocked', e)\n"
+    "    os.system(f'echo hi > {p} && echo WROTE-SHELL {p}')\n",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "infinite_loop": "while True:\n    pass",
+    "sleep": "import time\ntime.sleep(60)\nprint('WOKE')",
     "alloc_10gb": "x = bytearray(10 * 1024**3)\nprint('ALLOCATED')",
     "output_100mb": "import sys\nchunk = 'x' * 1_000_000\nfor _ in range(100):\n    sys.stdout.write(chunk)",
 }
+# Two jobs at once: the second looks for the first one's file wherever it might show.
+OTHER_JOB_WRITER = "import os, sys, time\nopen('secret.txt', 'w').write(sys.stdin.read())\ntime.sleep(1.5)"
+OTHER_JOB_READER = (
+    "import glob, time\ntime.sleep(0.5)\n"
+    "for p in glob.glob('/tmp/*/*') + glob.glob('/proc/*/cwd/*') + glob.glob('/proc/*/root/tmp/*/*'):\n"
+    "    try:\n        print(p, open(p).read())\n    except OSError as e:\n        print('denied', p, e)\n"
+)
+SANDBOX_LIMITS = SandboxLimits(timeout_s=1.5, cpu_s=2)
 
 
-def _sandbox_pids() -> list[int]:
-    """Live processes of a sandbox uid (2,000,000-2,999,999): there must be none left."""
+def _escape_args(targets: list[str]) -> dict[str, dict[str, str]]:
+    return {n: {"code": c, "stdin": " ".join(targets) if n == "write" else ""} for n, c in ESCAPES.items()}
+
+
+def _check_escapes(v: dict[str, Any], mode: str, targets: list[str], secret: str | None, root: bool) -> None:
+    """Every escape attempt of ESCAPES (results by name) failed inside the ``mode`` sandbox."""
+    assert {x["sandbox"] for x in v.values()} == {mode}
+    assert all("unprivileged-uid" in x["isolation"] for x in v.values()) == root  # a fresh uid per run
+    for name in ("network", "child_network", "postgres"):
+        assert "CONNECTED" not in v[name]["stdout"], (name, v[name])
+    assert "Connection refused" in v["network"]["error"] or "unreachable" in v["network"]["error"]
+    assert v["child_network"]["exit_code"] == 1, v["child_network"]
+    assert v["postgres"]["stdout"].count("refused") == 2, v["postgres"]
+    env_out = v["secrets"]["stdout"] + v["secrets"]["stderr"]
+    assert "pytest" not in env_out and (secret is None or secret not in env_out)  # nor the worker's cmdline
+    # empty but for the LC_CTYPE that Python's C-locale coercion (PEP 538) sets itself
+    assert "ENV []" in env_out or "ENV ['LC_CTYPE']" in env_out
+    assert "WROTE" not in v["write"]["stdout"], v["write"]
+    assert v["write"]["stdout"].count("blocked") == len(targets)
+    assert not any(map(os.path.exists, targets))
+    assert v["fork_bomb"]["exit_code"] != 0 or v["fork_bomb"]["timed_out"]
+    for name in ("infinite_loop", "sleep"):
+        assert v[name]["timed_out"] is True and "timed out after 1.5 s" in v[name]["error"], v[name]
+    assert "WOKE" not in v["sleep"]["stdout"]
+    assert "MemoryError" in v["alloc_10gb"]["error"] and "ALLOCATED" not in v["alloc_10gb"]["stdout"]
+    assert v["output_100mb"]["truncated"] is True
+    assert len(v["output_100mb"]["stdout"]) < 70_000
+    assert "output truncated" in v["output_100mb"]["stdout"]
+
+
+def _check_other_job(writer: dict[str, Any], reader: dict[str, Any], token: str) -> None:
+    assert writer["exit_code"] == 0 and writer["error"] is None, writer  # it wrote, and lived on
+    assert token not in reader["stdout"] + reader["stderr"], reader
+
+
+def _live_pids(uids: range) -> list[int]:
+    """Live processes whose real uid is in ``uids``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -492,46 +567,35 @@ def _sandbox_pids() -> list[int]:
                 status = Path(f"/proc/{entry}/status").read_text()
                 uid = int(status.split("Uid:")[1].split()[0])
                 zombie = status.split("State:")[1].split()[0] == "Z"  # dead, awaiting init's reap
-                if 2_000_000 <= uid < 3_000_000 and not zombie:
+                if uid in uids and not zombie:
                     found.append(int(entry))
     return found
 
 
+def _sandbox_pids() -> list[int]:
+    """Live processes of a sandbox uid (2,000,000-2,999,999): there must be none left."""
+    return _live_pids(range(2_000_000, 3_000_000))
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "netns"])
 async def test_sandbox_escapes_are_contained(
-    broker: JobBroker, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    mode: str, broker: JobBroker, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if mode == "netns" and os.geteuid() != 0:
+        pytest.skip("the netns sandbox needs root (its refusal is tested below)")
     secret = f"s3cret-{uuid.uuid4().hex}"
     monkeypatch.setenv("PRESENCE_TEST_SECRET", secret)  # the worker (this process) has it
-    targets = [f"/tmp/escape-{uuid.uuid4().hex}", str(ROOT / f"escape-{uuid.uuid4().hex}")]
+    targets = [f"/tmp/OUTSIDE-{uuid.uuid4().hex}", str(ROOT / f"escape-{uuid.uuid4().hex}")]
     await broker.open_call("call-s")
     results = Collector(broker, "call-s")
-    options = {"code_limits": SandboxLimits(timeout_s=1.5, cpu_s=2)}
+    options = {"code_limits": SANDBOX_LIMITS, "code_sandbox": mode}
     async with running_worker(redis_url, prefix, ["code", "noop"], concurrency=3, options=options) as worker:
         ids = {}
-        for name, code in ESCAPES.items():
-            args = {"code": code, "stdin": " ".join(targets)} if name == "write" else {"code": code}
+        for name, args in _escape_args(targets).items():
             ids[await broker.submit(JobRequest.new("call-s", "code", args))] = name
-        out = {ids[r.job_id]: r for r in await results.wait(len(ESCAPES), timeout=30)}
-        v = {name: r.value for name, r in out.items()}
-        assert all(r.ok for r in out.values())  # each ran and came back with an error report
-        expected_mode = "netns" if os.geteuid() == 0 else v["network"]["sandbox"]
-        assert all(x["sandbox"] == expected_mode for x in v.values())  # type: ignore[index]
-        assert "CONNECTED" not in v["network"]["stdout"]  # type: ignore[index]
-        assert "Network is unreachable" in v["network"]["error"] or "blocked" in v["network"]["error"]  # type: ignore[index]
-        env_out = v["secrets"]["stdout"] + v["secrets"]["stderr"]  # type: ignore[index]
-        assert secret not in env_out and "pytest" not in env_out  # nor the worker's cmdline
-        # empty but for the LC_CTYPE that Python's C-locale coercion (PEP 538) sets itself
-        assert "ENV []" in env_out or "ENV ['LC_CTYPE']" in env_out
-        assert "WROTE" not in v["write"]["stdout"]  # type: ignore[index]
-        assert not any(map(os.path.exists, targets))
-        assert v["fork_bomb"]["exit_code"] != 0 or v["fork_bomb"]["timed_out"]  # type: ignore[index]
-        assert v["infinite_loop"]["timed_out"] is True  # type: ignore[index]
-        assert "timed out after 1.5 s" in v["infinite_loop"]["error"]  # type: ignore[index]
-        assert "MemoryError" in v["alloc_10gb"]["error"]  # type: ignore[index]
-        assert "ALLOCATED" not in v["alloc_10gb"]["stdout"]  # type: ignore[index]
-        assert v["output_100mb"]["truncated"] is True  # type: ignore[index]
-        assert len(v["output_100mb"]["stdout"]) < 70_000  # type: ignore[index]
-        assert "output truncated" in v["output_100mb"]["stdout"]  # type: ignore[index]
+        out = {ids[r.job_id]: r for r in await results.wait(len(ESCAPES), timeout=40)}
+        assert all(r.ok for r in out.values()), out  # each ran and came back with an error report
+        _check_escapes({name: r.value for name, r in out.items()}, mode, targets, secret, os.geteuid() == 0)
         assert _sandbox_pids() == []
         assert not glob.glob("/tmp/presence-code-*")
         # the worker is still alive
@@ -540,21 +604,112 @@ async def test_sandbox_escapes_are_contained(
         assert got[-1].job_id == job_id and got[-1].ok
         assert worker.stats.failed == 0
     await results.stop()
-
-
-async def test_sandbox_plain_run_and_audit_fallback() -> None:
+    token = f"t0ken-{uuid.uuid4().hex}"
+    limits = replace(SANDBOX_LIMITS, timeout_s=5)
+    writer, reader = await asyncio.gather(
+        run_python(OTHER_JOB_WRITER, stdin=token, limits=limits, mode=mode),  # type: ignore[arg-type]
+        run_python(OTHER_JOB_READER, limits=limits, mode=mode),  # type: ignore[arg-type]
+    )
+    _check_other_job(writer, reader, token)
     ok = await run_python(
-        "import sys\nopen('a.txt', 'w').write(sys.stdin.read())\nprint(open('a.txt').read())", stdin="hi"
+        "import sys\nopen('a.txt', 'w').write(sys.stdin.read())\nprint(open('a.txt').read())",
+        stdin="hi",
+        mode=mode,  # type: ignore[arg-type]
     )
     assert ok["exit_code"] == 0 and ok["stdout"] == "hi\n" and ok["error"] is None
-    net = await run_python(ESCAPES["network"], mode="audit")
-    assert net["sandbox"] == "audit" and "network access is blocked" in net["error"]
-    target = f"/tmp/escape-{uuid.uuid4().hex}"
-    wr = await run_python(f"open({target!r}, 'w')", mode="audit")
-    assert "writing outside the working directory is blocked" in wr["error"]
-    assert not os.path.exists(target)
-    ct = await run_python("import ctypes\nctypes.CDLL(None)", mode="audit")
-    assert "ctypes is blocked" in ct["error"]
+    assert ok["sandbox"] == mode and _sandbox_pids() == []
+
+
+# Runs as uid 65534 from a world-readable copy of code.py (the project and ~/.pyenv are not
+# readable to it): reads {"mode", "jobs", "pair", "token"} on stdin, prints the results as JSON.
+_AS_NOBODY = r"""
+import asyncio, json, os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from presence.bot.jobs.code import REFUSED, SandboxLimits, default_python, run_python, sandbox_status
+from presence.bot.jobs.types import JobError
+req = json.load(sys.stdin)
+
+async def one(code, stdin="", timeout_s=1.5):
+    try:
+        return await run_python(code, stdin=stdin, mode=req["mode"], limits=SandboxLimits(timeout_s=timeout_s, cpu_s=2))
+    except JobError as exc:
+        return {"job_error": str(exc)}
+
+async def main():
+    names = list(req["jobs"])
+    runs = [one(a["code"], a["stdin"]) for a in req["jobs"].values()]
+    runs += [one(code, stdin, 5) for code, stdin in req["pair"]]
+    out = await asyncio.gather(*runs)
+    print(json.dumps({"uid": os.getuid(), "status": sandbox_status(req["mode"]),
+                      "jobs": dict(zip(names, out)), "pair": out[len(names):]}))
+asyncio.run(main())
+"""
+
+
+async def _run_as_nobody(request: dict[str, Any], path: str = "/usr/bin:/bin") -> dict[str, Any]:
+    """Run the sandbox as uid 65534 (a non-root worker) from a world-readable copy of code.py."""
+    jobs = Path(tempfile.mkdtemp(prefix="presence-as-nobody-"))  # pytest's tmp_path is root-only
+    try:
+        for package in ("presence", "presence/bot", "presence/bot/jobs"):
+            (jobs / package).mkdir(parents=True, exist_ok=True)
+            (jobs / package / "__init__.py").write_text("")
+        for name in ("code.py", "types.py"):
+            shutil.copy(ROOT / "presence/bot/jobs" / name, jobs / "presence/bot/jobs" / name)
+        (jobs / "runner.py").write_text(_AS_NOBODY)
+        for p in (jobs, *jobs.rglob("*")):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        before = set(_live_pids(range(65534, 65535)))
+        proc = await asyncio.create_subprocess_exec(
+            *(default_python(), str(jobs / "runner.py")),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"PATH": path},
+            cwd="/",
+            user=65534,
+            group=65534,
+            extra_groups=[],
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(json.dumps(request).encode()), 90)
+    finally:
+        shutil.rmtree(jobs, ignore_errors=True)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    await until(lambda: set(_live_pids(range(65534, 65535))) <= before, 5, "no process of uid 65534 left")
+    return json.loads(stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="this process is not root: the test above ran unprivileged")
+async def test_sandbox_bwrap_unprivileged_escapes_are_contained() -> None:
+    targets = [f"/tmp/OUTSIDE-{uuid.uuid4().hex}", str(ROOT / f"escape-{uuid.uuid4().hex}")]
+    token = f"t0ken-{uuid.uuid4().hex}"
+    request = {
+        "mode": "bwrap",
+        "jobs": _escape_args(targets),
+        "pair": [[OTHER_JOB_WRITER, token], [OTHER_JOB_READER, ""]],
+    }
+    got = await _run_as_nobody(request)
+    assert got["uid"] == 65534 and got["status"].startswith("code jobs run in the bwrap sandbox"), got
+    _check_escapes(got["jobs"], "bwrap", targets, None, root=False)
+    _check_other_job(*got["pair"], token)
+
+
+async def test_sandbox_unavailable_mode_is_refused() -> None:
+    with pytest.raises(JobError, match="unknown sandbox mode 'audit'"):
+        await run_python("print(1)", mode="audit")  # type: ignore[arg-type]
+    if os.geteuid() != 0:
+        with pytest.raises(JobError, match="refused: the netns sandbox asked for is not available"):
+            await run_python("print(1)", mode="netns")
+        return
+    # as a non-root worker: netns can't work; without bwrap on PATH nothing can, so auto refuses
+    req = {"jobs": {"print": {"code": "print(1)", "stdin": ""}}, "pair": []}
+    netns = await _run_as_nobody({**req, "mode": "netns"})
+    assert "the netns sandbox asked for is not available" in netns["jobs"]["print"]["job_error"]
+    assert netns["status"] == netns["jobs"]["print"]["job_error"]
+    none = await _run_as_nobody({**req, "mode": "auto"}, path="/nonexistent")
+    assert none["jobs"]["print"]["job_error"].startswith(REFUSED), none
+    assert none["status"].startswith("code jobs are refused: no real isolation available")
+    bwrap = await _run_as_nobody({**req, "mode": "bwrap"}, path="/nonexistent")
+    assert "bwrap is not on PATH" in bwrap["jobs"]["print"]["job_error"]
 
 
 # ---------------------------------------------------------------------- search
@@ -705,6 +860,18 @@ async def test_run_worker_entry_point(broker: JobBroker, redis_url: str, prefix:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_test_kinds_only_when_enabled_and_unique_worker_names() -> None:
+    for kind in ("sleep", "fail"):
+        with pytest.raises(ValueError, match="for tests only"):
+            load_handlers(["noop", kind])
+        with pytest.raises(JobError, match="unknown kind"):  # a stock broker does not queue them
+            JobRequest.new("c", kind).validate()
+    assert set(load_handlers(KINDS, test_kinds=True)) == set(KINDS)
+    # two containers are both PID 1 of the same host name: their workers still differ
+    names = {default_consumer_name() for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith(f"{socket.gethostname()}-{os.getpid()}-") for n in names)
 
 
 def test_options_from_settings() -> None:

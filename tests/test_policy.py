@@ -10,6 +10,7 @@ from presence.bot.policy import (
     InterruptionOptions,
     RuleBasedPolicy,
     RuleParams,
+    content_words,
     is_backchannel,
     is_filler,
     sounds_unfinished,
@@ -86,6 +87,10 @@ def test_barge_in_needs_a_real_word_or_long_speech(policy: RuleBasedPolicy) -> N
     assert policy.step(turn(), s).floor is Floor.HOLD  # backchannel words only
     s.partial_text = "my"
     assert policy.step(turn(), s).floor is Floor.HOLD  # one word: maybe misheard ("mike, ...")
+    s.partial_text = "and i'm"
+    assert policy.step(turn(), s).floor is Floor.HOLD  # piper's "Mm-hm." as the ASR heard it
+    s.partial_text = "the m m"
+    assert policy.step(turn(), s).floor is Floor.HOLD
     s.partial_text = "wait stop"
     assert policy.step(turn(), s).floor is Floor.YIELD
     s.partial_text = ""
@@ -235,6 +240,22 @@ def test_fused_does_not_take_the_turn_early_while_the_words_are_judged(fused: Ru
     assert action is not None and action.floor is Floor.SPEAK
 
 
+def test_fused_finished_words_do_not_overrule_the_audios_doubt(fused: RuleBasedPolicy) -> None:
+    # "I was thinking about the weekend, [pause] and maybe we could go hiking."
+    s = _waiting("i was thinking about the weekend", 0.2, 900)
+    s.text_eot_probability = 0.9
+    assert fused.step(turn(), s).floor is Floor.LISTEN
+    s.caller_silence_ms = 2500
+    assert fused.step(turn(), s).floor is Floor.SPEAK  # never past max_delay_ms
+
+
+def test_content_words_skip_backchannels_function_words_and_letters() -> None:
+    assert content_words("and i'm", BC) == 1
+    assert content_words("the m m", BC) == 0
+    assert content_words("yeah okay", frozenset({"yeah", "okay"})) == 0
+    assert content_words("Wait, stop.", BC) == 2
+
+
 def test_fused_on_evidence_takes_the_turn_between_ticks_only_when_due(fused: RuleBasedPolicy) -> None:
     s = _waiting("what time is it", 0.9, 250)
     action = fused.on_evidence(s)
@@ -265,8 +286,8 @@ def test_fused_options_come_from_settings() -> None:
     with pytest.raises(ValueError, match="eot_text_threshold"):
         Settings(eot_text_threshold=1.5)
     assert (
-        RuleParams.from_settings(Settings(eot_text_threshold=0.4)).endpointing.text_incomplete_threshold
-        == 0.4
+        RuleParams.from_settings(Settings(eot_text_threshold=0.35)).endpointing.text_incomplete_threshold
+        == 0.35
     )
 
 

@@ -7,18 +7,17 @@ each offer with a real aiortc peer connection and nothing else (no bot behind it
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import fractions
-import hashlib
-import hmac
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import aioice.ice
+import jwt
 import numpy as np
 import pytest
 from aiortc import (
@@ -33,10 +32,18 @@ from av import AudioFrame
 
 from presence.config import Settings
 from presence.signaling import tokens
-from presence.signaling.app import create_app, dev_join_url, run_server
+from presence.signaling.app import (
+    RESOURCE_TOKEN_HEADER,
+    create_app,
+    dev_join_url,
+    run_server,
+    validate_offer_sdp,
+)
 from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.errors import ApiError
+from presence.signaling.limits import RateLimiter
 
-SECRET = "test-secret-do-not-use"
+SECRET = "test-secret-do-not-use-" + "0123456789abcdef" * 3  # 64+ bytes: HS256 wants 32, HS512 64
 
 
 # ---------------------------------------------------------------------------- test harness
@@ -236,35 +243,52 @@ async def json_call(
 
 
 def test_token_roundtrip() -> None:
-    token = tokens.mint(SECRET, room="blue", sub="ann", ttl_s=60, now=1000.0)
-    claims = tokens.verify(SECRET, token, now=1059.0)
-    assert claims == tokens.TokenClaims(room="blue", sub="ann", exp=1060)
-    assert tokens.verify(SECRET, tokens.mint(SECRET, room=None, sub="x", ttl_s=5)).room is None
+    token = tokens.mint(SECRET, room="blue", sub="ann", ttl_s=60, name="Ann B.", role="host")
+    claims = tokens.verify(SECRET, token)
+    assert (claims.room, claims.sub, claims.name, claims.role) == ("blue", "ann", "Ann B.", "host")
+    assert claims.iat is not None and claims.exp == claims.iat + 60
+    # a standard HS256 JWT: any JWT library reads it
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    unbound = tokens.verify(SECRET, tokens.mint(SECRET, room=None, sub="x", ttl_s=5))
+    assert (unbound.room, unbound.name, unbound.role) == (None, None, "caller")
 
 
 def test_token_expired() -> None:
-    token = tokens.mint(SECRET, room=None, sub="ann", ttl_s=60, now=1000.0)
+    token = tokens.mint(SECRET, room=None, sub="ann", ttl_s=60, now=time.time() - 120)
     with pytest.raises(tokens.TokenError) as info:
-        tokens.verify(SECRET, token, now=1060.0)
+        tokens.verify(SECRET, token)
     assert info.value.code == "expired_token"
 
 
 def test_token_tampered_and_wrong_secret() -> None:
     token = tokens.mint(SECRET, room="blue", sub="ann", ttl_s=60)
-    body, sig = token.split(".")
-    forged_body = (
-        base64.urlsafe_b64encode(json.dumps({"exp": 2**40, "room": "red", "sub": "ann"}).encode())
-        .rstrip(b"=")
-        .decode()
-    )
+    header, body, sig = token.split(".")
+    forged_body = jwt.utils.base64url_encode(
+        json.dumps({"exp": 2**40, "room": "red", "sub": "ann"}).encode()
+    ).decode()
     flipped_sig = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
-    for bad in (f"{forged_body}.{sig}", f"{body}.{flipped_sig}"):
+    for bad in (f"{header}.{forged_body}.{sig}", f"{header}.{body}.{flipped_sig}"):
         with pytest.raises(tokens.TokenError) as info:
             tokens.verify(SECRET, bad)
         assert info.value.code == "bad_signature"
     with pytest.raises(tokens.TokenError) as info:
-        tokens.verify("another-secret", token)
+        tokens.verify("another-secret-also-32-bytes-long!!", token)
     assert info.value.code == "bad_signature"
+
+
+def test_token_alg_none_and_other_algorithms_refused() -> None:
+    claims = {"sub": "mallory", "room": "blue", "exp": int(time.time()) + 60}
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    assert unsigned.endswith(".")  # no signature at all
+    hs512 = jwt.encode(claims, SECRET, algorithm="HS512")  # right secret, other algorithm
+    # an HS256 signature under a header that claims another algorithm
+    good = tokens.mint(SECRET, room="blue", sub="mallory", ttl_s=60)
+    relabeled_header = jwt.utils.base64url_encode(b'{"alg":"none","typ":"JWT"}').decode()
+    relabeled = relabeled_header + good[good.index(".") :]
+    for bad in (unsigned, unsigned + "c2ln", hs512, relabeled):
+        with pytest.raises(tokens.TokenError) as info:
+            tokens.verify(SECRET, bad)
+        assert info.value.code == "unsupported_algorithm", bad
 
 
 @pytest.mark.parametrize(
@@ -273,10 +297,12 @@ def test_token_tampered_and_wrong_secret() -> None:
         (None, "missing_token"),
         ("", "missing_token"),
         ("no-dot-here", "malformed_token"),
+        ("a.b", "malformed_token"),
         ("a.b.c", "malformed_token"),
-        ("!!!.###", "malformed_token"),
-        ("é.é", "malformed_token"),
-        ("x" * 5000 + ".y", "malformed_token"),
+        ("!!!.###.$$$", "malformed_token"),
+        ("é.é.é", "malformed_token"),
+        ("eyJhbGciOiJIUzI1NiJ9.bm90IGpzb24.c2ln", "bad_signature"),  # checked before the payload
+        ("x" * 5000 + ".y.z", "malformed_token"),
     ],
 )
 def test_token_malformed(token: str | None, code: str) -> None:
@@ -287,13 +313,56 @@ def test_token_malformed(token: str | None, code: str) -> None:
 
 def test_token_signed_junk_payload_is_malformed() -> None:
     # correctly signed but not our claims: only possible with the secret, still refused cleanly
-    for payload in (b"not json", b"[1,2]", b'{"exp":"soon","sub":"a","room":null}'):
-        body = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
-        sig = hmac.new(SECRET.encode(), body.encode(), hashlib.sha256).digest()
-        token = body + "." + base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+    future = int(time.time()) + 60
+    raw_payloads = [b"not json", b"[1,2]"]
+    claim_sets: list[dict[str, Any]] = [
+        {"exp": "soon", "sub": "a"},
+        {"exp": future},  # no sub
+        {"sub": "a"},  # no exp: tokens must expire
+        {"exp": future, "sub": 5},
+        {"exp": future, "sub": ""},
+        {"exp": future, "sub": "a", "room": "bad room"},
+        {"exp": future, "sub": "a", "room": 7},
+        {"exp": future, "sub": "a", "name": ["x"]},
+        {"exp": future, "sub": "a", "role": ""},
+        {"exp": future, "sub": "a", "iat": "yesterday"},
+    ]
+    tokens_ = [jwt.api_jws.encode(raw, SECRET, algorithm="HS256") for raw in raw_payloads]
+    tokens_ += [jwt.encode(claims, SECRET, algorithm="HS256") for claims in claim_sets]
+    for token in tokens_:
         with pytest.raises(tokens.TokenError) as info:
             tokens.verify(SECRET, token)
-        assert info.value.code == "malformed_token"
+        assert info.value.code == "malformed_token", token
+    issued_later = jwt.encode({"exp": future + 3600, "iat": future + 600, "sub": "a"}, SECRET)
+    with pytest.raises(tokens.TokenError) as info:
+        tokens.verify(SECRET, issued_later)
+    assert info.value.code == "not_yet_valid"
+
+
+def test_resource_tokens() -> None:
+    resources = tokens.ResourceTokens()
+    token = resources.issue("peer-1")
+    assert len(token) >= 32 and resources.check("peer-1", token)
+    assert not resources.check("peer-2", token)  # another call's token
+    assert not resources.check("peer-1", None) and not resources.check("peer-1", "")
+    assert not resources.check("peer-1", token[:-1] + ("A" if token[-1] != "A" else "B"))
+    assert not tokens.ResourceTokens().check("peer-1", token)  # another process's key
+
+
+def test_rate_limiter_refills_and_stays_bounded() -> None:
+    t = [0.0]
+    limiter = RateLimiter(60, 2, max_keys=3, clock=lambda: t[0])  # 1 per second, burst 2
+    assert [limiter.take("a") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.take("a") == pytest.approx(1.0)
+    t[0] += 0.5
+    assert limiter.take("a") == pytest.approx(0.5)  # a refused offer spends nothing
+    t[0] += 0.5
+    assert limiter.take("a") == 0.0
+    assert limiter.take("b") == 0.0  # other addresses have their own bucket
+    for key in "cdefgh":
+        limiter.take(key)
+    assert len(limiter) == 3  # the least recently seen were dropped
+    assert all(RateLimiter(0, 1).take("a") == 0.0 for _ in range(100))  # 0 = no limit
 
 
 def test_mint_needs_secret() -> None:
@@ -333,6 +402,7 @@ async def test_whip_happy_path(serve: Serve, http: aiohttp.ClientSession) -> Non
             location = resp.headers["Location"]
             assert location.startswith("/whip/resource/")
             assert resp.headers["X-Presence-Call"] == "call-blue"
+            resource_token = resp.headers[RESOURCE_TOKEN_HEADER]
         parsed = SessionDescription.parse(answer_sdp)
         assert [m.kind for m in parsed.media] == ["audio", "application"]
         assert host.joins == [("obs", "blue")]
@@ -342,10 +412,11 @@ async def test_whip_happy_path(serve: Serve, http: aiohttp.ClientSession) -> Non
             assert await resp.json() == {"status": "ok", "calls": 1}
         async with http.patch(settings.base_url + location, data="a=candidate:x") as resp:
             await assert_error(resp, 405, "trickle_not_supported")
-        async with http.delete(settings.base_url + location) as resp:
+        owner = {"Authorization": f"Bearer {resource_token}"}
+        async with http.delete(settings.base_url + location, headers=owner) as resp:
             assert resp.status == 200
             assert await resp.read() == b""
-        async with http.delete(settings.base_url + location) as resp:
+        async with http.delete(settings.base_url + location, headers=owner) as resp:  # replayed
             await assert_error(resp, 404, "unknown_resource")
     assert host.active_calls == 0
 
@@ -359,10 +430,11 @@ async def test_json_offer_happy_path(serve: Serve, http: aiohttp.ClientSession) 
         assert answer["resource"] == f"/whip/resource/{answer['peer_id']}"
         assert host.joins == [("Ann", "red")]
         url = f"{settings.base_url}/api/calls/{answer['peer_id']}"
-        async with http.delete(url) as resp:
+        owner = {"Authorization": f"Bearer {answer['resource_token']}"}
+        async with http.delete(url, headers=owner) as resp:
             assert resp.status == 200
             assert (await resp.json())["hung_up"] is True
-        async with http.delete(url) as resp:  # double hang-up
+        async with http.delete(url, headers=owner) as resp:  # double hang-up, same token
             await assert_error(resp, 404, "unknown_resource")
 
 
@@ -397,7 +469,7 @@ OFFER_SKELETON = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
 
 
 async def test_bad_input_while_a_call_runs(serve: Serve, http: aiohttp.ClientSession) -> None:
-    settings, host = await serve(max_body_bytes=4096)
+    settings, host = await serve(max_body_bytes=4096, offer_rate_per_min=0)
     base = settings.base_url
     good_pc, good, stack = await json_call(http, settings)
     async with stack:
@@ -435,9 +507,30 @@ async def test_bad_input_while_a_call_runs(serve: Serve, http: aiohttp.ClientSes
             ("POST", "/whip/boom", {"data": sdp, "headers": whip_sdp}, 500, "internal"),
             ("POST", "/whip/bad%20room", {"data": sdp, "headers": whip_sdp}, 400, "bad_request"),
             ("PATCH", "/whip/resource/nope", {}, 405, "trickle_not_supported"),
-            ("DELETE", "/whip/resource/nope", {}, 404, "unknown_resource"),
-            ("DELETE", "/api/calls/nope", {}, 404, "unknown_resource"),
-            ("DELETE", "/api/calls/" + "x" * 300, {}, 404, "unknown_resource"),
+            ("DELETE", "/whip/resource/nope", {}, 401, "missing_resource_token"),
+            ("DELETE", "/api/calls/nope", {}, 401, "missing_resource_token"),
+            (
+                "DELETE",
+                "/api/calls/nope",
+                {"headers": {"Authorization": "Bearer x"}},
+                403,
+                "bad_resource_token",
+            ),
+            (
+                "DELETE",
+                "/api/calls/" + "x" * 300,
+                {"headers": {"Authorization": "Bearer " + good["resource_token"]}},
+                403,
+                "bad_resource_token",
+            ),
+            ("DELETE", "/api/calls/" + good["peer_id"], {}, 401, "missing_resource_token"),
+            (
+                "POST",
+                "/api/offer",
+                {"json": {"sdp": sdp, "type": "offer", "token": 7}},
+                400,
+                "bad_request",
+            ),
             ("GET", "/no/such/page", {}, 404, "not_found"),
             ("PUT", "/api/offer", {}, 405, "method_not_allowed"),
             (
@@ -492,11 +585,12 @@ async def test_bad_input_while_a_call_runs(serve: Serve, http: aiohttp.ClientSes
 
 
 async def test_tokens_enforced(serve: Serve, http: aiohttp.ClientSession) -> None:
-    settings, host = await serve(token_secret=SECRET)
+    settings, host = await serve(token_secret=SECRET, offer_rate_per_min=0)
     base = settings.base_url
     valid = tokens.mint(SECRET, room=None, sub="ann", ttl_s=60)
     expired = tokens.mint(SECRET, room=None, sub="ann", ttl_s=60, now=1000.0)
-    wrong = tokens.mint("other-secret", room=None, sub="ann", ttl_s=60)
+    wrong = tokens.mint("other-secret-of-32-bytes-or-more!!", room=None, sub="ann", ttl_s=60)
+    unsigned = jwt.encode({"sub": "ann", "exp": int(time.time()) + 60}, None, algorithm="none")
     async with http.get(base + "/api/config") as resp:
         assert (await resp.json())["token_required"] is True
 
@@ -513,11 +607,18 @@ async def test_tokens_enforced(serve: Serve, http: aiohttp.ClientSession) -> Non
             ("/whip", {"data": sdp, "headers": bearer(expired)}, "expired_token"),
             ("/whip", {"data": sdp, "headers": bearer(wrong)}, "bad_signature"),
             ("/whip", {"data": sdp, "headers": bearer("garbage")}, "malformed_token"),
+            ("/whip", {"data": sdp, "headers": bearer(unsigned)}, "unsupported_algorithm"),
             ("/whip?token=" + expired, {"data": sdp, "headers": whip_sdp}, "expired_token"),
             ("/api/offer", {"json": {"sdp": sdp, "type": "offer"}}, "missing_token"),
             ("/api/offer", {"json": {"sdp": sdp, "type": "offer", "token": expired}}, "expired_token"),
             ("/api/offer", {"json": {"sdp": sdp, "type": "offer", "token": wrong}}, "bad_signature"),
-            ("/api/offer?token=eA.eQ", {"json": {"sdp": sdp, "type": "offer"}}, "bad_signature"),
+            (
+                "/api/offer",
+                {"json": {"sdp": sdp, "type": "offer", "token": unsigned}},
+                "unsupported_algorithm",
+            ),
+            ("/api/offer", {"json": {"sdp": sdp, "type": "offer", "token": "x" * 5000}}, "malformed_token"),
+            ("/api/offer?token=eA.eQ", {"json": {"sdp": sdp, "type": "offer"}}, "malformed_token"),
         ]
 
         async def check(path: str, kw: dict[str, Any], code: str) -> None:
@@ -528,21 +629,132 @@ async def test_tokens_enforced(serve: Serve, http: aiohttp.ClientSession) -> Non
         await asyncio.gather(*(check(*case) for case in cases))
         assert good_pc.connectionState == "connected"
 
-        # a valid bearer token works for WHIP, and a room claim overrides the requested room
+        # rooms: a room-bound token joins its room only; a token without a room joins none
         bound = tokens.mint(SECRET, room="green", sub="bob", ttl_s=60)
-        async with offerer() as pc:
-            async with http.post(
-                base + "/whip/red", data=pc.localDescription.sdp, headers=bearer(bound)
-            ) as resp:
-                assert resp.status == 201, await resp.text()
-                assert resp.headers["X-Presence-Call"] == "call-green"
+        room_cases: list[tuple[str, dict[str, Any]]] = [
+            ("/whip/red", {"data": sdp, "headers": bearer(bound)}),
+            ("/whip?room=red", {"data": sdp, "headers": bearer(bound)}),
+            ("/whip/red", {"data": sdp, "headers": bearer(valid)}),
+            ("/api/offer", {"json": {"sdp": sdp, "type": "offer", "token": bound, "room": "red"}}),
+            ("/api/offer", {"json": {"sdp": sdp, "type": "offer", "token": valid, "room": "green"}}),
+        ]
+        for path, kw in room_cases:
+            async with http.post(base + path, **kw) as resp:
+                await assert_error(resp, 403, "wrong_room")
+        assert good_pc.connectionState == "connected"
+
+        # a valid bearer token works for WHIP, in its room (asked for or not)
+        for path in ("/whip/green", "/whip"):
+            async with offerer() as pc:
+                async with http.post(
+                    base + path, data=pc.localDescription.sdp, headers=bearer(bound)
+                ) as resp:
+                    assert resp.status == 201, await resp.text()
+                    assert resp.headers["X-Presence-Call"] == "call-green"
         async with offerer() as pc:
             async with http.post(
                 base + "/whip?token=" + valid, data=pc.localDescription.sdp, headers=whip_sdp
             ) as resp:
                 assert resp.status == 201, await resp.text()
-        assert host.joins[1:] == [("bob", "green"), ("ann", None)]
+                assert resp.headers["X-Presence-Call"] == "call-lobby"  # a one-to-one call
+        # a name in the token is forced over the one asked for
+        named = tokens.mint(SECRET, room="green", sub="carol-id", ttl_s=60, name="Carol")
+        _, answer, named_stack = await json_call(http, settings, token=named, name="Mallory")
+        await named_stack.aclose()
+        assert answer["call_id"] == "call-green"
         assert host.joins[0] == ("ann", None)  # token sub names the participant
+        assert host.joins[1:] == [("bob", "green"), ("bob", "green"), ("ann", None), ("Carol", "green")]
+
+
+async def test_hangup_needs_the_callers_resource_token(serve: Serve, http: aiohttp.ClientSession) -> None:
+    # two people in one room: neither can hang the other up, whatever they learn of the other's id
+    settings, host = await serve(token_secret=SECRET)
+    base = settings.base_url
+    token = tokens.mint(SECRET, room="team", sub="member", ttl_s=60)
+    ann_pc, ann, ann_stack = await json_call(http, settings, token=token, name="ann")
+    bob_pc, bob, bob_stack = await json_call(http, settings, token=token, name="bob")
+    async with ann_stack, bob_stack:
+        assert ann["resource_token"] != bob["resource_token"]
+        for path in (f"/api/calls/{ann['peer_id']}", f"/whip/resource/{ann['peer_id']}"):
+            async with http.delete(base + path) as resp:
+                await assert_error(resp, 401, "missing_resource_token")
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            for wrong in (bob["resource_token"], token, "x" * 43, "Bearer"):
+                headers = {"Authorization": f"Bearer {wrong}"}
+                async with http.delete(base + path, headers=headers) as resp:
+                    await assert_error(resp, 403, "bad_resource_token")
+            async with http.delete(base + path, headers={"Authorization": ann["resource_token"]}) as resp:
+                await assert_error(resp, 401, "missing_resource_token")  # not a Bearer credential
+        await asyncio.sleep(0.3)
+        assert ann_pc.connectionState == "connected" and ann["peer_id"] in host.peers
+        assert bob_pc.connectionState == "connected" and bob["peer_id"] in host.peers
+
+        owner = {"Authorization": f"Bearer {ann['resource_token']}"}
+        async with http.delete(f"{base}/whip/resource/{ann['peer_id']}", headers=owner) as resp:
+            assert resp.status == 200, await resp.text()
+        assert ann["peer_id"] not in host.peers and bob["peer_id"] in host.peers
+        for path in (f"/api/calls/{ann['peer_id']}", f"/whip/resource/{ann['peer_id']}"):
+            async with http.delete(base + path, headers=owner) as resp:  # replayed after the hang-up
+                await assert_error(resp, 404, "unknown_resource")
+        assert bob_pc.connectionState == "connected"
+
+
+class CappedHarness(HarnessCallHost):
+    """TEST HARNESS: refuses a room's next peer as CallSession does (409 room_full)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+        if room and sum(1 for call_id, _ in self.peers.values() if call_id == f"call-{room}") >= self.cap:
+            raise CallRejected(409, "room_full", f"this room is full: at most {self.cap} participants")
+        return await super().answer(sdp, participant=participant, room=room)
+
+
+async def test_room_full_is_a_clear_409(serve: Serve, http: aiohttp.ClientSession) -> None:
+    # the cap itself is CallSession's (tests/test_call.py checks it with the real bot); here:
+    # its refusal reaches the client as JSON and leaves the room as it was
+    settings, host = await serve(CappedHarness(2))
+    calls = [await json_call(http, settings, room="small", name=n) for n in ("ann", "bob")]
+    async with contextlib.AsyncExitStack() as stack:
+        for _, _, call_stack in calls:
+            await stack.enter_async_context(call_stack)
+        async with offerer() as pc:
+            body = {"sdp": pc.localDescription.sdp, "type": "offer", "room": "small"}
+            async with http.post(settings.base_url + "/api/offer", json=body) as resp:
+                await assert_error(resp, 409, "room_full")
+        assert all(pc.connectionState == "connected" for pc, _, _ in calls)
+        assert len(host.peers) == 2
+        _, _, other = await json_call(http, settings, room="other")  # other rooms are unaffected
+        await other.aclose()
+
+
+async def test_offers_over_the_rate_limit_get_429(serve: Serve, http: aiohttp.ClientSession) -> None:
+    settings, host = await serve(offer_rate_per_min=6, offer_burst=3)
+    base = settings.base_url
+    good_pc, good, stack = await json_call(http, settings)
+    async with stack:
+        whip_sdp = {"Content-Type": "application/sdp"}
+        for _ in range(2):  # refused offers spend the budget too: a flood costs no parsing
+            async with http.post(base + "/whip", data="junk", headers=whip_sdp) as resp:
+                await assert_error(resp, 400, "malformed_sdp")
+        sdp = good_pc.localDescription.sdp
+        for path, kw in [
+            ("/whip", {"data": sdp, "headers": whip_sdp}),
+            ("/api/offer", {"json": {"sdp": sdp, "type": "offer"}}),
+            ("/api/offer", {"data": "{not json", "headers": {"Content-Type": "application/json"}}),
+        ]:
+            async with http.post(base + path, **kw) as resp:
+                await assert_error(resp, 429, "rate_limited")
+                assert 1 <= int(resp.headers["Retry-After"]) <= 10
+        assert good_pc.connectionState == "connected" and len(host.peers) == 1
+        # what is not an offer is not limited: the caller can still hang up
+        owner = {"Authorization": f"Bearer {good['resource_token']}"}
+        async with http.delete(f"{base}/api/calls/{good['peer_id']}", headers=owner) as resp:
+            assert resp.status == 200
+        async with http.get(base + "/metrics") as resp:
+            assert 'presence_offers_rejected_total{code="rate_limited"} 3.0' in await resp.text()
 
 
 async def test_healthz_and_metrics(serve: Serve, http: aiohttp.ClientSession) -> None:
@@ -585,3 +797,23 @@ async def test_shutdown_closes_host(http: aiohttp.ClientSession) -> None:
         assert resp.status == 200
     await runner.cleanup()
     assert host.closed
+
+
+async def test_an_offer_with_extra_tracks_is_refused() -> None:
+    """One audio, one video and one data section per caller: the bot would read only the first
+    track of a kind while aiortc queued the others' frames without bound."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    pc.addTransceiver("video")
+    pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())
+    one_each = pc.localDescription.sdp
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    two_audio = pc.localDescription.sdp
+    await pc.close()
+    assert validate_offer_sdp(one_each) == one_each
+    with pytest.raises(ApiError) as refused:
+        validate_offer_sdp(two_audio)
+    assert refused.value.status == 400 and refused.value.code == "too_many_tracks"
+    assert "2 audio sections" in refused.value.message

@@ -289,15 +289,21 @@ class AddresseeTracker:
             and level_dbfs < typical - self.options.side_talk_level_db
         )
 
-    def side_talk(self, text: str, participant: str, level_dbfs: float | None) -> str | None:
+    def side_talk(
+        self, text: str, participant: str, level_dbfs: float | None, before: str | None = None
+    ) -> str | None:
         """Why speech still going on over the bot sounds meant for someone else ("vocative:sam",
         "off-axis"), or None. It is judged from partial words and the level so far, so the bot
-        can keep its place instead of giving the floor to it; the bot's name always wins."""
+        can keep its place instead of giving the floor to it; the bot's name always wins.
+        ``before`` is this utterance's previous verdict: a vocative heard once holds, because
+        the ASR's next partial often rewrites it ("emma", then "em up in you grab my charger")."""
         if text and self.names_bot(text):
             return None
         vocative = find_vocative(text) if text else None
         if vocative is not None:
             return f"vocative:{vocative}"
+        if before is not None and before.startswith("vocative:"):
+            return before
         return "off-axis" if self._off_axis(participant, level_dbfs) else None
 
     def _decide(self, u: AddresseeInput) -> Verdict:

@@ -27,9 +27,10 @@ from presence.bot.backends.factory import Backends
 from presence.bot.between_ticks import BetweenTicks
 from presence.bot.caller_state import CallerState
 from presence.bot.context import Conversation, Fold
+from presence.bot.floor_actions import FloorActions
 from presence.bot.jobs.types import JobResult
-from presence.bot.policy import RESULT, InterruptionOptions, is_backchannel, is_filler
-from presence.bot.reply import ReplyTask, final_pass, plain_words, synthesize
+from presence.bot.policy import InterruptionOptions, is_backchannel, is_filler
+from presence.bot.reply import ReplyTask, final_pass, plain_words
 from presence.bot.results import CallResults
 from presence.bot.turn_latency import report_voice_to_voice
 from presence.bot.turn_probe import TurnProbe
@@ -39,7 +40,7 @@ from presence.events import Ev, EventLog
 from presence.media.audio import speech_level_dbfs
 from presence.media.microturn import MicroTurnAssembler
 from presence.media.speech import SpeechTrack, Utterance
-from presence.seams import Action, CallEvent, ChatMessage, Floor, FloorPolicy, FloorState, MicroTurn
+from presence.seams import CallEvent, ChatMessage, FloorPolicy, FloorState, MicroTurn
 
 if TYPE_CHECKING:
     from presence.bot.jobs.bridge import CallJobs
@@ -47,11 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
-# Backchannel audio, synthesised once per (TTS instance, text).
-_BC_CLIPS: dict[tuple[int, str], np.ndarray] = {}
 
 
-class Engine(BetweenTicks):
+class Engine(FloorActions, BetweenTicks):
     def __init__(
         self,
         call_id: str,
@@ -228,7 +227,7 @@ class Engine(BetweenTicks):
         if self.state.bot_speaking and self.caller.utt_start is not None and self._turn_audio:
             speaker = next(iter(self._turn_speakers)) if len(self._turn_speakers) == 1 else ""
             level = speech_level_dbfs(np.concatenate(self._turn_audio))
-            reason = self.addressee.side_talk(self.state.partial_text, speaker, level)
+            reason = self.addressee.side_talk(self.state.partial_text, speaker, level, self._side_talk)
         self._side_talk = reason
         self.state.side_talk = reason is not None
 
@@ -462,80 +461,6 @@ class Engine(BetweenTicks):
             if self.on_latency is not None:
                 self.on_latency("voice_to_voice", seconds)
 
-    # ------------------------------------------------------------------ actions
-    def _apply(self, action: Action, turn: MicroTurn | None) -> None:
-        """Carry out an action: every tick's, and a SPEAK decided between ticks (no turn)."""
-        floor = action.floor
-        # Taking the floor with no caller turn pending can only mean saying a waiting result
-        # (a learned policy does not give the rule policy's reason).
-        if floor is Floor.SPEAK and (
-            action.reason == RESULT or (self.results.waiting and self.caller.utt_start is None)
-        ):
-            if self.results.waiting:
-                self._speak_result()
-        elif floor is Floor.INTERRUPT:
-            if self.results.waiting:
-                self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "", by="bot")
-                self._speak_result()
-        elif floor is Floor.SPEAK:
-            if self._commit_when_ready or self.caller.utt_start is None:
-                return  # already taken (waiting for the ASR's final text), or nothing to answer
-            self._cancel_evidence_timer()
-            self.probe.armed = False
-            self.events.emit(
-                Ev.END_OF_TURN_DECIDED,
-                silence_ms=round(self.state.caller_silence_ms, 1),
-                probability=self.state.eot_probability,
-                between_ticks=turn is None,
-            )
-            self._turn_end_t = self.caller.last_voiced
-            if self._pending_text is None:
-                self._start_prepare()
-            self._commit_when_ready = True
-            if self._pending_text is not None and self._pending_text.done():
-                self._text_ready(self._pending_text)
-        elif floor is Floor.BACKCHANNEL:
-            # The clip says the setting's text, whatever text the policy named (the model's
-            # checkpoint stores its own): the event reports what the caller heard.
-            text = self.settings.backchannel_text
-            clip = _BC_CLIPS.get((id(self.backends.tts), text))
-            if clip is not None and turn is not None and self.track.backchannel(clip, text):
-                self.state.last_backchannel_at = turn.start
-        elif floor is Floor.YIELD:
-            self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "")
-            if self._live is not None and not self._live.done:
-                self._spawn(self._live.cancel(), "cancel-reply")
-            cut = self.track.flush()
-            if cut is not None and cut.started_at is not None:
-                self._cut, self._cut_at = cut, now()
-            self.state.overlap_speech_ms = 0.0
-            self.caller.clear_overlap()
-        elif floor is Floor.HOLD:
-            self.track.hold()
-        elif floor is Floor.RESUME:
-            if self._side_talk is not None:
-                self.events.emit(Ev.NOT_ADDRESSED, text=self.state.partial_text, reason=self._side_talk)
-            self.track.resume()
-            self.asr.drop()  # the backchannel's words are not a turn
-            self._end_caller_utterance()
-            self.state.overlap_speech_ms = 0.0
-            self.caller.clear_overlap()
-
-    def _update_state_name(self) -> None:
-        cur = self.track.current
-        if cur is not None and cur.started_at is not None and not self.track.held:
-            name = "speaking"
-        elif self._commit_when_ready or (self.track.speaking and not self.track.held):
-            name = "thinking"
-        else:
-            name = "listening"
-        self._set_state(name)
-
-    def _set_state(self, name: str) -> None:
-        if name != self._state_name:
-            self._state_name = name
-            self.events.emit(Ev.STATE, state=name)
-
     # ------------------------------------------------------------------ background work
     def _on_partial(self, text: str) -> None:
         if self.caller.utt_start is not None:
@@ -556,8 +481,3 @@ class Engine(BetweenTicks):
         except Exception:
             log.exception("call %s: transcriber failed", self.call_id)
             return ""
-
-    async def _load_backchannel(self) -> None:
-        key = (id(self.backends.tts), self.settings.backchannel_text)
-        if key not in _BC_CLIPS:
-            _BC_CLIPS[key] = await synthesize(self.backends.tts, key[1])

@@ -48,7 +48,7 @@ class EndpointingOptions:
     max_delay_ms: float = 2500
     complete_threshold: float = 0.7
     incomplete_threshold: float = 0.5
-    text_incomplete_threshold: float = 0.3
+    text_incomplete_threshold: float = 0.4
 
     def needed_silence_ms(self, state: FloorState) -> float:
         p, text_p = state.eot_probability, state.text_eot_probability
@@ -57,6 +57,8 @@ class EndpointingOptions:
             or sounds_unfinished(state.partial_text)
             or (text_p is not None and text_p < self.text_incomplete_threshold)
         )
+        # Either cue's "unfinished" waits long. Words that read as finished do not overrule
+        # the audio: "I was thinking about the weekend," is a sentence, its intonation is not.
         if unfinished_words or (p is not None and p < self.incomplete_threshold):
             return self.max_delay_ms
         if p is not None and p >= self.complete_threshold and not state.text_eot_pending:
@@ -80,7 +82,7 @@ class InterruptionOptions:
     """What the caller's speech over the bot does (LiveKit's interruption options, plus a hold).
 
     Overlapping speech for ``hold_onset_ms`` pauses the bot at once, keeping its place. The bot
-    yields once the overlap reaches ``barge_in_ms`` with two real words in it, or ``max_ms`` with
+    yields once the overlap reaches ``barge_in_ms`` with two content words in it (``content_words``), or ``max_ms`` with
     anything; ``backchannel_words`` ("okay", "mm-hm") are never real. A held bot resumes after
     ``resume_silence_ms`` of silence.
     """
@@ -133,6 +135,16 @@ def sounds_unfinished(text: str) -> bool:
     """True when the words so far end on a word that a finished sentence rarely ends on."""
     words = _WORD.findall(text.lower())
     return bool(words) and words[-1] in CONTINUATION_WORDS
+
+
+def content_words(text: str, backchannel_words: frozenset[str]) -> int:
+    """Words that carry meaning: not backchannels, not words a sentence goes on from, not
+    single letters. Piper's "Mm-hm." reaches the streaming ASR as "and i'm" or "the m m"."""
+    return sum(
+        1
+        for w in _WORD.findall(text.lower())
+        if len(w) > 1 and w not in CONTINUATION_WORDS and w not in backchannel_words
+    )
 
 
 def _only_words_of(text: str, vocabulary: frozenset[str]) -> bool:
@@ -209,10 +221,9 @@ class RuleBasedPolicy:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
             overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
             words = state.partial_text.strip()
-            # Two words at least: a partial's first word is often misheard ("my" for "Mike,").
-            real_words = len(_WORD.findall(words.lower())) >= 2 and not is_backchannel(
-                words, bi.backchannel_words
-            )
+            # Two content words at least: a partial's first word is often misheard ("my" for
+            # "Mike,"), and a backchannel often comes out as function words ("and i'm").
+            real_words = content_words(words, bi.backchannel_words) >= 2
             if (overlap >= bi.max_ms or (overlap >= bi.barge_in_ms and real_words)) and not state.side_talk:
                 return Action(Floor.YIELD, reason="barge-in")
             if state.bot_held:

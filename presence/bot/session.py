@@ -28,13 +28,15 @@ from presence.bot.policy import build_policy
 from presence.clock import now
 from presence.config import Settings
 from presence.events import Ev, EventLog
+from presence.media.echo import EchoStage, ReferenceBuffer, echo_wanted
 from presence.media.inbound import AudioReader, VideoReader
 from presence.media.microturn import MicroTurnAssembler
+from presence.media.opus_plc import configure_receiver, set_encoder_fec
 from presence.media.speech import SpeechTrack
 from presence.seams import CallEvent, VideoFrame
 from presence.signaling.contract import Answer, CallRejected
 from presence.signaling.metrics import Metrics
-from presence.signaling.rtc import new_peer_connection, set_audio_prefetch
+from presence.signaling.rtc import new_peer_connection
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,13 @@ class CallSession:
         self.assembler = MicroTurnAssembler(
             call_id, settings.micro_turn_ms, settings.max_playout_ms, settings.vad_threshold
         )
-        self.track = SpeechTrack(self.events.emit, self.assembler.bot)
+        # Echo cancellation: every peer is WebRTC today, so echo_cancel=auto leaves it off.
+        self.echo_reference = (
+            ReferenceBuffer()
+            if backends.echo_factory is not None and echo_wanted(settings.echo_cancel, "webrtc")
+            else None
+        )
+        self.track = SpeechTrack(self.events.emit, self.assembler.bot, self.echo_reference)
         self.relay = MediaRelay()
         self.engine = Engine(
             call_id,
@@ -102,6 +110,11 @@ class CallSession:
         if self.closed:
             raise CallRejected(409, "call_ended", "this call has ended")
         s = self.settings
+        # checked and the peer added below with no await in between: concurrent offers cannot overfill
+        if len(self.peers) >= s.max_peers_per_room:
+            raise CallRejected(
+                409, "room_full", f"this room is full: at most {s.max_peers_per_room} participants"
+            )
         pc = new_peer_connection(s.ice_servers, s.ice_host_addresses)
         peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), pc=pc)
         self.peers[peer.id] = peer
@@ -136,7 +149,8 @@ class CallSession:
                 raise CallRejected(400, "no_audio", "the offer has no audio media section")
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
-                    set_audio_prefetch(transceiver.receiver, s.rx_prefetch_packets)
+                    configure_receiver(transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc)
+            set_encoder_fec(s.opus_fec_loss_pct)
             pc.addTrack(self.relay.subscribe(self.track, buffered=False))
             await pc.setLocalDescription(await pc.createAnswer())
         except CallRejected:
@@ -147,7 +161,8 @@ class CallSession:
             raise CallRejected(400, "bad_offer", f"cannot answer this offer: {exc}") from exc
         self._start()
         await self._open_jobs()
-        self.events.emit(Ev.PARTICIPANT_JOINED, participant=peer.participant, peer=peer.id)
+        # names only: a peer id is its owner's, and events go to everyone in the room
+        self.events.emit(Ev.PARTICIPANT_JOINED, participant=peer.participant)
         return Answer(call_id=self.call_id, peer_id=peer.id, sdp=pc.localDescription.sdp)
 
     def _unique_name(self, wanted: str) -> str:
@@ -161,8 +176,11 @@ class CallSession:
         s = self.settings
         if track.kind == "audio" and peer.audio is None:
             buffer = self.assembler.add_participant(peer.participant)
+            echo = None
+            if self.echo_reference is not None and self.backends.echo_factory is not None:
+                echo = EchoStage(self.backends.echo_factory(), self.echo_reference)
             peer.audio = AudioReader(
-                peer.participant, track, buffer, self.backends.vad_factory(), self.engine.on_voice
+                peer.participant, track, buffer, self.backends.vad_factory(), self.engine.on_voice, echo=echo
             )
             peer.audio.start()
         elif track.kind == "video" and peer.video is None:
@@ -195,7 +213,7 @@ class CallSession:
             await peer.pc.close()
             self.peers.pop(peer_id, None)
             if notify:
-                self.events.emit(Ev.PARTICIPANT_LEFT, participant=peer.participant, peer=peer_id)
+                self.events.emit(Ev.PARTICIPANT_LEFT, participant=peer.participant)
         finally:
             self._removing.discard(peer_id)
         if not self.peers and not self.closed:
@@ -226,7 +244,9 @@ class CallSession:
     async def _watch(self) -> None:
         """A caller that vanished without hanging up stops sending: let them go."""
         timeout = self.settings.peer_timeout_s
-        while True:
+        # Until the call is closed: removing the last peer closes it from inside this task,
+        # which close() cannot cancel, and a loop that went on would keep the session alive.
+        while not self.closed:
             await asyncio.sleep(min(1.0, timeout / 4))
             t = now()
             for peer in list(self.peers.values()):

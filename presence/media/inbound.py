@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -22,6 +23,9 @@ from presence.clock import now
 from presence.media.audio import FrameResampler
 from presence.media.microturn import FrameBuffer
 from presence.seams import FRAME_SAMPLES, SAMPLE_RATE, VAD, VideoFrame
+
+if TYPE_CHECKING:
+    from presence.media.echo import EchoStage
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class AudioReader(_Reader):
         vad: VAD,
         on_voice: VoiceCallback,
         executor: Executor | None = None,
+        echo: EchoStage | None = None,
     ) -> None:
         self.participant = participant
         self.track = track
@@ -65,6 +70,7 @@ class AudioReader(_Reader):
         self.vad = vad
         self.on_voice = on_voice
         self.executor = executor
+        self.echo = echo  # the bot's own voice is taken out before the VAD and ASR hear it
         self.frames_in = 0
         self.last_frame_at = now()
         self._resample = FrameResampler()
@@ -89,6 +95,8 @@ class AudioReader(_Reader):
                     stamped = round((frame.pts - first_pts) * frame.time_base * SAMPLE_RATE)
                     if abs(stamped - pos) > FRAME_SAMPLES // 2:
                         self._pending, pending_pos, pos = np.zeros(0, dtype=np.float32), stamped, stamped
+                if self.echo is not None and audio.size:
+                    audio = await loop.run_in_executor(self.executor, self.echo.process, audio, pos, arrival)
                 self._pending = np.concatenate((self._pending, audio))
                 # Score whole VAD chunks before queueing, so each frame carries a fresh probability.
                 while self._pending.size >= chunk:

@@ -1,10 +1,10 @@
 """Re-timing inbound audio on the bot clock and assembling fixed-length micro-turns.
 
-Network audio arrives in bursts, late, or not at all (aiortc has no loss concealment). The bot
-never trusts arrival order as time: each stream's frames are placed by their sample position
-(from RTP timestamps) and handed to the bot clock after an adaptive playout delay, and the
-assembler takes exactly ``micro_turn_ms / 20`` frames per stream on every tick. Frames missing
-at their tick become silence marked lost.
+Network audio arrives in bursts, late, or not at all (``presence.media.opus_plc`` fills lost
+packets upstream when libopus is there). The bot never trusts arrival order as time: each
+stream's frames are placed by their sample position (from RTP timestamps) and handed to the bot
+clock after an adaptive playout delay, and the assembler takes exactly ``micro_turn_ms / 20``
+frames per stream on every tick. Frames missing at their tick become silence marked lost.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ class FrameBuffer:
     delay that adapts to jitter, between 20 ms and ``max_delay``). Each tick takes the ``n``
     frames that are due; one that has not arrived by then is silence marked lost, and when it
     comes later it is dropped. Positions come from RTP timestamps, so a packet lost in the
-    network is a lost frame and never shifts the audio after it.
+    network is a lost frame and never shifts the audio after it. When the path gets slower for
+    good (a stall, a backlog upstream), every frame comes after its tick; after ``RESYNC``
+    late frames in a row the stream is re-timed from the next one instead of being lost for good.
     """
 
     WINDOW = 250  # frames of arrival history (5 s): follows clock drift, forgets old spikes
+    RESYNC = 15  # late frames in a row (300 ms) that mean the stream's latency itself went up
 
     def __init__(self, max_delay: float, min_delay: float = 0.02) -> None:
         self.max_delay = max(min_delay, max_delay)
@@ -51,6 +54,8 @@ class FrameBuffer:
         self._next: int | None = None  # index of the next frame to hand out
         self.delay = min_delay
         self.late = 0  # frames that came after their tick (dropped)
+        self.resyncs = 0  # times the stream was re-timed after a run of late frames
+        self._late_run = 0
         self.missing = 0  # frames handed out as lost
 
     def __len__(self) -> int:
@@ -79,8 +84,15 @@ class FrameBuffer:
         for offset in range(0, whole, FRAME_SAMPLES):
             index = (start + offset) // FRAME_SAMPLES
             if self._next is not None and index < self._next:
-                self.late += 1
-                continue
+                self._late_run += 1
+                if self._late_run < self.RESYNC:
+                    self.late += 1
+                    continue
+                # Re-time: forget the old arrival offsets and hand-out position; this frame on.
+                self._offsets.clear()
+                self._next = None
+                self.resyncs += 1
+            self._late_run = 0
             self._frames[index] = (
                 data[offset : offset + FRAME_SAMPLES].astype(np.float32, copy=False),
                 self._vad,

@@ -20,6 +20,7 @@ import numpy as np
 from presence.clock import now
 from presence.events import Ev
 from presence.media.audio import decimate_3
+from presence.media.echo import ReferenceBuffer
 from presence.media.microturn import FrameBuffer
 from presence.media.paced import FRAME_OUT, PacedAudioTrack
 from presence.seams import OUT_SAMPLE_RATE
@@ -112,10 +113,17 @@ class Utterance:
 
 
 class SpeechTrack(PacedAudioTrack):
-    def __init__(self, emit: EventSink, bot_buffer: FrameBuffer | None = None) -> None:
+    def __init__(
+        self,
+        emit: EventSink,
+        bot_buffer: FrameBuffer | None = None,
+        reference: ReferenceBuffer | None = None,
+    ) -> None:
         super().__init__()
         self.emit = emit
         self.bot_buffer = bot_buffer
+        # The echo cancellers' far end: every frame as sent, at its scheduled send time.
+        self.reference = reference
         self.queue: deque[Utterance] = deque()
         self.current: Utterance | None = None
         self.held = False
@@ -170,8 +178,12 @@ class SpeechTrack(PacedAudioTrack):
     def next_samples(self) -> np.ndarray:
         samples = self._next_samples()
         self.frames_sent += 1
-        if self.bot_buffer is not None:
-            self.bot_buffer.push(decimate_3(samples), 1.0 if samples.any() else 0.0)
+        if self.bot_buffer is not None or self.reference is not None:
+            audio16 = decimate_3(samples)
+            if self.bot_buffer is not None:
+                self.bot_buffer.push(audio16, 1.0 if samples.any() else 0.0)
+            if self.reference is not None:
+                self.reference.write(audio16, self.frame_time)
         return samples
 
     def _next_samples(self) -> np.ndarray:

@@ -1,8 +1,10 @@
 """The HTTP side of Presence: the call page, WHIP and JSON offer/answer, health and metrics.
 
-Everything a client sends is checked here (size, content type, token, SDP shape) before any
-of it reaches aiortc, and every error leaves as ``{"error": {"code", "message"}}`` with a
-stable code, so the page, WHIP clients and tests can all react to it.
+Everything a client sends is checked here (offer rate, size, content type, token and room,
+SDP shape) before any of it reaches aiortc, and every error leaves as
+``{"error": {"code", "message"}}`` with a stable code, so the page, WHIP clients and tests can
+all react to it. Only the caller who placed a call can hang it up: the offer's answer carries a
+resource token that the ``DELETE`` must present.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +24,8 @@ from aiortc.sdp import SessionDescription
 from presence.config import Settings
 from presence.signaling import tokens
 from presence.signaling.contract import CallHost, CallRejected
+from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
+from presence.signaling.limits import RateLimiter
 from presence.signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from presence.signaling.metrics import Metrics
 from presence.web import STATIC_DIR
@@ -31,48 +35,19 @@ log = logging.getLogger(__name__)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 HOST_KEY: web.AppKey[CallHost] = web.AppKey("host")
 METRICS_KEY = web.AppKey("metrics", Metrics)
+LIMITER_KEY = web.AppKey("offer_limiter", RateLimiter)
+RESOURCES_KEY = web.AppKey("resource_tokens", tokens.ResourceTokens)
 
 # Route names whose errors count as rejected offers in presence_offers_rejected_total.
 OFFER_ROUTES = frozenset({"whip_offer", "whip_offer_room", "api_offer"})
 MAX_MEDIA_SECTIONS = 16  # a browser sends 2-3; hundreds would only be an attack on the parser
-ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ROOM_RE = tokens.ROOM_RE
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_NAME_CHARS = 64
-
-# Codes for errors aiohttp raises itself (unknown route, wrong method, body over the limit).
-HTTP_ERROR_CODES: Mapping[int, str] = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    429: "too_many_requests",
-    503: "unavailable",
-}
+# The WHIP answer's header carrying the resource token: DELETE needs it as a Bearer token.
+RESOURCE_TOKEN_HEADER = "X-Presence-Resource-Token"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, stable machine-readable code, human message."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -181,6 +156,16 @@ def validate_offer_sdp(sdp: str) -> str:
         parsed = SessionDescription.parse(sdp)
     except Exception:  # aiortc's parser raises assorted errors (and asserts) on junk
         raise bad("the SDP offer cannot be parsed") from None
+    # One track of each kind per caller: aiortc would queue the frames of any other without
+    # bound, since the bot reads only the first (a rejected section has port 0).
+    for kind in ("audio", "video", "application"):
+        count = sum(1 for m in parsed.media if m.kind == kind and m.port != 0)
+        if count > 1:
+            raise ApiError(
+                400,
+                "too_many_tracks",
+                f"the SDP offer has {count} {kind} sections; the bot takes one of each kind per caller",
+            )
     for media in parsed.media:
         # without these aiortc fails deep inside setRemoteDescription; say so here instead
         if not (media.ice.usernameFragment and media.ice.password):
@@ -224,16 +209,28 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def _pick_room(claims: tokens.TokenClaims | None, requested: object) -> str | None:
-    if claims is not None and claims.room:
-        return claims.room  # a room-bound token wins over whatever the client asks for
+    """The room to join: dev mode (no claims) takes the request; with a token, its ``room``
+    claim decides, and asking for any other room is refused rather than silently overridden."""
     if requested is None or requested == "":
-        return None
-    if not isinstance(requested, str) or not ROOM_RE.match(requested):
+        requested = None
+    elif not isinstance(requested, str) or not ROOM_RE.match(requested):
         raise ApiError(400, "bad_request", "room must be 1-64 letters, digits, '_', '-' or '.'")
-    return requested
+    if claims is None:
+        return requested
+    if claims.room is None:
+        if requested is not None:
+            raise ApiError(
+                403, "wrong_room", "this token is bound to no room: it can only start a one-to-one call"
+            )
+        return None
+    if requested is not None and requested != claims.room:
+        raise ApiError(403, "wrong_room", f"this token is for room {claims.room!r}, not {requested!r}")
+    return claims.room
 
 
 def _pick_name(requested: object, claims: tokens.TokenClaims | None, default: str) -> str:
+    if claims is not None and claims.name:
+        requested = claims.name  # a name in the token is the one the others see
     if requested is not None and requested != "":
         if not isinstance(requested, str):
             raise ApiError(400, "bad_request", "name must be a string")
@@ -246,10 +243,33 @@ def _pick_name(requested: object, claims: tokens.TokenClaims | None, default: st
     return default
 
 
-def _peer_id(request: web.Request) -> str:
+def _rate_limit(request: web.Request) -> None:
+    # first thing an offer route does: a flood costs neither parsing nor a token check
+    wait = request.app[LIMITER_KEY].take(request.remote or "unknown")
+    if wait > 0:
+        seconds = max(1, math.ceil(wait))
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"too many offers from this address; retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+
+def _owned_peer_id(request: web.Request) -> str:
+    """The resource's peer id once the request proves it is that peer's own hang-up: it must
+    carry the resource token the offer's answer gave out (401 without it, 403 when wrong)."""
+    presented = _bearer(request)
+    if presented is None:
+        raise ApiError(
+            401,
+            "missing_resource_token",
+            "hanging up needs the resource token from the offer's answer as 'Authorization: Bearer ...'",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     peer_id = request.match_info["peer_id"]
-    if not PEER_ID_RE.match(peer_id):
-        raise ApiError(404, "unknown_resource", "no such call resource")
+    if not PEER_ID_RE.match(peer_id) or not request.app[RESOURCES_KEY].check(peer_id, presented):
+        raise ApiError(403, "bad_resource_token", "this is not the resource token of that call")
     return peer_id
 
 
@@ -295,6 +315,7 @@ async def api_config(request: web.Request) -> web.Response:
 
 
 async def whip_offer(request: web.Request) -> web.Response:
+    _rate_limit(request)
     _check_length(request)
     claims = _authorize(request, _bearer(request) or request.query.get("token"))
     _require_type(request, "application/sdp")
@@ -308,6 +329,7 @@ async def whip_offer(request: web.Request) -> web.Response:
         content_type="application/sdp",
         headers={
             "Location": f"/whip/resource/{answer.peer_id}",
+            RESOURCE_TOKEN_HEADER: request.app[RESOURCES_KEY].issue(answer.peer_id),
             "X-Presence-Call": answer.call_id,
         },
     )
@@ -319,8 +341,7 @@ async def whip_options(request: web.Request) -> web.Response:
 
 
 async def whip_delete(request: web.Request) -> web.Response:
-    # the unguessable resource id is the capability (as in WHIP); no token needed to hang up
-    if not await request.app[HOST_KEY].hangup(_peer_id(request)):
+    if not await request.app[HOST_KEY].hangup(_owned_peer_id(request)):
         raise ApiError(404, "unknown_resource", "no such call resource (or already hung up)")
     return web.Response(status=200)
 
@@ -339,6 +360,7 @@ async def whip_resource_options(request: web.Request) -> web.Response:
 
 
 async def api_offer(request: web.Request) -> web.Response:
+    _rate_limit(request)
     _check_length(request)
     _require_type(request, "application/json")
     body = await _read_body(request)
@@ -367,12 +389,13 @@ async def api_offer(request: web.Request) -> web.Response:
             "call_id": answer.call_id,
             "peer_id": answer.peer_id,
             "resource": f"/whip/resource/{answer.peer_id}",
+            "resource_token": request.app[RESOURCES_KEY].issue(answer.peer_id),
         }
     )
 
 
 async def api_hangup(request: web.Request) -> web.Response:
-    peer_id = _peer_id(request)
+    peer_id = _owned_peer_id(request)
     if not await request.app[HOST_KEY].hangup(peer_id):
         raise ApiError(404, "unknown_resource", "no such call (or already hung up)")
     return web.json_response({"peer_id": peer_id, "hung_up": True})
@@ -398,6 +421,10 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[HOST_KEY] = host
     app[METRICS_KEY] = metrics
+    app[LIMITER_KEY] = RateLimiter(settings.offer_rate_per_min, settings.offer_burst)
+    app[RESOURCES_KEY] = tokens.ResourceTokens()
+    if settings.token_secret and tokens.short_secret(settings.token_secret):
+        log.warning("token_secret is shorter than 32 bytes: use a long random string")
     # also reachable as app["metrics"] for code that prefers the plain key
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", web.NotAppKeyWarning)

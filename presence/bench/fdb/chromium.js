@@ -99,6 +99,7 @@ registerProcessor("fdb-recorder", FdbRecorder);
     lags: [], // [context frame, min wall ms - context ms] per recorder message
     packets: [], // received RTP packets: [arrival perf ms, rtp timestamp, sequence number, payload]
     resource: null,
+    resourceToken: null,
     state: "new",
 
     async setup(clips) {
@@ -184,6 +185,7 @@ registerProcessor("fdb-recorder", FdbRecorder);
       const answer = await res.json().catch(() => ({}));
       if (!res.ok) throw new Error(`offer refused: HTTP ${res.status}: ${JSON.stringify(answer)}`);
       this.resource = "/api/calls/" + encodeURIComponent(answer.peer_id);
+      this.resourceToken = answer.resource_token || null; // hang-up needs the caller's own token
       await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
       return { callId: answer.call_id, peerId: answer.peer_id };
     },
@@ -242,11 +244,12 @@ registerProcessor("fdb-recorder", FdbRecorder);
 
     async hangup() {
       const resource = this.resource;
-      this.resource = null;
+      const headers = this.resourceToken ? { Authorization: `Bearer ${this.resourceToken}` } : {};
+      this.resource = this.resourceToken = null;
       if (this.pc) this.pc.close();
       if (this.ctx) await this.ctx.close();
       if (!resource) return null;
-      const res = await fetch(resource, { method: "DELETE" }).catch(() => null);
+      const res = await fetch(resource, { method: "DELETE", headers }).catch(() => null);
       return res ? res.status : null;
     },
   };

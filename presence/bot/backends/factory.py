@@ -33,6 +33,7 @@ from presence.seams import (
     TTS,
     VAD,
     ChatMessage,
+    EchoCanceller,
     Responder,
     StreamingASR,
     TextTurnDetector,
@@ -58,6 +59,8 @@ class Backends:
     responder: Responder
     turn_detector: TurnDetector | None = None  # shared, stateless; None: silence timing only
     text_turn_detector: TextTurnDetector | None = None  # the words' end of turn; None: word list only
+    # A per-stream echo canceller (None: echo_cancel=off); echo_cancel says which peers use it.
+    echo_factory: Callable[[], EchoCanceller] | None = None
 
 
 def _llama_usable(settings: Settings) -> tuple[bool, str]:
@@ -208,6 +211,23 @@ def _build_turn_detector(settings: Settings) -> TurnDetector | None:
         raise BackendConfigError(str(exc)) from exc
 
 
+def _build_echo(settings: Settings) -> Callable[[], EchoCanceller] | None:
+    if settings.echo_cancel == "off":
+        return None
+    from presence.media.echo import CANCELLERS
+
+    if settings.echo_canceller not in CANCELLERS:
+        raise BackendConfigError(
+            f"unknown echo_canceller {settings.echo_canceller!r}; set it to {' or '.join(CANCELLERS)}"
+        )
+    factory = CANCELLERS[settings.echo_canceller]
+    try:
+        factory()  # the binding is there and works: fail at start, not in a call
+    except ImportError as exc:
+        raise BackendConfigError(f"echo_cancel={settings.echo_cancel}: {exc}") from exc
+    return factory
+
+
 def build_backends(settings: Settings) -> Backends:
     """Choose and construct every backend from ``settings`` (models load later: warm_up)."""
     if settings.vad == "silero":
@@ -239,6 +259,7 @@ def build_backends(settings: Settings) -> Backends:
         transcriber=_build_transcriber(settings),
         tts=_build_tts(settings),
         responder=responder,
+        echo_factory=_build_echo(settings),
         turn_detector=_build_turn_detector(settings),
         # The words are judged by the responder's own model: loaded once, and its prompt cache
         # already holds the call's context, so a judgement costs a few tokens.
@@ -249,7 +270,8 @@ def build_backends(settings: Settings) -> Backends:
         ),
     )
     log.info(
-        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s text_turn_detector=%s",
+        "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s text_turn_detector=%s"
+        " echo=%s",
         settings.vad,
         settings.asr,
         settings.transcriber,
@@ -257,6 +279,7 @@ def build_backends(settings: Settings) -> Backends:
         backends.responder.name,
         backends.turn_detector.name if backends.turn_detector else "none",
         backends.text_turn_detector.name if backends.text_turn_detector else "none",
+        f"{settings.echo_cancel}/{settings.echo_canceller}" if backends.echo_factory else "off",
     )
     return backends
 

@@ -188,6 +188,10 @@ class _Server:
         params.n_ctx = n_ctx
         params.n_parallel = 1  # one slot, so the cached prefix is always the last prompt's
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = n_threads
+        # Threads that sleep between graph steps instead of spinning: on a machine whose cores the
+        # call's other work shares, spinning made the first speakable piece slower (measured in
+        # the README's "Local LLMs" section), and it costs nothing when the cores are idle.
+        params.cpuparams.poll = params.cpuparams_batch.poll = 0
         params.swa_full = True  # Gemma 3's sliding-window cache would drop the prefix otherwise
         params.verbosity = 0
         self._key = secrets.token_urlsafe(24)

@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from presence.bot.numbers import parse_number, say_number
 from presence.seams import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -168,16 +169,6 @@ async def _read_sse(content: Any, url: str) -> AsyncIterator[str]:
 
 # ---------------------------------------------------------------------------- rules
 
-_NUMBER_WORDS = {
-    word: value
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
-_NUMBER_WORDS.update(
-    {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
-)
 _OPERATORS: dict[str, tuple[str, Callable[[float, float], float | None]]] = {
     "plus": ("plus", lambda a, b: a + b),
     "+": ("plus", lambda a, b: a + b),
@@ -198,38 +189,17 @@ _ARITHMETIC = re.compile(
 )
 
 
-def _parse_number(token: str) -> float | None:
-    token = token.strip().lower()
-    try:
-        return float(token)
-    except ValueError:
-        pass
-    parts = re.split(r"[- ]", token)
-    if len(parts) == 2 and parts[0] in _NUMBER_WORDS and parts[1] in _NUMBER_WORDS:
-        tens, unit = _NUMBER_WORDS[parts[0]], _NUMBER_WORDS[parts[1]]
-        if tens >= 20 and tens % 10 == 0 and 0 < unit < 10:
-            return float(tens + unit)
-        return None
-    return float(_NUMBER_WORDS[token]) if token in _NUMBER_WORDS else None
-
-
-def _say_number(value: float) -> str:
-    sign = "minus " if value < 0 else ""  # "-4" is read inconsistently by TTS voices
-    value = abs(value)
-    return sign + (str(int(value)) if value == int(value) else f"{value:.4g}")
-
-
 def arithmetic(text: str) -> str | None:
     for match in _ARITHMETIC.finditer(text):
         a, op, b = match.group(1), match.group(2), match.group(3)
-        left, right = _parse_number(a), _parse_number(b)
+        left, right = parse_number(a), parse_number(b)
         if left is None or right is None:
             continue
         spoken, fn = _OPERATORS[op]
         result = fn(left, right)
         if result is None:
             return "I can't divide by zero."
-        return f"{_say_number(left)} {spoken} {_say_number(right)} is {_say_number(result)}."
+        return f"{say_number(left)} {spoken} {say_number(right)} is {say_number(result)}."
     return None
 
 

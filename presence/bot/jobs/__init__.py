@@ -13,8 +13,8 @@ In the server: ``bridge = await JobBridge.start(settings, metrics)`` picks or st
 a worker (see ``bridge.py``); per call ``calls = await bridge.open_call(call_id, deliver)``, then
 ``calls.route(text)``, ``await calls.dispatch(requests)``, ``acknowledgement`` and ``speakable``.
 
-Workers: ``await run_worker(settings, ["search", "code", "think"])`` or
-``python -m presence.bot.jobs --kinds search,code,think``. Handlers of the kinds live in
+Workers: ``presence worker --kinds search,code,think``, i.e. ``await run_worker(settings,
+["search", "code", "think"])``. Handlers of the kinds live in
 ``search.py``, ``code.py`` and ``think.py`` and are imported only by workers that serve them.
 """
 

@@ -1,4 +1,5 @@
-"""Tiny job kinds for health checks, benchmarks and tests: noop, echo, sleep, fail."""
+"""Tiny job kinds: noop and echo for health checks; sleep and fail for tests and benchmarks only
+(a worker serves them only with ``test_kinds``)."""
 
 from __future__ import annotations
 

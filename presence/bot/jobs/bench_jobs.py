@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from presence.bot.jobs.broker import JobBroker
-from presence.bot.jobs.redisio import DEFAULT_REDIS_URL
-from presence.bot.jobs.types import JobRequest, JobResult, JobStatus
+from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, redact
+from presence.bot.jobs.types import BUILTIN_KINDS, TEST_KINDS, JobRequest, JobResult, JobStatus
 
 ROOT = Path(__file__).resolve().parents[3]
 RECLAIM_MS = 1_000
@@ -35,9 +35,9 @@ RECLAIM_MS = 1_000
 def _spawn(redis_url: str, prefix: str, name: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "presence.bot.jobs", "--redis-url", redis_url, "--prefix", prefix),
-            *("--kinds", "noop,sleep", "--consumer", name, "--idle-reclaim-ms", str(RECLAIM_MS)),
-            *("--log-level", "warning"),
+            *(sys.executable, "-m", "presence.cli", "worker", "--redis-url", redis_url, "--prefix", prefix),
+            *("--kinds", "noop,sleep", "--test-kinds", "--consumer", name),
+            *("--idle-reclaim-ms", str(RECLAIM_MS), "--log-level", "warning"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -51,7 +51,7 @@ async def _ready(procs: list[subprocess.Popen[str]]) -> None:
     for proc in procs:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
-        if not line.startswith("ready"):
+        if ": ready" not in line:
             raise RuntimeError(f"worker did not start: {line!r}")
 
 
@@ -115,7 +115,7 @@ async def bench(redis_url: str = DEFAULT_REDIS_URL, n: int = 300) -> dict[str, A
     """Run the benchmark, print a summary and return the numbers."""
     prefix = f"bench-jobs-{uuid.uuid4().hex[:8]}"
     call_id = "bench-call"
-    broker = JobBroker(redis_url, prefix=prefix)
+    broker = JobBroker(redis_url, prefix=prefix, kinds=BUILTIN_KINDS | TEST_KINDS)
     procs: list[subprocess.Popen[str]] = []
     out: dict[str, Any] = {"n": n}
     try:
@@ -177,7 +177,7 @@ async def bench(redis_url: str = DEFAULT_REDIS_URL, n: int = 300) -> dict[str, A
                 await broker._rc.redis.delete(*keys)
         await broker.close()
 
-    print(f"job layer benchmark ({redis_url}, n={n}, workers are subprocesses)")
+    print(f"job layer benchmark ({redact(redis_url)}, n={n}, workers are subprocesses)")
     print(
         f"  dispatch->result overhead, no-op: p50 {out['overhead_ms_p50']} ms, p95 {out['overhead_ms_p95']} ms"
     )

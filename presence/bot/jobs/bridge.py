@@ -36,7 +36,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,12 +45,11 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 
 from presence.bot.jobs.broker import JobBroker
-from presence.bot.jobs.kinds import load_handlers, options_from_settings, resolve_docs_dir
-from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, Backoff, RedisUnavailable
+from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, Backoff, RedisUnavailable, redact
 from presence.bot.jobs.router import RuleToolRouter, ToolRouter, is_cancel_request
 from presence.bot.jobs.speech import acknowledgement, speakable
 from presence.bot.jobs.types import BUILTIN_KINDS, JobError, JobRequest, JobResult, JobStatus
-from presence.bot.jobs.worker import Worker, default_consumer_name
+from presence.bot.jobs.worker import Worker, default_consumer_name, worker_from_settings
 
 if TYPE_CHECKING:
     from presence.config import Settings
@@ -68,18 +66,13 @@ class JobsUnavailable(RuntimeError):
     """``jobs=redis`` and no Redis answered (or a private one could not be started)."""
 
 
-def redact(url: str) -> str:
-    """A Redis URL fit for logs: the password masked."""
-    return re.sub(r"//([^:@/]*):([^@/]+)@", r"//\1:***@", url)
-
-
 async def ping_redis(url: str, timeout_s: float = 0.5) -> str | None:
     """None when a Redis answers PING at ``url`` within ``timeout_s``, else why not."""
     client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         await asyncio.wait_for(client.ping(), timeout_s * 2)
     except Exception as exc:  # refused, timeout, auth, not Redis at all: all mean "not usable"
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"{type(exc).__name__}: {redact(str(exc))}" if str(exc) else type(exc).__name__
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
@@ -353,26 +346,15 @@ class JobBridge:
         return bridge
 
     async def _start_worker(self, settings: Settings, kinds: Sequence[str], extra: Mapping[str, Any]) -> None:
-        options = options_from_settings(settings)
-        if "search" in kinds:
-            docs_dir = resolve_docs_dir(settings.jobs_docs_dir)
-            if docs_dir:
-                options["docs_dir"] = docs_dir
-                if not os.path.isdir(docs_dir):
-                    log.warning("jobs: the search documents folder %s does not exist", docs_dir)
-        options.update(extra)
-        worker = Worker(
-            self.url,
-            list(kinds),
-            load_handlers(kinds),
-            f"{default_consumer_name()}-inproc-{uuid.uuid4().hex[:6]}",
+        worker = worker_from_settings(
+            settings,
+            kinds,
+            url=self.url,
+            consumer_name=f"{default_consumer_name()}-inproc",
             prefix=self.prefix,
-            options=options,
-            idle_reclaim_ms=int(options.get("idle_reclaim_ms", 30_000)),
-            max_attempts=int(options.get("max_attempts", 3)),
-            # several at once: a long think job must not hold up a quick search
-            concurrency=int(options.get("concurrency", 4)),
-            shutdown_grace_s=float(options.get("shutdown_grace_s", 2.0)),
+            options=extra,
+            concurrency=4,  # several at once: a long think job must not hold up a quick search
+            shutdown_grace_s=2.0,
         )
         task = asyncio.create_task(worker.run(), name="jobs-worker")
         started = asyncio.ensure_future(worker.started.wait())
@@ -385,8 +367,8 @@ class JobBridge:
             task.cancel()
             raise JobsUnavailable("the in-process job worker did not start within 15 s")
         self.worker, self._worker_task = worker, task
-        if "docs_dir" in options:
-            log.info("jobs: search indexes %s", options["docs_dir"])
+        if "docs_dir" in worker.options:
+            log.info("jobs: search indexes %s", worker.options["docs_dir"])
 
     async def _warn_if_no_workers(self) -> None:
         cutoff_ms = 60_000  # a live worker blocks for at most 15 s between reads

@@ -1,32 +1,39 @@
 """The ``code`` job kind: run untrusted Python in a sandboxed subprocess.
 
-The child is ``python3 -I -S -X utf8 -c BOOT``, started with an EMPTY environment in its own
-session (process group). BOOT, a fresh single-threaded process, sets the sandbox up before the
-job's code runs (this is the "preexec" stage; doing it in ``preexec_fn`` would run Python
-between fork and exec of a threaded asyncio process, which is unsafe):
+The child is ``python3 -I -S -X utf8 -c BOOT`` (a system interpreter; stdlib only, no
+site-packages) with an EMPTY environment, in its own session (process group); its settings and
+source come through an inherited memfd, not argv. It runs in one of two sandboxes. Both give it
+its own network namespace (every connect to the host or beyond fails; abstract Unix sockets are
+out of reach too) and mount namespace, in which the file system is read-only, empty read-only
+tmpfs hide ``/run`` and ``/var/run`` (host Unix sockets: PostgreSQL's, Redis's...) and ``/tmp``
+(other jobs, other sockets), and the work directory (the cwd, ``/tmp/job``) is a size-capped
+tmpfs, the only writable place, gone with the namespace:
 
-1. ``unshare(CLONE_NEWNET | CLONE_NEWNS)`` via libc (Python 3.11 has no ``os.unshare``): a new,
-   empty network namespace (no interface is up, so every connect fails), and a private mount
-   namespace in which every mount is remounted read-only, a size-capped tmpfs is mounted on
-   the job's temp directory (the only writable place) and a fresh ``/proc`` with
-   ``hidepid=invisible`` hides every process but the job's own (other processes' command lines
-   may carry secrets). Reported as ``sandbox: "netns"``.
-2. When namespaces are not permitted, an audit hook blocks socket creation and writes outside
-   the temp directory at the Python level. Reported as ``sandbox: "audit"``; it is best effort
-   (ctypes is blocked too, but native code could still bypass it).
-3. When started as root, it drops to a fresh unprivileged uid/gid (random, unused, unique per
-   run) with no supplementary groups and ``PR_SET_NO_NEW_PRIVS``: root would ignore
-   RLIMIT_NPROC and file permissions; a unique uid makes the process limit per-run and lets
-   cleanup kill every process of the run, even ones that called setsid().
-4. rlimits: CPU, address space (512 MB), file size (10 MB), processes (16), open files (64),
-   no core dumps.
+``bwrap`` (bubblewrap, preferred) -- ``bwrap --unshare-all --disable-userns --ro-bind / / ...``:
+   also a fresh ``/dev`` (read-only) and ``/proc`` in its own pid namespace (no other process is
+   visible), no nested user namespaces. Works as root and unprivileged (a user namespace).
+``netns`` (root only) -- BOOT calls ``unshare(CLONE_NEWNET | CLONE_NEWNS)`` itself, remounts
+   every mount read-only (a writable mount that stays writable is an error, never a silent
+   downgrade) and mounts a procfs with ``hidepid=invisible`` (others' command lines may hold
+   secrets).
 
-The parent enforces a wall-clock timeout (SIGKILL to the process group and to every process of
-the run's uid), caps captured output (64 KB per stream; the process is stopped once it writes
-more), and deletes the temp directory. What is NOT contained: the code can read world-readable
-files (e.g. the project's sources, /etc), and use CPU and memory within its limits; it sees the
-stdlib only (``-S``: no site-packages). Without root (no uid drop) RLIMIT_NPROC counts all of
-the user's processes, and in audit mode writes are blocked only at the Python level.
+When the worker runs as root the job never does: bwrap is started as (netns: BOOT drops to) a
+fresh unused uid/gid, unique per run, with no supplementary groups and ``PR_SET_NO_NEW_PRIVS``,
+so RLIMIT_NPROC is per run and cleanup can kill every process of the run, even ones that called
+setsid(). BOOT then sets rlimits: CPU, address space (512 MB), file size (10 MB), processes (16),
+open files (64), no core dumps. The parent enforces a wall-clock timeout (SIGKILL to the process
+group and every process of the run's uid; bwrap's ``--die-with-parent`` ends its pid namespace)
+and caps captured output (64 KB per stream; the process is stopped once it writes more).
+
+``auto`` takes bwrap when ``bwrap`` is on PATH and a probe run works, else netns when its probe
+works (probes are cached per process), else every code job is refused with a JobError: there is
+no best-effort fallback. An explicit mode that can't work is refused the same way.
+:func:`sandbox_status` says which applies; the worker logs it at start-up.
+
+What is NOT contained: the code can read world-readable files (the project's sources, /etc), and
+in bwrap mode under a non-root worker whatever that user can read; it can connect to Unix
+sockets its uid may open outside /run, /var/run and /tmp; it uses CPU and memory within its
+limits; there is no seccomp filter, so a kernel bug reachable by syscalls is not contained.
 """
 
 from __future__ import annotations
@@ -38,15 +45,21 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from presence.bot.jobs.types import JobError
 
-SandboxMode = Literal["auto", "netns", "audit"]
+SandboxMode = Literal["auto", "bwrap", "netns"]
+MODES = ("bwrap", "netns")  # auto's order of preference
+WORKDIR = "/tmp/job"  # inside the sandbox; a tmpfs of its own
+REFUSED = (
+    "code jobs are refused: no real isolation available "
+    "(install bubblewrap, or run the worker as root with namespaces permitted)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +68,7 @@ class SandboxLimits:
     cpu_s: int = 10
     memory_bytes: int = 512 * 1024 * 1024
     file_bytes: int = 10 * 1024 * 1024
-    disk_bytes: int = 32 * 1024 * 1024  # size of the tmpfs working directory (netns mode)
+    disk_bytes: int = 32 * 1024 * 1024  # size of the tmpfs working directory
     nproc: int = 16
     nofile: int = 64
     output_bytes: int = 64 * 1024  # per stream
@@ -63,75 +76,73 @@ class SandboxLimits:
 
 MAX_CODE_BYTES = 256 * 1024
 
-# Runs inside the child, first as the starting user (root here), then as the sandbox uid.
-# Kept self-contained: it sees only its argv (a JSON config) and the stdlib.
+# Runs inside the child (netns: first as root, then as the sandbox uid). Self-contained: it
+# sees only the stdlib and its settings, read from the memfd named by argv[1].
 _BOOT = r"""
 import json, os, sys
-_cfg = json.loads(sys.argv.pop(1))
+with open(int(sys.argv.pop(1)), "rb") as _f:
+    _cfg = json.loads(_f.read())
 _status_fd = _cfg["status_fd"]
 _notes = []
-_net = _fs = False
 _work = _cfg["workdir"]
 _limits = _cfg["limits"]
 
-def _setup():
-    global _net, _fs
-    if _cfg["want"] != "audit":
+def _netns():
+    import ctypes, re
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    def mount(target, fstype, flags, data, what):
+        enc = lambda s: s.encode() if s else None
+        if libc.mount(enc(fstype), target.encode(), enc(fstype), flags, enc(data)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+    if libc.unshare(0x40000000 | 0x00020000) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET|CLONE_NEWNS): {os.strerror(err)}")
+    RDONLY, NOSUID, NODEV, NOEXEC = 1, 2, 4, 8
+    REMOUNT, BIND, REC, PRIVATE = 32, 4096, 16384, 1 << 18
+    HIDDEN = NOSUID | NODEV | NOEXEC
+    # private first: nothing done below may propagate to the host's mounts
+    mount("/", None, REC | PRIVATE, None, "make / private")
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        parts = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        opts = parts[5].split(",")
+        keep = sum(flag for name, flag in (("nosuid", NOSUID), ("nodev", NODEV), ("noexec", NOEXEC)) if name in opts)
         try:
-            import ctypes, re
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-            def check(rc, what):
-                if rc != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"{what}: {os.strerror(err)}")
-            check(libc.unshare(0x40000000 | 0x00020000), "unshare(CLONE_NEWNET|CLONE_NEWNS)")
-            _net = True
-            MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-            MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-            # private first: nothing done below may propagate to the host's mounts
-            check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-            failed = []
-            with open("/proc/self/mountinfo") as f:
-                lines = f.read().splitlines()
-            for line in lines:
-                parts = line.split()
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-                opts = parts[5].split(",")
-                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-                flags |= (MS_NOSUID if "nosuid" in opts else 0) | (MS_NODEV if "nodev" in opts else 0)
-                flags |= MS_NOEXEC if "noexec" in opts else 0
-                if libc.mount(None, point.encode(), None, flags, None) != 0:
-                    failed.append(f"{point}: {os.strerror(ctypes.get_errno())}")
-            # a private procfs that shows only the job's own processes: others' command lines
-            # (which may hold secrets) stay out of sight (separate instance: kernel >= 5.8)
-            proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-            if libc.mount(b"proc", b"/proc", b"proc", proc_flags, b"hidepid=invisible") == 0:
-                _notes.append("proc-hidepid")
-            else:
-                _notes.append(f"private /proc failed: {os.strerror(ctypes.get_errno())}")
-            uid = _cfg["uid"]
-            owner = f",uid={uid},gid={uid}" if uid else ""
-            data = f"size={_limits['disk_bytes']},nr_inodes=4096,mode=0700{owner}".encode()
-            check(libc.mount(b"tmpfs", _work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data), "tmpfs on workdir")
-            if failed:
-                _notes.append("read-only remount failed for " + "; ".join(failed[:5]))
-            _fs = not any(f.startswith("/: ") for f in failed)
-        except OSError as exc:
-            if _cfg["want"] == "netns":
+            mount(point, None, REMOUNT | BIND | RDONLY | keep, None, f"read-only remount of {point}")
+        except OSError:
+            if "ro" not in opts and not point.startswith("/proc"):  # /proc is replaced below
                 raise
-            _notes.append(f"namespaces unavailable ({exc}); using audit hooks")
+    for path in ("/run", "/var/run"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            mount(path, "tmpfs", HIDDEN | RDONLY, "size=4k,nr_inodes=8,mode=0755", f"tmpfs on {path}")
+    mount("/tmp", "tmpfs", HIDDEN, "size=16k,nr_inodes=8,mode=0755", "tmpfs on /tmp")
+    os.mkdir(_work, 0o700)
     uid = _cfg["uid"]
-    if uid and os.geteuid() == 0:
+    owner = f",uid={uid},gid={uid}" if uid else ""
+    data = f"size={_limits['disk_bytes']},nr_inodes=4096,mode=0700{owner}"
+    mount(_work, "tmpfs", NOSUID | NODEV, data, "tmpfs on the work dir")
+    mount("/tmp", None, REMOUNT | BIND | RDONLY | HIDDEN, None, "read-only /tmp")
+    # a private procfs that shows only the job's own processes (separate instance: kernel >= 5.8)
+    try:
+        mount("/proc", "proc", HIDDEN, "hidepid=invisible", "procfs")
+        _notes.append("proc-hidepid")
+    except OSError as exc:
+        _notes.append(f"private /proc failed: {exc}")
+    if uid:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    except Exception as exc:
-        _notes.append(f"no_new_privs failed: {exc}")
-    import resource
+
+def _setup():
+    if _cfg["mode"] == "netns":
+        _netns()
+    import ctypes, resource
+    if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     cpu = _limits["cpu_s"]
     for res, value in (
         (resource.RLIMIT_CPU, (cpu, cpu + 1)),
@@ -143,46 +154,18 @@ def _setup():
     ):
         resource.setrlimit(res, value)
     os.chdir(_work)
+    os.environ.pop("PWD", None)  # bwrap sets it; the job's environment stays empty
 
 try:
     _setup()
 except BaseException as exc:
     os.write(_status_fd, json.dumps({"error": f"sandbox setup failed: {exc}"}).encode())
     os._exit(125)
-os.write(_status_fd, json.dumps({"net": _net, "fs": _fs, "notes": _notes, "uid": os.getuid()}).encode())
+os.write(_status_fd, json.dumps({"ready": True, "notes": _notes, "uid": os.getuid()}).encode())
 os.close(_status_fd)
 
-if not (_net and _fs):
-    def _hook(event, args, _net=_net, _fs=_fs, _root=os.path.realpath(_work) + os.sep):
-        import os as _os
-        if not _net and event.startswith("socket.") and event != "socket.gethostname":
-            raise PermissionError(f"sandbox: network access is blocked ({event})")
-        if event.startswith("ctypes."):
-            raise PermissionError(f"sandbox: ctypes is blocked ({event})")
-        if _fs:
-            return
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND)
-            )
-            paths = [path] if writing else []
-        elif event in ("os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.chown", "os.utime", "os.truncate"):
-            paths = [args[0]]
-        elif event in ("os.rename", "os.symlink", "os.link"):
-            paths = [args[0], args[1]]
-        else:
-            return
-        for p in paths:
-            if isinstance(p, int):
-                continue
-            p = _os.fsdecode(p)
-            if not _os.path.realpath(p).startswith(_root):
-                raise PermissionError(f"sandbox: writing outside the working directory is blocked ({p})")
-    sys.addaudithook(_hook)
-
 _code = _cfg.pop("code")
-del _cfg, _setup
+del _cfg, _setup, _netns
 sys.argv = ["main.py"]
 _globals = {"__name__": "__main__", "__builtins__": __builtins__}
 try:
@@ -206,14 +189,103 @@ def default_python() -> str:
     return sys.executable
 
 
-def _uid_in_use(uid: int) -> bool:
-    return bool(_pids_of_uid(uid))
+def _bwrap_args(bwrap: str, disk_bytes: int) -> list[str]:
+    args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
+    args += ["--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for path in ("/run", "/var/run"):  # hide host Unix sockets: a read-only bind can't stop connect()
+        if os.path.isdir(path) and not os.path.islink(path):
+            args += ["--tmpfs", path, "--remount-ro", path]
+    args += ["--tmpfs", "/tmp", "--size", str(disk_bytes), "--perms", "0700", "--tmpfs", WORKDIR]
+    return [*args, "--remount-ro", "/tmp", "--remount-ro", "/dev", "--chdir", WORKDIR, "--"]
+
+
+def _spec(
+    mode: str, code: str, limits: SandboxLimits, python: str, uid: int
+) -> tuple[list[str], dict[str, Any], int, int, int]:
+    """argv and spawn options for one run; also the memfd and status pipe the caller closes."""
+    status_r, status_w = os.pipe()
+    cfg_fd = os.memfd_create("presence-code-config")
+    config = {"status_fd": status_w, "workdir": WORKDIR, "uid": uid, "mode": mode}
+    config.update(limits=asdict(limits), code=code)
+    os.write(cfg_fd, json.dumps(config).encode())  # a memfd write is never short
+    os.lseek(cfg_fd, 0, os.SEEK_SET)
+    argv = [python, "-I", "-S", "-X", "utf8", "-c", _BOOT, str(cfg_fd)]
+    kwargs: dict[str, Any] = {
+        "env": {},  # nothing inherited: no secrets, no PYTHON* knobs
+        "cwd": "/",
+        "start_new_session": True,
+        "pass_fds": (status_w, cfg_fd),
+    }
+    if mode == "bwrap":
+        argv = _bwrap_args(shutil.which("bwrap") or "bwrap", limits.disk_bytes) + argv
+        if uid:  # ids switched in C between fork and exec: bwrap never runs as root
+            kwargs.update(user=uid, group=uid, extra_groups=[])
+    return argv, kwargs, cfg_fd, status_r, status_w
+
+
+_probed: dict[str, str | None] = {}
+
+
+def _probe(mode: str) -> str | None:
+    """None when ``mode`` works here (a real run of a trivial job), else why not. Cached."""
+    if mode in _probed:
+        return _probed[mode]
+    why: str | None = None
+    if mode == "bwrap" and not shutil.which("bwrap"):
+        why = "bwrap is not on PATH (install bubblewrap)"
+    elif mode == "netns" and os.geteuid() != 0:
+        why = "the netns sandbox needs a worker running as root"
+    else:
+        uid = _fresh_uid() if os.geteuid() == 0 else 0
+        argv, kwargs, *fds = _spec(mode, "print('ok')", SandboxLimits(), default_python(), uid)
+        try:
+            proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=20, **kwargs)
+            status = _read_status(fds[1])
+            if proc.stdout != b"ok\n" or not status.get("ready"):
+                lines = (status.get("error") or proc.stderr.decode(errors="replace")).strip().splitlines()
+                why = f"probe run failed (exit code {proc.returncode}): {lines[-1] if lines else ''}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = f"probe run failed: {exc}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if uid:
+                _kill_all(0, uid)
+    _probed[mode] = why
+    return why
+
+
+def resolve_mode(mode: str = "auto") -> str:
+    """The sandbox a run in ``mode`` gets: "bwrap" or "netns"; JobError when none can work."""
+    if mode == "auto":
+        reasons = {}
+        for m in MODES:  # netns is probed only when bwrap fails
+            reasons[m] = _probe(m)
+            if reasons[m] is None:
+                return m
+        raise JobError(f"{REFUSED}; " + "; ".join(f"{m}: {why}" for m, why in reasons.items()))
+    if mode not in MODES:
+        raise JobError(f"code: unknown sandbox mode {mode!r} (auto, {', '.join(MODES)})")
+    why = _probe(mode)
+    if why:
+        raise JobError(f"code jobs are refused: the {mode} sandbox asked for is not available: {why}")
+    return mode
+
+
+def sandbox_status(mode: str = "auto") -> str:
+    """One line for the logs: which sandbox code jobs get here, or why they are refused."""
+    try:
+        chosen = resolve_mode(mode)
+    except JobError as exc:
+        return str(exc)
+    who = "a fresh uid per run" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    return f"code jobs run in the {chosen} sandbox (as {who}, no network, read-only file system)"
 
 
 def _fresh_uid() -> int:
     for _ in range(20):
         uid = random.randrange(2_000_000, 3_000_000)
-        if not _uid_in_use(uid):
+        if not _pids_of_uid(uid):
             return uid
     raise JobError("code: could not find an unused sandbox uid")
 
@@ -237,8 +309,9 @@ def _pids_of_uid(uid: int) -> list[int]:
 
 def _kill_all(pgid: int, uid: int | None) -> None:
     """SIGKILL the process group and, with a sandbox uid, every process that uid owns."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+    if pgid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
     if not uid:
         return
     for _ in range(100):  # a fork bomb refills slots as we kill; SIGKILLed ones can't fork
@@ -264,10 +337,10 @@ async def _pump(stream: asyncio.StreamReader, cap: int, overflow: asyncio.Event)
 
 
 def _summary(result: dict[str, Any], timeout_s: float, cap: int) -> str | None:
-    if result.get("setup_error"):
-        return str(result["setup_error"])
     if result["timed_out"]:
         return f"timed out after {timeout_s:g} s; the process group was killed"
+    if result.get("setup_error"):
+        return str(result["setup_error"])
     if result["truncated"] and result["exit_code"] != 0:
         return f"output exceeded {cap} bytes; the process was stopped"
     code = result["exit_code"]
@@ -290,49 +363,31 @@ async def run_python(
     python: str | None = None,
     mode: SandboxMode = "auto",
 ) -> dict[str, Any]:
-    """Run ``code`` sandboxed; returns stdout, stderr, exit_code, timed_out, truncated, sandbox, error."""
+    """Run ``code`` sandboxed; returns stdout, stderr, exit_code, timed_out, truncated, sandbox,
+    isolation, duration_s, error. Raises JobError when no sandbox is available (see module doc)."""
     limits = limits or SandboxLimits()
     if not isinstance(code, str):
         raise JobError("code: 'code' must be a string")
     if len(code.encode()) > MAX_CODE_BYTES:
         raise JobError(f"code: source larger than {MAX_CODE_BYTES} bytes")
+    chosen = await asyncio.to_thread(resolve_mode, mode)
     uid = _fresh_uid() if os.geteuid() == 0 else 0
-    workdir = tempfile.mkdtemp(prefix="presence-code-")
-    if uid:
-        os.chown(workdir, uid, uid)  # audit mode writes here directly; netns mounts over it
-    status_r, status_w = os.pipe()
-    config = {
-        "status_fd": status_w,
-        "workdir": workdir,
-        "uid": uid,
-        "want": mode,
-        "limits": asdict(limits),
-        "code": code,
-    }
+    argv, kwargs, cfg_fd, status_r, status_w = _spec(chosen, code, limits, python or default_python(), uid)
     started = time.monotonic()
     timed_out = False
     overflow = asyncio.Event()
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await asyncio.create_subprocess_exec(
-            python or default_python(),
-            "-I",
-            "-S",
-            "-X",
-            "utf8",
-            "-c",
-            _BOOT,
-            json.dumps(config),
+            *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={},  # nothing inherited: no secrets, no PYTHON* knobs
-            cwd=workdir,
-            start_new_session=True,
-            pass_fds=(status_w,),
+            **kwargs,
         )
-        os.close(status_w)
-        status_w = -1
+        for fd in (status_w, cfg_fd):
+            os.close(fd)
+        status_w = cfg_fd = -1
         assert proc.stdin and proc.stdout and proc.stderr
         out_task = asyncio.ensure_future(_pump(proc.stdout, limits.output_bytes, overflow))
         err_task = asyncio.ensure_future(_pump(proc.stderr, limits.output_bytes, overflow))
@@ -367,11 +422,10 @@ async def run_python(
             await asyncio.to_thread(_kill_all, proc.pid, uid)
             with contextlib.suppress(Exception):
                 await proc.wait()
-        for fd in (status_r, status_w):
+        for fd in (status_r, status_w, cfg_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
 
     truncated = out_total > limits.output_bytes or err_total > limits.output_bytes
     result: dict[str, Any] = {
@@ -380,12 +434,15 @@ async def run_python(
         "exit_code": proc.returncode,
         "timed_out": timed_out,
         "truncated": truncated,
-        "sandbox": "netns" if status.get("net") else "audit",
-        "isolation": _isolation(status, uid, mode),
+        "sandbox": chosen,
+        "isolation": _isolation(chosen, status, uid),
         "duration_s": round(time.monotonic() - started, 3),
     }
     if "error" in status:
         result["setup_error"] = status["error"]
+    elif not status.get("ready"):  # bwrap (or the interpreter) failed before BOOT reported
+        tail = (result["stderr"].strip().splitlines() or ["no output"])[-1][:300]
+        result["setup_error"] = f"sandbox setup failed (exit code {proc.returncode}): {tail}"
     result["error"] = _summary(result, limits.timeout_s, limits.output_bytes)
     result.pop("setup_error", None)
     return result
@@ -404,14 +461,11 @@ def _read_status(fd: int) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
-def _isolation(status: dict[str, Any], uid: int, mode: str) -> list[str]:
-    applied = ["empty-env", "rlimits", "wall-timeout", "temp-cwd"]
-    applied.append("netns" if status.get("net") else "audit-net")
-    applied.append("mountns-readonly" if status.get("fs") else "audit-fs")
-    if uid and status.get("uid") == uid:
-        applied.append("unprivileged-uid")
-    applied.extend(status.get("notes", []))
-    return applied
+def _isolation(mode: str, status: dict[str, Any], uid: int) -> list[str]:
+    applied = ["empty-env", "rlimits", "wall-timeout", "tmpfs-cwd", "no-network", "read-only-fs"]
+    applied += ["hidden-run-tmp", "pid-namespace"] if mode == "bwrap" else ["hidden-run-tmp"]
+    applied += ["unprivileged-uid"] if uid and status.get("uid") == uid else []
+    return applied + list(status.get("notes", []))
 
 
 def _text(data: bytes, total: int, cap: int) -> str:
@@ -448,4 +502,4 @@ async def handle(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     )
 
 
-__all__ = ["SandboxLimits", "default_python", "handle", "run_python"]
+__all__ = ["SandboxLimits", "default_python", "handle", "resolve_mode", "run_python", "sandbox_status"]

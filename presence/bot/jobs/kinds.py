@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from presence.bot.jobs.types import TEST_KINDS
 from presence.bot.jobs.worker import Handler
 
 log = logging.getLogger(__name__)
@@ -26,17 +27,22 @@ HANDLERS: dict[str, str] = {
     "think": "presence.bot.jobs.think:handle",
     "noop": "presence.bot.jobs.basic:noop",
     "echo": "presence.bot.jobs.basic:echo",
-    "sleep": "presence.bot.jobs.basic:sleep",
+    "sleep": "presence.bot.jobs.basic:sleep",  # TEST_KINDS: only with test_kinds=True
     "fail": "presence.bot.jobs.basic:fail",
 }
 
 
-def load_handlers(kinds: Iterable[str]) -> dict[str, Handler]:
+def load_handlers(kinds: Iterable[str], *, test_kinds: bool = False) -> dict[str, Handler]:
+    """The handlers of ``kinds``; the test-only kinds (sleep, fail) only with ``test_kinds``."""
     handlers: dict[str, Handler] = {}
     for kind in kinds:
         target = HANDLERS.get(kind)
         if target is None:
             raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(sorted(HANDLERS))}")
+        if kind in TEST_KINDS and not test_kinds:
+            raise ValueError(
+                f"job kind {kind!r} is for tests only: enable it with --test-kinds (option test_kinds)"
+            )
         module, _, attr = target.partition(":")
         handlers[kind] = getattr(importlib.import_module(module), attr)
     return handlers

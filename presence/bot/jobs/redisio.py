@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+
+
+def redact(text: str) -> str:
+    """A Redis URL, or any text that holds one (an error message), fit for logs: passwords masked."""
+    return re.sub(r"//([^:@/\s]*):([^@/\s]+)@", r"//\1:***@", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class Reconnecting:
         max_connections: int = 32,
     ) -> None:
         self.url = url or DEFAULT_REDIS_URL
+        self.shown_url = redact(self.url)  # for every log line and error: never the password
         self.name = name
         self.backoff = backoff or Backoff()
         self.generation = 0
@@ -131,7 +138,7 @@ class Reconnecting:
             log.warning(
                 "%s: redis at %s restarted (run_id %s -> %s); in-memory job state is gone",
                 self.name,
-                self.url,
+                self.shown_url,
                 self.run_id[:8],
                 run_id[:8],
             )
@@ -153,14 +160,19 @@ class Reconnecting:
                     self._down_since = now
                     self.outages += 1
                     log.warning(
-                        "%s: redis at %s unreachable during %s: %s; retrying", self.name, self.url, what, exc
+                        "%s: redis at %s unreachable during %s: %s; retrying",
+                        self.name,
+                        self.shown_url,
+                        what,
+                        redact(str(exc)),
                     )
                 else:
-                    log.debug("%s: still unreachable during %s: %s", self.name, what, exc)
+                    log.debug("%s: still unreachable during %s: %s", self.name, what, redact(str(exc)))
                 give_up = self.backoff.give_up_s
                 if give_up is not None and now - first_failure >= give_up:
                     raise RedisUnavailable(
-                        f"redis at {self.url} unreachable for {now - first_failure:.1f} s during {what}: {exc}"
+                        f"redis at {self.shown_url} unreachable for {now - first_failure:.1f} s during "
+                        f"{what}: {redact(str(exc))}"
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff.max_s)
@@ -169,7 +181,7 @@ class Reconnecting:
                 log.warning(
                     "%s: redis at %s reachable again after %.2f s",
                     self.name,
-                    self.url,
+                    self.shown_url,
                     time.monotonic() - self._down_since,
                 )
                 self._down_since = None

@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from presence.bot.numbers import NUMBER_WORDS, SCALES, UNITS, parse_words
+
 Route = tuple[str, dict[str, Any], bool]  # (kind, args, urgent)
 
 
@@ -60,19 +62,6 @@ def is_cancel_request(text: str) -> bool:
 
 
 # ---------------------------------------------------------------------- spoken math
-_UNITS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen".split()
-    )
-}
-_TENS = {
-    w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
-}
-_SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
-_NUMBER_WORDS = _UNITS.keys() | _TENS.keys() | _SCALES.keys()
-
 # (words, item type, value). Longest phrases first: "to the power of" before "to".
 _PHRASES: list[tuple[tuple[str, ...], str, str]] = sorted(
     [
@@ -185,54 +174,6 @@ def _tokens(low: str) -> list[_Tok]:
     return merged
 
 
-def _number_words(toks: list[_Tok], i: int) -> tuple[str, int] | None:
-    """Parse "three hundred and twenty one point five" from toks[i]; (literal, next index)."""
-    words = [t.text for t in toks]
-    j, total, current, seen = i, 0, 0, False
-    if words[j] == "a" and j + 1 < len(words) and words[j + 1] in _SCALES:
-        current, j, seen = 1, j + 1, True
-    while j < len(words):
-        w = words[j]
-        if w in _UNITS or w in _TENS:
-            value = _UNITS.get(w, _TENS.get(w, 0))
-            # "twenty three" adds up; "three twenty" or "five five" is not one number
-            if seen and current % 100 and not (current % 100 in _TENS.values() and value < 10):
-                break
-            current += value
-        elif w in _SCALES and seen:
-            scale = _SCALES[w]
-            if scale == 100:
-                current = max(current, 1) * 100
-            else:
-                total += max(current, 1) * scale
-                current = 0
-        elif (
-            w == "and"
-            and seen
-            and (current >= 100 or total)
-            and current % 100 == 0
-            and j + 1 < len(words)
-            and (words[j + 1] in _UNITS or words[j + 1] in _TENS)
-        ):
-            pass  # "one hundred and five"
-        else:
-            break
-        seen = True
-        j += 1
-    if not seen:
-        return None
-    literal = str(total + current)
-    if j + 1 < len(words) and words[j] == "point":  # "two point five"
-        digits = []
-        k = j + 1
-        while k < len(words) and ((words[k] in _UNITS and _UNITS[words[k]] < 10) or words[k].isdigit()):
-            digits.append(str(_UNITS[words[k]]) if words[k] in _UNITS else words[k])
-            k += 1
-        if digits:
-            literal, j = f"{literal}.{''.join(digits)}", k
-    return literal, j
-
-
 def _items(toks: list[_Tok]) -> list[_Item]:
     items: list[_Item] = []
     words = [t.text for t in toks]
@@ -241,16 +182,16 @@ def _items(toks: list[_Tok]) -> list[_Item]:
         w = words[i]
         if re.fullmatch(r"\d+(?:\.\d+)?", w):
             literal, j = w, i + 1
-            if j < len(words) and words[j] in _SCALES:  # "2 thousand"
-                scale = _SCALES[words[j]]
+            if j < len(words) and words[j] in SCALES:  # "2 thousand"
+                scale = SCALES[words[j]]
                 literal, j = (str(int(w) * scale) if w.isdigit() else repr(float(w) * scale)), j + 1
             if literal.isdigit():
                 literal = str(int(literal))  # "007" is no Python literal
             items.append(_Item("num", literal, toks[i].start, toks[j - 1].end))
             i = j
             continue
-        if w in _NUMBER_WORDS or (w == "a" and i + 1 < len(words) and words[i + 1] in _SCALES):
-            parsed = _number_words(toks, i)
+        if w in NUMBER_WORDS or (w == "a" and i + 1 < len(words) and words[i + 1] in SCALES):
+            parsed = parse_words(words, i)
             if parsed is not None:
                 literal, j = parsed
                 items.append(_Item("num", literal, toks[i].start, toks[j - 1].end))
@@ -263,8 +204,8 @@ def _items(toks: list[_Tok]) -> list[_Item]:
                 i += n
                 break
         else:
-            if w == "point" and i + 1 < len(words) and words[i + 1] in _UNITS:  # "point five"
-                parsed = _number_words(toks, i + 1)
+            if w == "point" and i + 1 < len(words) and words[i + 1] in UNITS:  # "point five"
+                parsed = parse_words(words, i + 1)
                 if parsed is not None and "." not in parsed[0]:
                     items.append(_Item("num", f"0.{parsed[0]}", toks[i].start, toks[parsed[1] - 1].end))
                     i = parsed[1]

@@ -5,13 +5,13 @@ Both are plain text for the TTS: no markdown, no lists, no symbols it would spel
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from pathlib import PurePath
 from typing import Any
 
-from presence.bot.jobs.types import JobRequest, JobResult, JobStatus
+from presence.bot.jobs.types import JobRequest, JobResult, JobStatus, error_tag
+from presence.bot.numbers import say_number
 
 SNIPPET_WORDS = 25
 
@@ -61,10 +61,9 @@ def short_reason(error: str) -> str:
         return "it took too long"
     if low.startswith("lost"):
         return "the job queue restarted"
-    if low.startswith("dead"):
+    if error_tag(error) == "dead":  # exactly: "deadline ..." is no dead letter
         return "it kept failing"
-    text = re.sub(r"^dead:\s*", "", error)
-    text = re.sub(r"^[A-Za-z_]*(?:Error|Exception)\s*:\s*", "", text)  # the exception type
+    text = re.sub(r"^[A-Za-z_]*(?:Error|Exception)\s*:\s*", "", error)  # the exception type
     text = re.sub(r"^(?:search|code|think|web search)\s*:\s*", "", text)  # the kind's own prefix
     text = re.sub(r"\s*\(.*$", "", text)  # hints in parentheses are for operators
     words = text.split()
@@ -136,27 +135,10 @@ def _code(value: dict[str, Any]) -> str:
     lines = [ln.strip() for ln in str(value.get("stdout", "")).splitlines() if ln.strip()]
     if not lines:
         return "The code ran, but printed nothing."
-    out = lines[-1]
-    number = _spoken_number(out)
-    if number is not None:
-        return f"That comes to {number}."
-    return f"The code printed: {_trim(out, SNIPPET_WORDS)}"
-
-
-def _spoken_number(text: str) -> str | None:
-    """'391' -> '391'; '5.0' -> '5'; '1.4142135623730951' -> 'about 1.414'; else None."""
-    try:
-        value = float(text)
+    try:  # an exact integer of any size stays exact: factorial(200) is no "infinity"
+        return f"That comes to {say_number(lines[-1])}."
     except ValueError:
-        return None
-    if not math.isfinite(value):
-        return "infinity" if value > 0 else ("minus infinity" if value < 0 else "not a number")
-    if re.fullmatch(r"-?\d+", text.strip()):
-        return text.strip()  # an exact integer of any size, as Python printed it
-    if abs(value) < 1e15 and abs(value - round(value)) < 1e-9:
-        return str(round(value))
-    shown = f"{value:.4g}" if abs(value) < 1000 else f"{value:,.2f}".replace(",", "")
-    return shown if float(shown) == value else f"about {shown}"
+        return f"The code printed: {_trim(lines[-1], SNIPPET_WORDS)}"
 
 
 def _first_sentences(text: str, n: int) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from presence.bot.backends.responder import ResponderError, _read_sse
 from presence.bot.jobs.types import JobError, TransientJobError
 
 Messages = list[dict[str, str]]
@@ -86,8 +87,12 @@ async def chat_http(
                 if resp.status == 429 or resp.status >= 500:
                     raise TransientJobError(f"think: {endpoint} answered {resp.status}: {body}")
                 raise JobError(f"think: {endpoint} answered {resp.status}: {body}")
-            if stream:
-                return await _read_stream(resp, endpoint)
+            if stream:  # server-sent events, read by the live responder's parser
+                try:
+                    text = "".join([piece async for piece in _read_sse(resp.content, endpoint)])
+                except ResponderError as exc:
+                    raise JobError(f"think: {exc}") from None
+                return {"text": text, "model": model, "finish_reason": None, "usage": {}}
             body = await resp.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise TransientJobError(f"think: cannot reach {endpoint}: {exc or type(exc).__name__}") from exc
@@ -103,30 +108,6 @@ async def chat_http(
         "finish_reason": choice.get("finish_reason"),
         "usage": data.get("usage") or {},
     }
-
-
-async def _read_stream(resp: aiohttp.ClientResponse, endpoint: str) -> dict[str, Any]:
-    """Server-sent events: ``data: {json chunk}`` lines, ended by ``data: [DONE]``."""
-    parts: list[str] = []
-    model, finish = "", None
-    async for raw in resp.content:
-        line = raw.decode("utf-8", errors="replace").strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            break
-        try:
-            chunk = json.loads(data)
-            choice = chunk["choices"][0] if chunk.get("choices") else {}
-        except (ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise JobError(f"think: malformed stream chunk from {endpoint}: {exc!r}: {data[:200]}") from None
-        model = chunk.get("model", model)
-        delta = choice.get("delta") or {}
-        if isinstance(delta.get("content"), str):
-            parts.append(delta["content"])
-        finish = choice.get("finish_reason") or finish
-    return {"text": "".join(parts), "model": model, "finish_reason": finish, "usage": {}}
 
 
 async def chat_local(fn: LocalLLM, messages: Messages, max_tokens: int) -> dict[str, Any]:

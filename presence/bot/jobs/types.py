@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_MAX_ARGS_BYTES = 64 * 1024
-# The kinds a stock worker serves; ``noop``/``echo``/``sleep``/``fail`` are for health checks,
-# benchmarks and tests (see ``basic.py``).
-BUILTIN_KINDS: frozenset[str] = frozenset({"search", "code", "think", "noop", "echo", "sleep", "fail"})
+# The kinds a stock worker serves; ``noop``/``echo`` are for health checks (see ``basic.py``).
+BUILTIN_KINDS: frozenset[str] = frozenset({"search", "code", "think", "noop", "echo"})
+# Only for tests and benchmarks: a worker serves them only when told to (``test_kinds``).
+TEST_KINDS: frozenset[str] = frozenset({"sleep", "fail"})
 
 # Ids end up inside Redis key names, so keep them to a safe, bounded alphabet.
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -46,6 +47,13 @@ class JobStatus(enum.StrEnum):
     @property
     def terminal(self) -> bool:
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def error_tag(error: str | None) -> str:
+    """What a failure's error says it is: the word before its first colon ("dead" of "dead: ...",
+    never of "deadline ..."), else ""."""
+    tag, colon, _ = (error or "").partition(":")
+    return tag.strip() if colon else ""
 
 
 def new_job_id() -> str:
@@ -195,11 +203,10 @@ class JobResult:
     def status(self) -> JobStatus:
         if self.ok:
             return JobStatus.DONE
-        if self.error and self.error.startswith("cancelled"):
+        tag = error_tag(self.error)
+        if tag == "cancelled":
             return JobStatus.CANCELLED
-        if self.error and self.error.startswith("dead"):
-            return JobStatus.DEAD
-        return JobStatus.FAILED
+        return JobStatus.DEAD if tag == "dead" else JobStatus.FAILED
 
     @classmethod
     def failure(

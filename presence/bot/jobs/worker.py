@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class WorkerStats:
 
 
 def default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """host-pid-random: unique even where every container's worker is PID 1 of the same host name."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Worker:
@@ -176,7 +178,19 @@ class Worker:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        log.info("worker %s: serving %s (prefix %s)", self.name, ",".join(self.kinds), self.keys.prefix)
+        log.info(
+            "worker %s: serving %s on %s (prefix %s)",
+            self.name,
+            ",".join(self.kinds),
+            self._rc.shown_url,
+            self.keys.prefix,
+        )
+        if "code" in self.kinds:  # once: which sandbox code jobs get, or that they are refused
+            from presence.bot.jobs.code import sandbox_status
+
+            status = await asyncio.to_thread(sandbox_status, self.options.get("code_sandbox", "auto"))
+            level = logging.INFO if status.startswith("code jobs run") else logging.WARNING
+            log.log(level, "worker %s: %s", self.name, status)
         try:
             await self._loop()
         finally:
@@ -656,35 +670,70 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
 # ---------------------------------------------------------------------- entry points
 
 
-async def run_worker(
+def worker_from_settings(
     settings: Any,
-    kinds: list[str],
+    kinds: Sequence[str],
     *,
-    docs_dir: str | None = None,
+    url: str = "",
+    docs_dir: str = "",
     consumer_name: str | None = None,
     prefix: str = "presence",
     options: Mapping[str, Any] | None = None,
-) -> None:
-    """Entry point of ``presence worker --kinds search,code,think``: serves until SIGTERM."""
+    concurrency: int = 1,
+    shutdown_grace_s: float = 10.0,
+) -> Worker:
+    """A worker for ``kinds`` as :class:`presence.config.Settings` and ``options`` (which win)
+    say: the documents folder (default: the bundled docs/), the think model, and the options
+    ``test_kinds``, ``concurrency``, ``idle_reclaim_ms``, ``max_attempts``, ``shutdown_grace_s``."""
     from presence.bot.jobs.kinds import load_handlers, options_from_settings, resolve_docs_dir
 
     opts = options_from_settings(settings)
-    if docs_dir is not None:
-        opts["docs_dir"] = docs_dir
-    elif "search" in kinds and "docs_dir" not in opts:
-        bundled = resolve_docs_dir()  # the config's promise: empty = the bundled docs/ folder
-        if bundled:
-            opts["docs_dir"] = bundled
+    configured = docs_dir or opts.get("docs_dir", "")
+    if configured or "search" in kinds:
+        resolved = resolve_docs_dir(configured)  # empty: the bundled docs/ folder
+        if resolved:
+            opts["docs_dir"] = resolved
+            if "search" in kinds and not os.path.isdir(resolved):
+                log.warning("jobs: the search documents folder %s does not exist", resolved)
     opts.update(options or {})
-    worker = Worker(
-        getattr(settings, "redis_url", "") or DEFAULT_REDIS_URL,
+    return Worker(
+        url or getattr(settings, "redis_url", "") or DEFAULT_REDIS_URL,
         kinds,
-        load_handlers(kinds),
+        load_handlers(kinds, test_kinds=bool(opts.get("test_kinds"))),
         consumer_name,
         prefix=prefix,
         options=opts,
         idle_reclaim_ms=int(opts.get("idle_reclaim_ms", 30_000)),
         max_attempts=int(opts.get("max_attempts", 3)),
-        concurrency=int(opts.get("concurrency", 1)),
+        concurrency=int(opts.get("concurrency", concurrency)),
+        shutdown_grace_s=float(opts.get("shutdown_grace_s", shutdown_grace_s)),
     )
-    await worker.run(install_signals=True)
+
+
+async def run_worker(
+    settings: Any,
+    kinds: list[str],
+    *,
+    docs_dir: str = "",
+    consumer_name: str | None = None,
+    prefix: str = "presence",
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """The worker process (``presence worker --kinds search,code,think``): serves until SIGTERM.
+
+    Prints ``presence worker NAME: ready ...`` on stdout once its consumer groups exist.
+    """
+    worker = worker_from_settings(
+        settings, kinds, docs_dir=docs_dir, consumer_name=consumer_name, prefix=prefix, options=options
+    )
+
+    async def announce() -> None:
+        await worker.started.wait()
+        where = worker._rc.shown_url
+        print(f"presence worker {worker.name}: ready, kinds {','.join(kinds)} on {where}", flush=True)
+
+    ready = asyncio.create_task(announce())
+    try:
+        await worker.run(install_signals=True)
+    finally:
+        ready.cancel()

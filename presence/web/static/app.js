@@ -21,6 +21,7 @@ let localStream = null;
 let channel = null;
 let firstEventT = null;
 let generation = 0; // bumped by every teardown, so a join that was abandoned stops
+let resourceToken = null; // from the offer's answer: only it can hang this call up
 const latencyStats = new Map(); // name -> {last, sum, n}
 
 const presence = {
@@ -373,11 +374,12 @@ async function join() {
     if (!res.ok) throw await readError(res);
     const answer = await res.json();
     if (mine !== generation) {
-      deleteCall(answer.peer_id).catch(() => {}); // hung up while the offer was in flight
+      deleteCall(answer.peer_id, answer.resource_token).catch(() => {}); // hung up while the offer was in flight
       return;
     }
     presence.callId = answer.call_id;
     presence.peerId = answer.peer_id;
+    resourceToken = answer.resource_token ?? null;
     await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
     localMark("joined", { call_id: answer.call_id, peer: answer.peer_id });
     if (!BOT_STATES.has(presence.state)) setState("connected");
@@ -405,23 +407,26 @@ function teardown(finalState) {
   $("remote-audio").srcObject = null;
   analyser = null;
   presence.peerId = null;
+  resourceToken = null;
   setConnection(pc ? "closed" : presence.connection);
   setState(finalState);
   setInCall(false);
 }
 
-function deleteCall(peerId) {
-  // keepalive lets the request outlive the page on unload
-  return fetch(`/api/calls/${encodeURIComponent(peerId)}`, { method: "DELETE", keepalive: true });
+function deleteCall(peerId, secret) {
+  // keepalive lets the request outlive the page on unload; the resource token proves it is ours
+  const headers = secret ? { Authorization: `Bearer ${secret}` } : {};
+  return fetch(`/api/calls/${encodeURIComponent(peerId)}`, { method: "DELETE", headers, keepalive: true });
 }
 
 async function hangup() {
   const peerId = presence.peerId;
+  const secret = resourceToken;
   teardown("ended");
   localMark("hangup");
   if (peerId) {
     try {
-      const res = await deleteCall(peerId);
+      const res = await deleteCall(peerId, secret);
       if (!res.ok && res.status !== 404) {
         const err = await readError(res);
         showError(err.code, err.message);
@@ -456,7 +461,7 @@ function start() {
   });
   $("hangup").addEventListener("click", () => hangup());
   window.addEventListener("pagehide", () => {
-    if (presence.peerId) deleteCall(presence.peerId).catch(() => {});
+    if (presence.peerId) deleteCall(presence.peerId, resourceToken).catch(() => {});
   });
   if (!navigator.mediaDevices?.getUserMedia) {
     showError("insecure_context", "this browser blocks the microphone here: open the page over https or on localhost");
