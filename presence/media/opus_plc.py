@@ -28,7 +28,7 @@ from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
-from presence.signaling.rtc import set_audio_prefetch
+from presence.signaling.rtc import replace_jitter_buffer, set_audio_prefetch
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,7 @@ def configure_receiver(receiver: RTCRtpReceiver, prefetch: int, conceal: bool = 
     if not conceal:
         set_audio_prefetch(receiver, prefetch)
         return
-    if receiver.track is None or receiver.track.kind != "audio":
-        return
-    attr = "_RTCRtpReceiver__jitter_buffer"
-    if not hasattr(receiver, attr):
-        log.warning("this aiortc version hides its jitter buffer elsewhere; no loss concealment")
-        set_audio_prefetch(receiver, prefetch)
-        return
-    if _opus is None:
-        log.warning("libopus not found (%s): lost packets stay gaps", _import_error)
-    _install()
-    setattr(receiver, attr, LossJitterBuffer(prefetch))
+    if replace_jitter_buffer(receiver, LossJitterBuffer(prefetch)):
+        if _opus is None:
+            log.warning("libopus not found (%s): lost packets stay gaps", _import_error)
+        _install()

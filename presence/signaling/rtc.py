@@ -44,15 +44,22 @@ def new_peer_connection(ice_servers: Sequence[str], host_addresses: Sequence[str
     return RTCPeerConnection(configuration=rtc_configuration(ice_servers))
 
 
-def set_audio_prefetch(receiver: RTCRtpReceiver, packets: int) -> None:
-    """Shrink the audio jitter buffer's playout wait (aiortc keeps it private)."""
+def replace_jitter_buffer(receiver: RTCRtpReceiver, buffer: object) -> bool:
+    """Put ``buffer`` in place of an audio receiver's jitter buffer (aiortc keeps it private);
+    False when the receiver is not audio or this aiortc version hides it elsewhere."""
     if receiver.track is None or receiver.track.kind != "audio":
-        return
+        return False
     attr = "_RTCRtpReceiver__jitter_buffer"
     if not hasattr(receiver, attr):
-        log.warning("this aiortc version hides its jitter buffer elsewhere; prefetch stays at default")
-        return
-    setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=max(0, packets)))
+        log.warning("this aiortc version hides its jitter buffer elsewhere; aiortc's own stays")
+        return False
+    setattr(receiver, attr, buffer)
+    return True
+
+
+def set_audio_prefetch(receiver: RTCRtpReceiver, packets: int) -> None:
+    """Shrink the audio jitter buffer's playout wait."""
+    replace_jitter_buffer(receiver, JitterBuffer(capacity=16, prefetch=max(0, packets)))
 
 
 async def wait_ice_gathering(pc: RTCPeerConnection, timeout: float = 10.0) -> None:
