@@ -85,8 +85,9 @@ class PlayerTrack(PacedAudioTrack):
 class Recorder:
     """Writes received audio where it arrived on the clock: gaps stay gaps, no drift."""
 
-    def __init__(self, rate: int = 16_000) -> None:
+    def __init__(self, rate: int = 16_000, keep_audio: bool = True) -> None:
         self.rate = rate
+        self.keep_audio = keep_audio  # off for long calls that only need the voiced times
         self.t0 = now()
         self._chunks: list[tuple[int, np.ndarray]] = []
         self._cursor = 0
@@ -110,7 +111,8 @@ class Recorder:
                 start = int((t - self.t0) * self.rate) - audio.size
                 if start > self._cursor + int(0.06 * self.rate):
                     self._cursor = start  # a real gap in arrival
-                self._chunks.append((self._cursor, audio))
+                if self.keep_audio:
+                    self._chunks.append((self._cursor, audio))
                 self._cursor += audio.size
                 if np.abs(audio).max(initial=0.0) > 0.01:
                     self.voiced.append(t)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
-from presence import __version__
+from presence import __version__, malloc
 from presence.config import Settings
 
 log = logging.getLogger("presence")
@@ -34,6 +35,8 @@ Presence: a real-time, full-duplex call bot.
   presence bench textturn              the LLM's end-of-turn judgement of the words: sweep
   presence bench aec                   server-side echo cancellation: ERLE, CPU, false barge-ins
   presence bench loss                  caller audio under packet loss: share reaching the model, WER
+  presence bench jobs                  background jobs on Redis: overhead, throughput, recovery
+  presence bench soak                  10 calls + a video call for 30 min: memory, drops, CPU
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -65,8 +68,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     problem = settings.exposure_problem()
     if problem is not None:
         raise SystemExit(f"presence serve: {problem}")
+    malloc.tune()  # before the first video frame: see presence/malloc.py
     if settings.insecure_dev and not settings.token_secret:
         print(f"WARNING: insecure_dev: listening on {settings.host} with no token secret", flush=True)
+    log.debug("settings: %s", settings.public_dict())  # secrets and URL passwords masked
     print(f"presence {__version__}: loading models (first start assembles the LLM, ~10 s)...", flush=True)
     started = time.monotonic()
     backends = build_backends(settings)
@@ -90,10 +95,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    trimmer = asyncio.create_task(malloc.trim_periodically())
     try:
         await stop.wait()
     finally:
         print("shutting down...", flush=True)
+        trimmer.cancel()
         await runner.cleanup()
 
 
@@ -220,7 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="caller audio under simulated packet loss, concealment off and on (see --help)",
         add_help=False,
     )
+    bench_sub.add_parser(
+        "jobs",
+        help="the job layer on a real Redis: overhead, throughput, killed workers (see --help)",
+        add_help=False,
+    )
+    bench_sub.add_parser(
+        "soak",
+        help="10 calls and a video call for 30 minutes: memory per minute, dropped calls (see --help)",
+        add_help=False,
+    )
     return parser
+
+
+# Benchmarks with a parser of their own: name -> module with ``main(argv)``.
+OWN_PARSER = {
+    "responder": "presence.bench.responder",
+    "textturn": "presence.bench.textturn",
+    "aec": "presence.bench.aec",
+    "loss": "presence.bench.loss",
+    "soak": "presence.bench.soak",
+    "jobs": "presence.bench.jobs",
+    "fdb": "presence.bench.fdb.cli",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,31 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         from presence.model.train import main as train_main
 
         return int(train_main(argv[1:]) or 0)
-    if argv[:2] == ["bench", "responder"]:  # its own parser
-        from presence.bench.responder import main as responder_main
-
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in OWN_PARSER:  # presence bench X --help
         _logging("warning")
-        return responder_main(argv[2:])
-    if argv[:2] == ["bench", "textturn"]:  # its own parser
-        from presence.bench.textturn import main as textturn_main
-
-        _logging("warning")
-        return textturn_main(argv[2:])
-    if argv[:2] == ["bench", "aec"]:  # its own parser
-        from presence.bench.aec import main as aec_main
-
-        _logging("warning")
-        return aec_main(argv[2:])
-    if argv[:2] == ["bench", "loss"]:  # its own parser
-        from presence.bench.loss import main as loss_main
-
-        _logging("warning")
-        return loss_main(argv[2:])
-    if argv[:2] == ["bench", "fdb"]:  # its own parser: presence bench fdb --help
-        from presence.bench.fdb.cli import main as fdb_main
-
-        _logging("warning")
-        return asyncio.run(fdb_main(argv[2:]))
+        result = importlib.import_module(OWN_PARSER[argv[1]]).main(argv[2:])
+        return int(asyncio.run(result) if asyncio.iscoroutine(result) else result)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

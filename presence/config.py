@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -325,8 +326,17 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata.get("secret") and value else value
+            if f.metadata.get("secret") and value:
+                value = "***"
+            elif isinstance(value, str):
+                value = redact(value)  # a password inside a URL (redis_url, llm_base_url)
+            out[f.name] = value
         return out
+
+
+def redact(text: str) -> str:
+    """A URL, or any text that holds one (an error message), fit for logs: passwords masked."""
+    return re.sub(r"//([^:@/\s]*):([^@/\s]+)@", r"//\1:***@", text)
 
 
 def _base_type(f: dataclasses.Field[Any]) -> type:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from presence.bot.jobs.bridge import free_port
+from presence.bot.jobs.redis_server import free_port
 
 REDIS_URL = os.environ.get("PRESENCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent

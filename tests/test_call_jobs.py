@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 
 import pytest
-from conftest import SR_OUT, BotServer
+from conftest import SR_OUT, BotServer, need
 
+from presence.bot.jobs.redis_server import PrivateRedis, find_redis_server
 from presence.caller import Caller
 from presence.events import Ev
 from presence.seams import SAMPLE_RATE
@@ -29,7 +31,7 @@ async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_facto
         for _ in range(2):
             try:
                 event = await caller.wait_event(
-                    Ev.JOB_RESULT_INJECTED, after=max([sent, *injected]) + 1e-6, timeout=40
+                    Ev.JOB_RESULT_INJECTED, after=max([sent, *injected]) + 1e-6, timeout=60
                 )
             except TimeoutError:
                 seen = [
@@ -87,3 +89,59 @@ async def test_think_jobs_run_on_the_bots_own_responder() -> None:
         responder_think_fn(RuleResponder()), [{"role": "user", "content": "what is two plus two"}], 50
     )
     assert "4" in result["text"] and result["model"] == "responder:rules"
+
+
+class CrashableRedis:
+    """A redis-server of the test's own that it can kill (SIGKILL) and start again on the same
+    port, as a crash and a restart by a supervisor would."""
+
+    def __init__(self, binary: str, server: PrivateRedis) -> None:
+        self.binary = binary
+        self.server = server
+
+    async def crash_and_restart(self, down_s: float) -> None:
+        self.server.proc.kill()  # nothing on disk: every stream entry is gone
+        await self.server.stop()
+        await asyncio.sleep(down_s)
+        self.server = await PrivateRedis.start(self.binary, port=self.server.port)
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[CrashableRedis]:
+    """Outlives the bot (set up first), whose shutdown still talks to it."""
+    binary = find_redis_server(None)
+    need(binary is not None, "redis-server (apt-get install redis-server)")
+    assert binary is not None
+    redis = CrashableRedis(binary, await PrivateRedis.start(binary))
+    yield redis
+    await redis.server.stop()
+
+
+async def test_a_redis_restart_mid_call_loses_no_job_and_the_call_goes_on(  # type: ignore[no-untyped-def]
+    private_redis, bot_factory, speech, backends
+) -> None:
+    url = private_redis.server.url
+    server: BotServer = await bot_factory(jobs="auto", redis_url=url)
+    assert server.manager.jobs is not None and server.manager.jobs.url == url
+    caller = Caller(url=server.url)
+    await caller.connect()
+    try:
+        await asyncio.sleep(0.5)
+        sent = await caller.say(speech("Please calculate seventeen times twenty three."), SR_OUT)
+        await caller.wait_event(Ev.JOB_DISPATCHED, after=sent, timeout=30)
+        await private_redis.crash_and_restart(down_s=1.0)  # with the job in flight
+        injected = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=sent, timeout=60)
+        t = float(injected["t"])  # type: ignore[arg-type]
+        await caller.wait_event(Ev.BOT_SPEECH_END, after=t, timeout=30)
+        session = next(iter(server.manager.sessions.values()))
+        results = session.events.named(Ev.JOB_RESULT_INJECTED)
+        assert [(e.data["kind"], e.data["ok"]) for e in results] == [("code", True)], results
+        heard = caller.recorder.audio()[int((t - caller.recorder.t0) * SAMPLE_RATE) :]
+        text = backends.transcriber.transcribe(heard).text.lower()
+        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+        # The call goes on, jobs included, on the new server.
+        again = await caller.say(speech("Please calculate six times seven."), SR_OUT)
+        second = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=again, timeout=60)
+        assert second["ok"] is True and len(session.events.named(Ev.JOB_RESULT_INJECTED)) == 2
+    finally:
+        await caller.hangup()

@@ -109,3 +109,16 @@ def test_serve_then_call_from_the_command_line(tmp_path: Path, speech, backends)
 def test_call_to_nowhere_fails_cleanly(tmp_path: Path) -> None:
     result = run_cli("call", "http://127.0.0.1:9", "--duration", "1", timeout=60)
     assert result.returncode == 2 and "call failed" in result.stderr
+
+
+def test_settings_shown_in_logs_mask_secrets_and_url_passwords() -> None:
+    from presence.config import Settings
+
+    settings = Settings.from_env(
+        {}, token_secret="s3cret-value", redis_url="redis://:hunter2@10.0.0.5:6379/0", llm_api_key="sk-abc"
+    )
+    shown = settings.public_dict()
+    assert shown["token_secret"] == "***" and shown["llm_api_key"] == "***"
+    assert shown["redis_url"] == "redis://:***@10.0.0.5:6379/0"
+    assert "hunter2" not in repr(shown) and "s3cret" not in repr(shown)
+    assert shown["host"] == settings.host  # everything else as it is

@@ -529,7 +529,9 @@ async def test_small_live_run_over_chromium(tmp_path: Path, backends) -> None:  
     sample = tmp_path / "rules-eot500" / "interruption" / "interruption_000"
     (injection,) = json.loads((sample / "events.json").read_text())["injections"]
     assert injection["missed"] is False
-    assert injection["start"] - injection["trigger_t"] == pytest.approx(injection["offset_s"], abs=0.02)
+    # The page's clock maps to the monotonic one within a few ms on an idle machine; a starved
+    # render thread shifts it by tens of ms (seen: 50), which the calibration reports.
+    assert injection["start"] - injection["trigger_t"] == pytest.approx(injection["offset_s"], abs=0.08)
     assert json.loads((sample / "interrupt.json").read_text())[0]["timestamp"] == [
         injection["start"],
         injection["end"],

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -21,36 +20,21 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import need
 from jobs_support import REDIS_URL, delete_keys, redis_problem, spawn_worker, start_redis, until
 
 from presence.bot.backends.responder import arithmetic
 from presence.bot.jobs import LOST_ERROR, Backoff, JobBroker, JobRequest, JobResult, JobStatus, Worker
-from presence.bot.jobs.bridge import (
-    CallJobs,
-    JobBridge,
-    JobsUnavailable,
-    PrivateRedis,
-    acknowledgement,
-    find_redis_server,
-    free_port,
-    is_cancel_request,
-    speakable,
-)
+from presence.bot.jobs.bridge import JobBridge
+from presence.bot.jobs.call_jobs import CallJobs
 from presence.bot.jobs.kinds import load_handlers
+from presence.bot.jobs.redis_server import JobsUnavailable, PrivateRedis, find_redis_server, free_port
 from presence.bot.jobs.redisio import Keys
-from presence.bot.jobs.router import RuleToolRouter, find_math
+from presence.bot.jobs.router import RuleToolRouter, find_math, is_cancel_request
+from presence.bot.jobs.speech import acknowledgement, speakable
 from presence.bot.numbers import parse_number, parse_words, say_number
 from presence.config import Settings
 from presence.signaling.metrics import Metrics
-
-CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def need(ok: bool, why: str) -> None:
-    if not ok:
-        if CI:
-            pytest.fail(f"required under CI=true: {why}")
-        pytest.skip(why)
 
 
 def dead_url() -> str:

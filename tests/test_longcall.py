@@ -71,3 +71,38 @@ def test_replies_false_turns_and_the_minute_ratio_are_counted() -> None:
     assert "ratio 1.50x" in text and "false caller turns in silence: 1" in text
     assert "questions answered: 50 of 50" in text
     assert isinstance(call.replies[-1], Reply)
+
+
+def test_the_soak_report_counts_growth_per_call_memory_and_drops() -> None:
+    from presence.bench.soak import Minute, Soak, Talker
+    from presence.bench.soak import report as soak_report
+
+    soak = Soak(calls=10, minutes=30, idle_rss_mb=900.0, joined_rss_mb=1120.0)
+    # memory climbs 4 MB a minute for 5 minutes, then levels off at 1160 MB
+    soak.samples = [Minute(m, 1140.0 + 4 * min(m, 5), 150.0, 80.0, 11, 12) for m in range(1, 31)]
+    soak.talkers = [Talker(i, replies=40, v2v_s=[(60.0 * i, 0.5 + 0.01 * i)]) for i in range(10)]
+    assert soak.per_call_mb() == 20.0  # (1120 - 900) / 11 calls
+    assert soak.growth(25) == (5, 0.0)  # minutes 5-30: level
+    assert soak.growth(28) == (2, 12.0)  # minutes 2-30 include the climb
+    assert soak.dropped() == []
+    text = soak_report(soak, 25)
+    assert "20.0 MB per call" in text and "growth from minute 5 to minute 30: +0 MB" in text
+    assert "calls dropped: 0" in text and "replies: 400" in text
+    soak.talkers[3].dropped = "connection failed at 600 s"
+    soak.video_dropped = "connection closed at 900 s"
+    text = soak_report(soak, 25)
+    assert soak.dropped() == [
+        "caller 3: connection failed at 600 s",
+        "video call: connection closed at 900 s",
+    ]
+    assert "calls dropped: 2" in text and "  - caller 3: connection failed at 600 s" in text
+
+
+def test_the_soak_refuses_nonsense_arguments(capsys) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from presence.bench.soak import main as soak_main
+
+    with pytest.raises(SystemExit) as exc:
+        soak_main(["--calls", "0"])
+    assert exc.value.code == 2 and "--calls must be at least 1" in capsys.readouterr().err

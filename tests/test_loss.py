@@ -133,6 +133,37 @@ def test_the_bots_encoder_sends_fec() -> None:
     assert decoder.decode(packets[10].payload, 960, decode_fec=True)
 
 
+async def test_fec_is_chosen_per_call_not_per_process() -> None:
+    """Two real aiortc calls set up side by side, one with FEC asked for and one without: each
+    sender's encoder has what its own call asked for."""
+    import asyncio
+
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from presence.clock import now
+    from presence.signaling.rtc import new_peer_connection
+
+    async def call(loss_pct: int) -> tuple[dict[str, str], list[object]]:
+        opus_plc.set_encoder_fec(loss_pct)  # this task's calls only
+        a, b = (new_peer_connection([], ["127.0.0.1"]) for _ in range(2))
+        sender = a.addTrack(AudioStreamTrack())
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        deadline = now() + 15
+        while (encoder := getattr(sender, "_RTCRtpSender__encoder", None)) is None and now() < deadline:
+            await asyncio.sleep(0.05)
+        assert encoder is not None, "the sender never built its encoder"
+        return dict(encoder.codec.options), [a, b]
+
+    (with_fec, pcs1), (without, pcs2) = await asyncio.gather(call(10), call(0))
+    for pc in pcs1 + pcs2:
+        await pc.close()  # type: ignore[attr-defined]
+    assert with_fec.get("fec") == "1" and with_fec.get("packet_loss") == "10", with_fec
+    assert "fec" not in without, without
+
+
 def test_wer_scoring() -> None:
     assert wer("the cat sat", "the cat sat") == 0
     assert wer("the cat sat", "a cat sat down") == pytest.approx(2 / 3)

@@ -101,7 +101,26 @@ def make_microphone(path: Path, minutes: float, seed: int) -> list[Question]:
     return questions
 
 
-def _rss_mb(server: ServerProcess) -> float:
+async def join_page(
+    chromium: Any, url: str, *, video: bool, name: str = "longcall", listener: Any = None
+) -> Any:
+    """Open the call page in ``chromium``, join (audio or video) and wait until connected;
+    ``listener`` gets every bot event the page receives."""
+    page = await chromium.new_page()
+    if listener is not None:
+        await page.expose_function("presenceBench", listener)
+    await page.goto(url + "/")
+    await page.wait_for_function("window.presence && window.presence.config !== null")
+    if listener is not None:
+        await page.evaluate("window.presence.listeners.push((m) => window.presenceBench(m))")
+    await page.select_option("#mode", "video" if video else "audio")
+    await page.fill("#name", name)
+    await page.click("#join")
+    await page.wait_for_function(CONNECTED, timeout=30_000)
+    return page
+
+
+def rss_mb(server: ServerProcess) -> float:
     assert server.proc is not None
     total = 0
     for pid in _tree(server.proc.pid):
@@ -193,15 +212,7 @@ async def run_call(settings: Settings, args: argparse.Namespace, work: Path) -> 
     chromium = await launch_chromium(work, wav=mic, y4m=camera)
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     try:
-        page = await chromium.new_page()
-        await page.expose_function("presenceBench", received.put_nowait)
-        await page.goto(bot.url + "/")
-        await page.wait_for_function("window.presence && window.presence.config !== null")
-        await page.evaluate("window.presence.listeners.push((m) => window.presenceBench(m))")
-        await page.select_option("#mode", "audio" if args.no_video else "video")
-        await page.fill("#name", "longcall")
-        await page.click("#join")
-        await page.wait_for_function(CONNECTED, timeout=30_000)
+        page = await join_page(chromium, bot.url, video=not args.no_video, listener=received.put_nowait)
         joined = now()
         cpu_mark, t_mark = bot.cpu_seconds(), now()
         pending: dict[str, float] = {}
@@ -212,7 +223,7 @@ async def run_call(settings: Settings, args: argparse.Namespace, work: Path) -> 
                 _take(call, msg, pending, questions)
             if now() - t_mark >= 60:
                 cpu, t = bot.cpu_seconds(), now()
-                sample = Sample(len(call.samples), _rss_mb(bot), 100 * (cpu - cpu_mark) / (t - t_mark))
+                sample = Sample(len(call.samples), rss_mb(bot), 100 * (cpu - cpu_mark) / (t - t_mark))
                 call.samples.append(sample)
                 cpu_mark, t_mark = cpu, t
                 print(

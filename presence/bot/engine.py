@@ -43,7 +43,7 @@ from presence.media.speech import SpeechTrack, Utterance
 from presence.seams import CallEvent, ChatMessage, FloorPolicy, FloorState, MicroTurn
 
 if TYPE_CHECKING:
-    from presence.bot.jobs.bridge import CallJobs
+    from presence.bot.jobs.call_jobs import CallJobs
 
 log = logging.getLogger(__name__)
 

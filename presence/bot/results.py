@@ -17,7 +17,7 @@ from presence.bot.reply import ReplyTask
 from presence.events import Ev, EventLog
 
 if TYPE_CHECKING:
-    from presence.bot.jobs.bridge import CallJobs
+    from presence.bot.jobs.call_jobs import CallJobs
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], object]
 

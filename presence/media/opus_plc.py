@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fractions
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 import av
@@ -46,7 +47,9 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 else:
     _import_error = ""
 
-_fec_loss_pct = 0
+# Per call: aiortc builds a sender's encoder in a task started from the context that set up the
+# peer connection, so a value set before ``setLocalDescription`` reaches that call's encoder only.
+_fec_loss_pct: ContextVar[int] = ContextVar("presence_opus_fec_loss_pct", default=0)
 _installed = False
 
 
@@ -192,8 +195,9 @@ def _install() -> None:
         return original_decoder(codec)
 
     def get_encoder(codec: Any) -> codecs_base.Encoder:
-        if codec.mimeType.lower() == "audio/opus" and _fec_loss_pct > 0:
-            return fec_encoder(_fec_loss_pct)
+        loss_pct = _fec_loss_pct.get()
+        if codec.mimeType.lower() == "audio/opus" and loss_pct > 0:
+            return fec_encoder(loss_pct)
         return original_encoder(codec)
 
     receiver_module.get_decoder = get_decoder
@@ -202,9 +206,9 @@ def _install() -> None:
 
 
 def set_encoder_fec(loss_pct: int) -> None:
-    """In-band FEC on every opus encoder aiortc builds from now on in this process (0: off)."""
-    global _fec_loss_pct
-    _fec_loss_pct = max(0, min(100, int(loss_pct)))
+    """In-band FEC on the opus encoders aiortc builds for peer connections set up from here on
+    in the current context (the calling task and the tasks it starts); 0: off."""
+    _fec_loss_pct.set(max(0, min(100, int(loss_pct))))
     _install()
 
 

@@ -26,18 +26,120 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 class ResponderError(RuntimeError):
-    """A responder could not produce a reply (endpoint down, HTTP error, broken stream)."""
+    """A responder could not produce a reply (endpoint down, HTTP error, broken stream).
+
+    ``status`` is the HTTP status of a refused request; ``transient`` says that trying again
+    later may work (unreachable, timed out, 429 or 5xx)."""
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
 
 
 # ---------------------------------------------------------------------------- OpenAI-compatible
 
 
-class OpenAIResponder:
-    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, Ollama...).
+def openai_client(
+    base_url: str, api_key: str = "", connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0
+) -> Any:
+    """The project's one OpenAI-compatible client (the live responder and the ``think`` job).
 
-    ``POST {base_url}/chat/completions`` with ``stream: true``; the server-sent events are read
-    line by line and each ``choices[0].delta.content`` is yielded as it arrives.
-    """
+    No retries (the reply path cannot wait for them; the job worker retries on its own) and no
+    total limit (a long reply is fine); a stalled connect or read is not."""
+    from openai import AsyncOpenAI, Timeout
+
+    return AsyncOpenAI(
+        base_url=base_url.rstrip("/"),
+        api_key=api_key or "unused",  # a local server wants none: the header is left out below
+        max_retries=0,
+        timeout=Timeout(None, connect=connect_timeout_s, read=read_timeout_s),
+    )
+
+
+async def stream_chat(
+    client: Any, payload: dict[str, Any], *, api_key: str = "", meta: dict[str, Any] | None = None
+) -> AsyncIterator[str]:
+    """``POST {base_url}/chat/completions`` and yield the reply's content as it arrives.
+
+    A server that ignores ``stream`` and sends the whole completion as JSON is read as one
+    piece. ``meta`` (when given) receives ``model``, ``finish_reason`` and ``usage``. Every
+    failure is a :class:`ResponderError` that names the endpoint."""
+    import openai
+
+    url = f"{client.base_url}".rstrip("/") + "/chat/completions"
+    meta = {} if meta is None else meta
+    headers = {} if api_key else {"Authorization": openai.omit}
+    timeout = client.timeout
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**payload, extra_headers=headers)
+        if raw.headers.get("content-type", "").startswith("application/json"):
+            text = _completion(await raw.http_response.aread(), url, meta)
+            if text:
+                yield text
+            return
+        async for chunk in raw.parse():
+            meta["model"] = chunk.model or meta.get("model")
+            choice = chunk.choices[0] if chunk.choices else None
+            if choice is not None and choice.delta.content:
+                yield choice.delta.content
+            if choice is not None and choice.finish_reason:
+                meta["finish_reason"] = choice.finish_reason
+            if chunk.usage is not None:
+                meta["usage"] = chunk.usage.model_dump()
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+        detail = _error_detail(exc)
+        raise ResponderError(
+            f"{url} answered HTTP {status}: {detail or '(empty)'}",
+            status=status,
+            transient=status == 429 or status >= 500,
+        ) from None
+    except openai.APITimeoutError as exc:
+        raise ResponderError(
+            f"{url} did not answer in time (connect {timeout.connect:g} s, read {timeout.read:g} s)",
+            transient=True,
+        ) from exc
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise ResponderError(f"cannot talk to {url}: {cause}; check llm_url", transient=True) from exc
+    except openai.APIError as exc:  # an error event inside the stream
+        raise ResponderError(f"{url} reported an error mid-stream: {exc.message}") from None
+    except ValueError as exc:  # a stream event that is not JSON
+        raise ResponderError(
+            f"{url} sent a malformed stream event: {exc}: {str(getattr(exc, 'doc', ''))[:200]!r}"
+        ) from None
+    if "finish_reason" not in meta:
+        raise ResponderError(f"{url} closed the stream before the reply was finished", transient=True)
+
+
+def _error_detail(exc: Any) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        body = error.get("message", error) if isinstance(error, dict) else error
+    return str(body if body is not None else exc.message)[:300].strip()
+
+
+def _completion(body: bytes, url: str, meta: dict[str, Any]) -> str:
+    """A whole (non-streamed) completion's text."""
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        meta.update(
+            model=data.get("model"),
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=data.get("usage") or {},
+        )
+        return str(message.get("content") or "")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ResponderError(f"{url} sent a malformed completion: {body[:200]!r}") from exc
+
+
+class OpenAIResponder:
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, Ollama...), through
+    the ``openai`` SDK, streaming: each ``choices[0].delta.content`` is yielded as it arrives."""
 
     name = "openai"
 
@@ -62,8 +164,7 @@ class OpenAIResponder:
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self.connect_timeout_s = connect_timeout_s
-        self.read_timeout_s = read_timeout_s
+        self.client = openai_client(self.base_url, api_key, connect_timeout_s, read_timeout_s)
 
     @property
     def url(self) -> str:
@@ -87,84 +188,8 @@ class OpenAIResponder:
         }
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        import aiohttp
-
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        # No total limit (a long reply is fine); a stalled connect or read is not.
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.connect_timeout_s, sock_read=self.read_timeout_s
-        )
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(self.url, json=self.payload(messages), headers=headers) as resp,
-            ):
-                if resp.status >= 400:
-                    body = (await resp.text(errors="replace"))[:300].strip()
-                    raise ResponderError(
-                        f"{self.url} answered HTTP {resp.status} {resp.reason}: {body or '(empty)'}"
-                    )
-                if resp.content_type == "application/json":
-                    # The server ignored stream=true and sent the whole completion at once.
-                    text = _completion_text(await resp.text(), self.url)
-                    if text:
-                        yield text
-                    return
-                async for delta in _read_sse(resp.content, self.url):
-                    yield delta
-        except ResponderError:
-            raise
-        except TimeoutError as exc:
-            raise ResponderError(
-                f"{self.url} did not answer in time (connect {self.connect_timeout_s:g} s, "
-                f"read {self.read_timeout_s:g} s)"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise ResponderError(f"cannot talk to {self.url}: {exc}; check llm_url") from exc
-
-
-def _completion_text(body: str, url: str) -> str:
-    try:
-        data = json.loads(body)
-        message = data["choices"][0].get("message") or {}
-        return str(message.get("content") or "")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ResponderError(f"{url} sent a malformed completion: {body[:200]!r}") from exc
-
-
-async def _read_sse(content: Any, url: str) -> AsyncIterator[str]:
-    """Parse an OpenAI server-sent event stream into content deltas."""
-    finished = False
-    async for raw in content:  # aiohttp's StreamReader yields lines
-        line = raw.decode("utf-8", "replace").strip()
-        if not line or line.startswith(":") or not line.startswith("data:"):
-            continue  # blank separators, comments (keep-alives), "event:" / "id:" fields
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError as exc:
-            raise ResponderError(f"{url} sent a malformed stream event: {data[:200]!r}") from exc
-        if not isinstance(event, dict):
-            raise ResponderError(f"{url} sent a malformed stream event: {data[:200]!r}")
-        if "error" in event:
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise ResponderError(f"{url} reported an error mid-stream: {message}")
-        try:
-            choice = event["choices"][0] if event["choices"] else {}
-        except (KeyError, TypeError) as exc:
-            raise ResponderError(f"{url} sent a stream event without choices: {data[:200]!r}") from exc
-        delta = (choice.get("delta") or {}).get("content")
-        if delta:
-            yield str(delta)
-        if choice.get("finish_reason"):
-            finished = True
-    if not finished:
-        raise ResponderError(f"{url} closed the stream before the reply was finished")
+        async for delta in stream_chat(self.client, self.payload(messages), api_key=self.api_key):
+            yield delta
 
 
 # ---------------------------------------------------------------------------- rules

@@ -19,8 +19,10 @@ Workers: ``presence worker --kinds search,code,think``, i.e. ``await run_worker(
 """
 
 # after the above: the bridge builds on all of them
-from presence.bot.jobs.bridge import CallJobs, JobBridge, JobsUnavailable
+from presence.bot.jobs.bridge import JobBridge
 from presence.bot.jobs.broker import LOST_ERROR, JobBroker
+from presence.bot.jobs.call_jobs import CallJobs
+from presence.bot.jobs.redis_server import JobsUnavailable
 from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, GROUP, Backoff, Keys, RedisUnavailable
 from presence.bot.jobs.router import RuleToolRouter, ToolRouter, is_cancel_request
 from presence.bot.jobs.speech import acknowledgement, speakable

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from presence.config import redact
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,6 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-
-
-def redact(text: str) -> str:
-    """A Redis URL, or any text that holds one (an error message), fit for logs: passwords masked."""
-    return re.sub(r"//([^:@/\s]*):([^@/\s]+)@", r"//\1:***@", text)
 
 
 @dataclass(frozen=True, slots=True)

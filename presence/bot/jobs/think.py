@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-import aiohttp
-
-from presence.bot.backends.responder import ResponderError, _read_sse
+from presence.bot.backends.responder import ResponderError, openai_client, stream_chat
 from presence.bot.jobs.types import JobError, TransientJobError
 
 Messages = list[dict[str, str]]
@@ -50,11 +47,6 @@ def build_messages(args: dict[str, Any]) -> Messages:
     return out
 
 
-def completions_url(base: str) -> str:
-    base = base.rstrip("/")
-    return base if base.endswith("/chat/completions") else f"{base}/chat/completions"
-
-
 async def chat_http(
     url: str,
     messages: Messages,
@@ -66,8 +58,9 @@ async def chat_http(
     stream: bool = False,
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
-    """POST to an OpenAI-compatible ``/chat/completions``; returns text, model, finish_reason."""
-    endpoint = completions_url(url)
+    """One chat completion from an OpenAI-compatible endpoint (the live responder's client);
+    returns text, model, finish_reason and usage."""
+    base = url.rstrip("/").removesuffix("/chat/completions")
     payload: dict[str, Any] = {
         "model": model or "default",
         "messages": messages,
@@ -75,39 +68,25 @@ async def chat_http(
         "temperature": temperature,
         "stream": stream,
     }
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    meta: dict[str, Any] = {}
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(endpoint, json=payload, headers=headers) as resp,
-        ):
-            if resp.status != 200:
-                body = (await resp.text())[:300]
-                if resp.status == 429 or resp.status >= 500:
-                    raise TransientJobError(f"think: {endpoint} answered {resp.status}: {body}")
-                raise JobError(f"think: {endpoint} answered {resp.status}: {body}")
-            if stream:  # server-sent events, read by the live responder's parser
-                try:
-                    text = "".join([piece async for piece in _read_sse(resp.content, endpoint)])
-                except ResponderError as exc:
-                    raise JobError(f"think: {exc}") from None
-                return {"text": text, "model": model, "finish_reason": None, "usage": {}}
-            body = await resp.text()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise TransientJobError(f"think: cannot reach {endpoint}: {exc or type(exc).__name__}") from exc
-    try:
-        data = json.loads(body)
-        choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise JobError(f"think: unexpected response from {endpoint}: {exc!r}: {body[:200]}") from None
+        async with openai_client(base, api_key, min(10.0, timeout_s), timeout_s) as client:
+            pieces = stream_chat(client, payload, api_key=api_key, meta=meta)
+            text = "".join(await asyncio.wait_for(_collect(pieces), timeout_s))
+    except ResponderError as exc:
+        raise (TransientJobError if exc.transient else JobError)(f"think: {exc}") from None
+    except TimeoutError:
+        raise TransientJobError(f"think: {base} gave no whole answer within {timeout_s:g} s") from None
     return {
         "text": text,
-        "model": data.get("model", model),
-        "finish_reason": choice.get("finish_reason"),
-        "usage": data.get("usage") or {},
+        "model": meta.get("model") or model,
+        "finish_reason": meta.get("finish_reason"),
+        "usage": meta.get("usage") or {},
     }
+
+
+async def _collect(pieces: AsyncIterator[str]) -> list[str]:
+    return [piece async for piece in pieces]
 
 
 async def chat_local(fn: LocalLLM, messages: Messages, max_tokens: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Benchmark of the job layer against a real Redis, with workers as real subprocesses.
 
-``python -m presence.bot.jobs.bench_jobs --n 300`` (or ``await bench(redis_url, n)``) prints:
+``presence bench jobs --n 300`` (or ``await bench(redis_url, n)``) prints:
 
 * dispatch-to-result overhead of a no-op job (p50/p95, one at a time, one worker),
 * throughput (jobs/s) of ``n`` no-op jobs submitted at once, with 1 and with 4 workers,
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from presence.bot.jobs.broker import JobBroker
-from presence.bot.jobs.redisio import DEFAULT_REDIS_URL, redact
+from presence.bot.jobs.redisio import DEFAULT_REDIS_URL
 from presence.bot.jobs.types import BUILTIN_KINDS, TEST_KINDS, JobRequest, JobResult, JobStatus
+from presence.config import redact
 
 ROOT = Path(__file__).resolve().parents[3]
 RECLAIM_MS = 1_000
@@ -192,7 +193,7 @@ async def bench(redis_url: str = DEFAULT_REDIS_URL, n: int = 300) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="presence bench jobs", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     p.add_argument("--n", type=int, default=300)
     args = p.parse_args(argv)

@@ -1,0 +1,280 @@
+"""``presence bench soak``: many calls for a long time; does memory level off, does any call drop?
+
+The bot runs as its own process (``presence serve``, rule-text replies by default so the LLM
+does not saturate the machine). ``--calls`` aiortc callers in this process each ask a question
+(piper voice), wait for the reply to end, pause 3-8 s and ask again; one headless Chromium page
+joins with a fake camera and a looped microphone for the whole run. Every minute the server's
+memory (RSS of its process tree), its CPU, the machine's CPU and the calls it holds are read.
+
+Reported: memory per call (RSS with every call joined against RSS before the first), growth
+over the last ``--window`` minutes (target < 50 MB), calls dropped (target 0), replies per
+minute and the caller-side voice-to-voice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from presence.bench.latency import QUESTIONS, Clip, ServerProcess, make_clips, pct, start_bot
+from presence.bench.longcall import join_page, make_microphone, rss_mb
+from presence.browser import launch_chromium, make_y4m
+from presence.caller import Caller, Recorder
+from presence.clock import now
+from presence.config import Settings
+from presence.events import Ev
+from presence.seams import OUT_SAMPLE_RATE
+
+REPLY_TIMEOUT_S = 30.0  # a question with no reply ending by then counts as unanswered
+GROWTH_TARGET_MB = 50.0
+
+
+@dataclass
+class Talker:
+    """One aiortc caller's record."""
+
+    index: int
+    replies: int = 0
+    unanswered: int = 0
+    v2v_s: list[tuple[float, float]] = field(default_factory=list)  # (run time, caller-side s)
+    dropped: str | None = None  # why the call ended early
+
+
+@dataclass
+class Minute:
+    minute: int
+    rss_mb: float
+    server_cpu_percent: float  # of one core, the server's process tree
+    machine_cpu_percent: float  # of all cores, everything on the machine
+    calls_held: int  # what the server's /healthz says
+    replies: int  # replies finished by the aiortc callers during the minute
+
+
+@dataclass
+class Soak:
+    calls: int
+    minutes: float
+    idle_rss_mb: float = float("nan")
+    joined_rss_mb: float = float("nan")
+    talkers: list[Talker] = field(default_factory=list)
+    samples: list[Minute] = field(default_factory=list)
+    video_dropped: str | None = None
+
+    def per_call_mb(self) -> float:
+        return (self.joined_rss_mb - self.idle_rss_mb) / (self.calls + 1)
+
+    def growth(self, window: float) -> tuple[int, float]:
+        """(first minute of the window, RSS growth over it in MB) from the minute samples."""
+        if not self.samples:
+            return 0, float("nan")
+        first = max(1, int(self.minutes - window))
+        start = next((s for s in self.samples if s.minute >= first), self.samples[0])
+        return start.minute, self.samples[-1].rss_mb - start.rss_mb
+
+    def dropped(self) -> list[str]:
+        out = [f"caller {t.index}: {t.dropped}" for t in self.talkers if t.dropped]
+        return out + ([f"video call: {self.video_dropped}"] if self.video_dropped else [])
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def _calls_held(session: aiohttp.ClientSession, url: str) -> int:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+        async with session.get(url + "/healthz") as resp:
+            return int((await resp.json())["calls"])
+    return -1
+
+
+async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t0: float) -> None:
+    """Ask, wait for the reply to end, pause, ask again, until ``until`` (monotonic)."""
+    rng = random.Random(talker.index)
+    caller = Caller(url=url, name=f"soak-{talker.index}", recorder=Recorder(keep_audio=False))
+    try:
+        await caller.connect()
+    except Exception as exc:  # a refused or failed join is a dropped call
+        talker.dropped = f"could not join: {exc}"
+        return
+    try:
+        await asyncio.sleep(rng.uniform(0.5, 8.0))  # not all in step
+        while now() < until:
+            clip = clips[rng.choice(QUESTIONS)]
+            sent = await caller.say(clip.audio48, OUT_SAMPLE_RATE)
+            speech_end = sent + clip.voiced_end
+            try:
+                await caller.wait_event(Ev.BOT_SPEECH_END, after=speech_end, timeout=REPLY_TIMEOUT_S)
+                talker.replies += 1
+                first = caller.recorder.first_voiced_after(speech_end)
+                if first is not None:
+                    talker.v2v_s.append((first - t0, first - speech_end))
+            except TimeoutError:
+                talker.unanswered += 1
+            caller.inbox.events.clear()  # a long call's events are not kept
+            del caller.recorder.voiced[:]
+            assert caller.pc is not None
+            if caller.pc.connectionState != "connected":
+                talker.dropped = f"connection {caller.pc.connectionState} at {now() - t0:.0f} s"
+                return
+            await asyncio.sleep(rng.uniform(3.0, 8.0))
+    finally:
+        await caller.hangup()
+
+
+async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> Soak:
+    soak = Soak(args.calls, args.minutes)
+    overrides = {"responder": args.responder, "greeting": "", "offer_burst": args.calls + 5}
+    overrides.update(dict(kv.split("=", 1) for kv in args.set))
+    bot = await start_bot(settings, **overrides)
+    clips = make_clips(QUESTIONS)
+    mic = work / "mic.wav"
+    make_microphone(mic, 1.0, args.seed)  # a minute of questions, looped by Chromium
+    camera = make_y4m(work / "camera.y4m", 4.0, w=640, h=480)
+    chromium = await launch_chromium(work, wav=mic, y4m=camera)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.sleep(5.0)  # the bot's start-up settles
+        soak.idle_rss_mb = rss_mb(bot)
+        t0 = now()
+        until = t0 + args.minutes * 60
+        page = await join_page(chromium, bot.url, video=True, name="soak-video")
+        for i in range(args.calls):
+            soak.talkers.append(Talker(i))
+            tasks.append(asyncio.create_task(talk(bot.url, clips, soak.talkers[-1], until, t0)))
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(30.0)
+        soak.joined_rss_mb = rss_mb(bot)
+        print(
+            f"joined: {args.calls} + 1 video, RSS {soak.idle_rss_mb:.0f} -> {soak.joined_rss_mb:.0f} MB "
+            f"({soak.per_call_mb():.1f} MB per call)",
+            file=sys.stderr,
+        )
+        await _sample_minutes(soak, bot, http, page, t0, until)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await http.close()
+        await chromium.close()
+        await bot.stop()
+    return soak
+
+
+async def _sample_minutes(
+    soak: Soak, bot: ServerProcess, http: aiohttp.ClientSession, page: Any, t0: float, until: float
+) -> None:
+    cpu_mark, busy_mark, t_mark, replies_mark = bot.cpu_seconds(), _machine_busy(), now(), 0
+    minute = 0
+    while now() < until - 1.0:
+        await asyncio.sleep(max(0.0, min(t0 + 60 * (minute + 1), until) - now()))
+        minute += 1
+        cpu, busy, t = bot.cpu_seconds(), _machine_busy(), now()
+        replies = sum(x.replies for x in soak.talkers)
+        state = "closed"
+        with contextlib.suppress(Exception):
+            state = str(await page.evaluate("window.presence.pc && window.presence.pc.connectionState"))
+        if state != "connected" and soak.video_dropped is None:
+            soak.video_dropped = f"connection {state} at {t - t0:.0f} s"
+        sample = Minute(
+            minute,
+            rss_mb(bot),
+            100 * (cpu - cpu_mark) / (t - t_mark),
+            100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
+            await _calls_held(http, bot.url),
+            replies - replies_mark,
+        )
+        soak.samples.append(sample)
+        cpu_mark, busy_mark, t_mark, replies_mark = cpu, busy, t, replies
+        print(
+            f"minute {minute}: RSS {sample.rss_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
+            f"of a core, machine {sample.machine_cpu_percent:.0f} %, calls held {sample.calls_held}, "
+            f"replies {sample.replies}",
+            file=sys.stderr,
+        )
+
+
+def report(soak: Soak, window: float) -> str:
+    first, growth = soak.growth(window)
+    v2v = [s for t in soak.talkers for _, s in t.v2v_s]
+    cpu = [s.server_cpu_percent for s in soak.samples]
+    lines = [
+        f"soak: {soak.calls} aiortc calls + 1 Chromium video call for {soak.minutes:g} min, "
+        f"machine: {os.cpu_count()} cores",
+        "",
+        "| minute | server RSS MB | server CPU % of a core | machine CPU % | calls held | replies |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s.minute} | {s.rss_mb:.0f} | {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
+        f"| {s.calls_held} | {s.replies} |"
+        for s in soak.samples
+    ]
+    lines += [
+        "",
+        f"memory: {soak.idle_rss_mb:.0f} MB before the calls, {soak.joined_rss_mb:.0f} MB with all "
+        f"{soak.calls + 1} joined: {soak.per_call_mb():.1f} MB per call",
+        f"growth from minute {first} to minute {soak.samples[-1].minute if soak.samples else 0}: "
+        f"{growth:+.0f} MB (target < {GROWTH_TARGET_MB:.0f} MB)",
+        f"server CPU: p50 {pct(cpu, 50):.0f} % of a core ({pct(cpu, 50) / (soak.calls + 1):.1f} % per call)",
+        f"replies: {sum(t.replies for t in soak.talkers)}, unanswered questions: "
+        f"{sum(t.unanswered for t in soak.talkers)}",
+        f"voice-to-voice at the callers: p50 {pct(v2v, 50) * 1000:.0f} ms, p95 {pct(v2v, 95) * 1000:.0f} ms "
+        f"(n={len(v2v)})",
+        f"calls dropped: {len(soak.dropped())} (target 0)",
+    ]
+    lines += [f"  - {d}" for d in soak.dropped()]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> int:
+    print(
+        f"presence bench soak: {args.calls} calls + 1 video call, {args.minutes:g} min, "
+        f"{os.cpu_count()} cores, replies: {args.responder}",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(prefix="presence-soak-") as tmp:
+        soak = await run_soak(Settings(), args, Path(tmp))
+    text = report(soak, args.window)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text + "\n")
+        (out / "soak.json").write_text(json.dumps(asdict(soak), indent=2))
+    return 1 if soak.dropped() or not soak.samples else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="presence bench soak", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=10, help="aiortc callers besides the video call [10]")
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long [30]")
+    parser.add_argument(
+        "--window", type=float, default=25.0, help="growth is measured over the last N min [25]"
+    )
+    parser.add_argument(
+        "--responder", default="rules", help="reply text: rules (default), auto, llama, openai"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default="", help="write report.md and soak.json here")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a bot setting")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.minutes <= 0:
+        parser.error("--calls must be at least 1 and --minutes positive")
+    return asyncio.run(run(args))
