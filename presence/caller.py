@@ -106,6 +106,13 @@ class Recorder:
             while True:
                 frame = await track.recv()
                 t = now()
+                if not self.keep_audio:  # only the voiced times: skip the resampling
+                    self.frames += 1
+                    if np.abs(frame.to_ndarray()).max(initial=0) > 0.01 * 32768:
+                        self.voiced.append(t)
+                        self.last_voiced_at = t
+                        self.first_voiced_at = self.first_voiced_at or t
+                    continue
                 audio = self._resample(frame)
                 self.frames += 1
                 start = int((t - self.t0) * self.rate) - audio.size

@@ -77,7 +77,7 @@ def test_the_soak_report_counts_growth_per_call_memory_and_drops() -> None:
     from presence.bench.soak import Minute, Soak, Talker
     from presence.bench.soak import report as soak_report
 
-    soak = Soak(calls=10, minutes=30, idle_rss_mb=900.0, joined_rss_mb=1120.0)
+    soak = Soak(calls=10, minutes=30, idle_mb=900.0, joined_mb=1120.0)
     # memory climbs 4 MB a minute for 5 minutes, then levels off at 1160 MB
     soak.samples = [Minute(m, 1140.0 + 4 * min(m, 5), 150.0, 80.0, 11, 12) for m in range(1, 31)]
     soak.talkers = [Talker(i, replies=40, v2v_s=[(60.0 * i, 0.5 + 0.01 * i)]) for i in range(10)]

@@ -4,9 +4,9 @@ The bot runs as its own process (``presence serve``, rule-text replies by defaul
 does not saturate the machine). ``--calls`` aiortc callers in this process each ask a question
 (piper voice), wait for the reply to end, pause 3-8 s and ask again; one headless Chromium page
 joins with a fake camera and a looped microphone for the whole run. Every minute the server's
-memory (RSS of its process tree), its CPU, the machine's CPU and the calls it holds are read.
+memory (PSS of its process tree: shared pages counted once), its CPU, the machine's CPU and the calls it holds are read.
 
-Reported: memory per call (RSS with every call joined against RSS before the first), growth
+Reported: memory per call (PSS with every call joined against PSS before the first), growth
 over the last ``--window`` minutes (target < 50 MB), calls dropped (target 0), replies per
 minute and the caller-side voice-to-voice.
 """
@@ -28,8 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from presence.bench.latency import QUESTIONS, Clip, ServerProcess, make_clips, pct, start_bot
-from presence.bench.longcall import join_page, make_microphone, rss_mb
+from presence.bench.latency import QUESTIONS, Clip, ServerProcess, _tree, make_clips, pct, start_bot
+from presence.bench.longcall import join_page, make_microphone
 from presence.browser import launch_chromium, make_y4m
 from presence.caller import Caller, Recorder
 from presence.clock import now
@@ -55,7 +55,7 @@ class Talker:
 @dataclass
 class Minute:
     minute: int
-    rss_mb: float
+    memory_mb: float
     server_cpu_percent: float  # of one core, the server's process tree
     machine_cpu_percent: float  # of all cores, everything on the machine
     calls_held: int  # what the server's /healthz says
@@ -66,14 +66,14 @@ class Minute:
 class Soak:
     calls: int
     minutes: float
-    idle_rss_mb: float = float("nan")
-    joined_rss_mb: float = float("nan")
+    idle_mb: float = float("nan")
+    joined_mb: float = float("nan")
     talkers: list[Talker] = field(default_factory=list)
     samples: list[Minute] = field(default_factory=list)
     video_dropped: str | None = None
 
     def per_call_mb(self) -> float:
-        return (self.joined_rss_mb - self.idle_rss_mb) / (self.calls + 1)
+        return (self.joined_mb - self.idle_mb) / (self.calls + 1)
 
     def growth(self, window: float) -> tuple[int, float]:
         """(first minute of the window, RSS growth over it in MB) from the minute samples."""
@@ -81,11 +81,24 @@ class Soak:
             return 0, float("nan")
         first = max(1, int(self.minutes - window))
         start = next((s for s in self.samples if s.minute >= first), self.samples[0])
-        return start.minute, self.samples[-1].rss_mb - start.rss_mb
+        return start.minute, self.samples[-1].memory_mb - start.memory_mb
 
     def dropped(self) -> list[str]:
         out = [f"caller {t.index}: {t.dropped}" for t in self.talkers if t.dropped]
         return out + ([f"video call: {self.video_dropped}"] if self.video_dropped else [])
+
+
+def pss_mb(server: ServerProcess) -> float:
+    """Proportional set size of the server's process tree (MB): shared pages counted once, not
+    once per worker process as a sum of RSS would."""
+    assert server.proc is not None
+    total = 0
+    for pid in _tree(server.proc.pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
 
 
 def _machine_busy() -> tuple[float, float]:
@@ -150,7 +163,7 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
     tasks: list[asyncio.Task[None]] = []
     try:
         await asyncio.sleep(5.0)  # the bot's start-up settles
-        soak.idle_rss_mb = rss_mb(bot)
+        soak.idle_mb = pss_mb(bot)
         t0 = now()
         until = t0 + args.minutes * 60
         page = await join_page(chromium, bot.url, video=True, name="soak-video")
@@ -159,9 +172,9 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
             tasks.append(asyncio.create_task(talk(bot.url, clips, soak.talkers[-1], until, t0)))
             await asyncio.sleep(1.0)
         await asyncio.sleep(30.0)
-        soak.joined_rss_mb = rss_mb(bot)
+        soak.joined_mb = pss_mb(bot)
         print(
-            f"joined: {args.calls} + 1 video, RSS {soak.idle_rss_mb:.0f} -> {soak.joined_rss_mb:.0f} MB "
+            f"joined: {args.calls} + 1 video, PSS {soak.idle_mb:.0f} -> {soak.joined_mb:.0f} MB "
             f"({soak.per_call_mb():.1f} MB per call)",
             file=sys.stderr,
         )
@@ -187,14 +200,20 @@ async def _sample_minutes(
         minute += 1
         cpu, busy, t = bot.cpu_seconds(), _machine_busy(), now()
         replies = sum(x.replies for x in soak.talkers)
-        state = "closed"
+        state = "page gone"
         with contextlib.suppress(Exception):
-            state = str(await page.evaluate("window.presence.pc && window.presence.pc.connectionState"))
+            state = str(
+                await page.evaluate(
+                    "window.presence.pc ? window.presence.pc.connectionState"
+                    " : `hung up (${window.presence.state}, ${window.presence.connection})`"
+                )
+            )
         if state != "connected" and soak.video_dropped is None:
-            soak.video_dropped = f"connection {state} at {t - t0:.0f} s"
+            soak.video_dropped = f"{state} at {t - t0:.0f} s"
+            print(f"the video call dropped: {soak.video_dropped}", file=sys.stderr)
         sample = Minute(
             minute,
-            rss_mb(bot),
+            pss_mb(bot),
             100 * (cpu - cpu_mark) / (t - t_mark),
             100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
             await _calls_held(http, bot.url),
@@ -203,7 +222,7 @@ async def _sample_minutes(
         soak.samples.append(sample)
         cpu_mark, busy_mark, t_mark, replies_mark = cpu, busy, t, replies
         print(
-            f"minute {minute}: RSS {sample.rss_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
+            f"minute {minute}: PSS {sample.memory_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
             f"of a core, machine {sample.machine_cpu_percent:.0f} %, calls held {sample.calls_held}, "
             f"replies {sample.replies}",
             file=sys.stderr,
@@ -218,17 +237,17 @@ def report(soak: Soak, window: float) -> str:
         f"soak: {soak.calls} aiortc calls + 1 Chromium video call for {soak.minutes:g} min, "
         f"machine: {os.cpu_count()} cores",
         "",
-        "| minute | server RSS MB | server CPU % of a core | machine CPU % | calls held | replies |",
+        "| minute | server PSS MB | server CPU % of a core | machine CPU % | calls held | replies |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {s.minute} | {s.rss_mb:.0f} | {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
+        f"| {s.minute} | {s.memory_mb:.0f} | {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
         f"| {s.calls_held} | {s.replies} |"
         for s in soak.samples
     ]
     lines += [
         "",
-        f"memory: {soak.idle_rss_mb:.0f} MB before the calls, {soak.joined_rss_mb:.0f} MB with all "
+        f"memory: {soak.idle_mb:.0f} MB before the calls, {soak.joined_mb:.0f} MB with all "
         f"{soak.calls + 1} joined: {soak.per_call_mb():.1f} MB per call",
         f"growth from minute {first} to minute {soak.samples[-1].minute if soak.samples else 0}: "
         f"{growth:+.0f} MB (target < {GROWTH_TARGET_MB:.0f} MB)",
