@@ -76,7 +76,7 @@ class Soak:
         return (self.joined_mb - self.idle_mb) / (self.calls + 1)
 
     def growth(self, window: float) -> tuple[int, float]:
-        """(first minute of the window, RSS growth over it in MB) from the minute samples."""
+        """(first minute of the window, memory growth over it in MB) from the minute samples."""
         if not self.samples:
             return 0, float("nan")
         first = max(1, int(self.minutes - window))
