@@ -134,8 +134,8 @@ def test_the_bots_encoder_sends_fec() -> None:
 
 
 async def test_fec_is_chosen_per_call_not_per_process() -> None:
-    """Two real aiortc calls set up side by side, one with FEC asked for and one without: each
-    sender's encoder has what its own call asked for."""
+    """Two real aiortc calls side by side, FEC asked for on one: each sender's encoder, once
+    media flows, has what its own call asked for."""
     import asyncio
 
     from aiortc.mediastreams import AudioStreamTrack
@@ -143,25 +143,29 @@ async def test_fec_is_chosen_per_call_not_per_process() -> None:
     from presence.clock import now
     from presence.signaling.rtc import new_peer_connection
 
-    async def call(loss_pct: int) -> tuple[dict[str, str], list[object]]:
-        opus_plc.set_encoder_fec(loss_pct)  # this task's calls only
+    async def call(loss_pct: int) -> tuple[dict[str, str], bool, list[object]]:
         a, b = (new_peer_connection([], ["127.0.0.1"]) for _ in range(2))
         sender = a.addTrack(AudioStreamTrack())
         await a.setLocalDescription(await a.createOffer())
         await b.setRemoteDescription(a.localDescription)
         await b.setLocalDescription(await b.createAnswer())
         await a.setRemoteDescription(b.localDescription)
+        (transceiver,) = a.getTransceivers()
+        configured = opus_plc.configure_sender(transceiver, loss_pct)
         deadline = now() + 15
-        while (encoder := getattr(sender, "_RTCRtpSender__encoder", None)) is None and now() < deadline:
+        while sender._RTCRtpSender__encoder is None and now() < deadline:  # type: ignore[attr-defined]
             await asyncio.sleep(0.05)
+        encoder = sender._RTCRtpSender__encoder  # type: ignore[attr-defined]
         assert encoder is not None, "the sender never built its encoder"
-        return dict(encoder.codec.options), [a, b]
+        await asyncio.sleep(0.3)  # frames went through it: it was kept, not replaced
+        assert sender._RTCRtpSender__encoder is encoder  # type: ignore[attr-defined]
+        return dict(encoder.codec.options), configured, [a, b]
 
-    (with_fec, pcs1), (without, pcs2) = await asyncio.gather(call(10), call(0))
+    (with_fec, on, pcs1), (without, off, pcs2) = await asyncio.gather(call(10), call(0))
     for pc in pcs1 + pcs2:
         await pc.close()  # type: ignore[attr-defined]
-    assert with_fec.get("fec") == "1" and with_fec.get("packet_loss") == "10", with_fec
-    assert "fec" not in without, without
+    assert on and with_fec.get("fec") == "1" and with_fec.get("packet_loss") == "10", with_fec
+    assert not off and "fec" not in without, without
 
 
 def test_wer_scoring() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -76,6 +77,7 @@ class ServerProcess:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.tail: collections.deque[str] = collections.deque(maxlen=2000)  # its last output lines
 
     async def start(self, marker: str, timeout: float = 180.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -95,8 +97,8 @@ class ServerProcess:
 
     async def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        while await self.proc.stdout.readline():
-            pass
+        while line := await self.proc.stdout.readline():
+            self.tail.append(line.decode(errors="replace").rstrip())
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None

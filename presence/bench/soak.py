@@ -39,6 +39,7 @@ from presence.seams import OUT_SAMPLE_RATE
 
 REPLY_TIMEOUT_S = 30.0  # a question with no reply ending by then counts as unanswered
 GROWTH_TARGET_MB = 50.0
+ENDINGS = ("removing", ": failed", ": closed", "ERROR", "Traceback")  # server lines about calls ending
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Soak:
     talkers: list[Talker] = field(default_factory=list)
     samples: list[Minute] = field(default_factory=list)
     video_dropped: str | None = None
+    server_said: list[str] = field(default_factory=list)  # its log lines about calls ending
 
     def per_call_mb(self) -> float:
         return (self.joined_mb - self.idle_mb) / (self.calls + 1)
@@ -128,7 +130,12 @@ async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t
         await asyncio.sleep(rng.uniform(0.5, 8.0))  # not all in step
         while now() < until:
             clip = clips[rng.choice(QUESTIONS)]
-            sent = await caller.say(clip.audio48, OUT_SAMPLE_RATE)
+            try:  # a dead connection never pulls the clip: do not wait on it for ever
+                sent = await asyncio.wait_for(caller.say(clip.audio48, OUT_SAMPLE_RATE), 10)
+            except TimeoutError:
+                assert caller.pc is not None
+                talker.dropped = f"connection {caller.pc.connectionState} at {now() - t0:.0f} s"
+                return
             speech_end = sent + clip.voiced_end
             try:
                 await caller.wait_event(Ev.BOT_SPEECH_END, after=speech_end, timeout=REPLY_TIMEOUT_S)
@@ -146,12 +153,19 @@ async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t
                 return
             await asyncio.sleep(rng.uniform(3.0, 8.0))
     finally:
-        await caller.hangup()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(caller.hangup(), 10)
 
 
 async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> Soak:
     soak = Soak(args.calls, args.minutes)
-    overrides = {"responder": args.responder, "greeting": "", "offer_burst": args.calls + 5}
+    # info: the server says why a call ended ("peer ... silent", "failed"), kept for the report
+    overrides = {
+        "responder": args.responder,
+        "greeting": "",
+        "offer_burst": args.calls + 5,
+        "log_level": "info",
+    }
     overrides.update(dict(kv.split("=", 1) for kv in args.set))
     bot = await start_bot(settings, **overrides)
     clips = make_clips(QUESTIONS)
@@ -180,6 +194,7 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
         )
         await _sample_minutes(soak, bot, http, page, t0, until)
         await asyncio.gather(*tasks)
+        soak.server_said = [x for x in bot.tail if any(k in x for k in ENDINGS)][-40:]
     finally:
         for task in tasks:
             task.cancel()
@@ -259,6 +274,8 @@ def report(soak: Soak, window: float) -> str:
         f"calls dropped: {len(soak.dropped())} (target 0)",
     ]
     lines += [f"  - {d}" for d in soak.dropped()]
+    if soak.server_said:
+        lines += ["", "the server on calls ending:", *(f"    {x}" for x in soak.server_said)]
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from presence.events import Ev, EventLog
 from presence.media.echo import EchoStage, ReferenceBuffer, echo_wanted
 from presence.media.inbound import AudioReader, VideoReader
 from presence.media.microturn import MicroTurnAssembler
-from presence.media.opus_plc import configure_receiver, set_encoder_fec
+from presence.media.opus_plc import LossJitterBuffer, configure_receiver, configure_sender
 from presence.media.speech import SpeechTrack
 from presence.seams import CallEvent, VideoFrame
 from presence.signaling.contract import Answer, CallRejected
@@ -51,9 +51,13 @@ class Peer:
     video: VideoReader | None = None
     channels: list[RTCDataChannel] = field(default_factory=list)
     greeted: bool = False
+    rx_buffer: LossJitterBuffer | None = None  # our jitter buffer on the audio receiver
 
     def last_heard(self) -> float:
-        return self.audio.last_frame_at if self.audio is not None else self.created
+        """When the peer last sent audio: a packet off the network (a busy machine may decode
+        it seconds later, and the peer must not be taken for gone meanwhile), else a frame."""
+        frame = self.audio.last_frame_at if self.audio is not None else self.created
+        return max(frame, self.rx_buffer.last_packet_at) if self.rx_buffer is not None else frame
 
 
 class CallSession:
@@ -149,10 +153,15 @@ class CallSession:
                 raise CallRejected(400, "no_audio", "the offer has no audio media section")
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
-                    configure_receiver(transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc)
-            set_encoder_fec(s.opus_fec_loss_pct)
+                    buffer = configure_receiver(
+                        transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc
+                    )
+                    peer.rx_buffer = peer.rx_buffer or buffer
             pc.addTrack(self.relay.subscribe(self.track, buffered=False))
             await pc.setLocalDescription(await pc.createAnswer())
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind == "audio":
+                    configure_sender(transceiver, s.opus_fec_loss_pct)
         except CallRejected:
             await self.remove_peer(peer.id, notify=False)
             raise

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import fractions
 import logging
-from contextvars import ContextVar
 from typing import Any
 
 import av
 import numpy as np
-from aiortc import RTCRtpReceiver
+from aiortc import RTCRtpReceiver, RTCRtpTransceiver
 from aiortc.codecs import base as codecs_base
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
+from presence.clock import now
 from presence.signaling.rtc import replace_jitter_buffer, set_audio_prefetch
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,6 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 else:
     _import_error = ""
 
-# Per call: aiortc builds a sender's encoder in a task started from the context that set up the
-# peer connection, so a value set before ``setLocalDescription`` reaches that call's encoder only.
-_fec_loss_pct: ContextVar[int] = ContextVar("presence_opus_fec_loss_pct", default=0)
 _installed = False
 
 
@@ -84,6 +81,9 @@ class LossJitterBuffer:
         self._top: int | None = None  # highest unwrapped sequence number seen
         self.late = 0
         self.lost = 0
+        # When the last packet came off the network: a peer is alive while packets arrive, even
+        # when the machine is too busy to decode them at once.
+        self.last_packet_at = now()
 
     def _unwrap(self, seq: int) -> int:
         if self._top is None:
@@ -92,6 +92,7 @@ class LossJitterBuffer:
         return self._top + (delta - 0x10000 if delta >= 0x8000 else delta)
 
     def add(self, packet: RtpPacket) -> tuple[bool, LossFrame | None]:
+        self.last_packet_at = now()
         seq = self._unwrap(packet.sequence_number)
         if self._top is not None and abs(seq - self._top) > 1000:  # the sender restarted
             self._held.clear()
@@ -179,46 +180,52 @@ def fec_encoder(loss_pct: int) -> OpusEncoder:
 
 
 def _install() -> None:
-    """Wrap aiortc's codec factories (once per process)."""
+    """Wrap aiortc's decoder factory (once per process)."""
     global _installed
     if _installed:
         return
     import aiortc.rtcrtpreceiver as receiver_module
-    import aiortc.rtcrtpsender as sender_module
 
     original_decoder = receiver_module.get_decoder
-    original_encoder = sender_module.get_encoder
 
     def get_decoder(codec: Any) -> codecs_base.Decoder:
         if codec.mimeType.lower() == "audio/opus" and _opus is not None:
             return ConcealingOpusDecoder()
         return original_decoder(codec)
 
-    def get_encoder(codec: Any) -> codecs_base.Encoder:
-        loss_pct = _fec_loss_pct.get()
-        if codec.mimeType.lower() == "audio/opus" and loss_pct > 0:
-            return fec_encoder(loss_pct)
-        return original_encoder(codec)
-
     receiver_module.get_decoder = get_decoder
-    sender_module.get_encoder = get_encoder
     _installed = True
 
 
-def set_encoder_fec(loss_pct: int) -> None:
-    """In-band FEC on the opus encoders aiortc builds for peer connections set up from here on
-    in the current context (the calling task and the tasks it starts); 0: off."""
-    _fec_loss_pct.set(max(0, min(100, int(loss_pct))))
-    _install()
+def configure_sender(transceiver: RTCRtpTransceiver, loss_pct: int) -> bool:
+    """In-band FEC for an expected loss of ``loss_pct`` % on this transceiver's opus encoder
+    (this call only). Call it after the answer, before media flows: aiortc builds a sender's
+    encoder at its first frame and keeps one already there. False: no opus, FEC off, or an
+    aiortc whose sender no longer looks as expected."""
+    codecs = getattr(transceiver, "_codecs", None) or []
+    if loss_pct <= 0 or not codecs or codecs[0].mimeType.lower() != "audio/opus":
+        return False
+    sender = transceiver.sender
+    if getattr(sender, "_RTCRtpSender__encoder", "missing") is not None:
+        log.warning("aiortc's sender has no unset encoder to preset: no opus FEC on this call")
+        return False
+    sender._RTCRtpSender__encoder = fec_encoder(min(100, int(loss_pct)))  # type: ignore[attr-defined]
+    return True
 
 
-def configure_receiver(receiver: RTCRtpReceiver, prefetch: int, conceal: bool = True) -> None:
+def configure_receiver(
+    receiver: RTCRtpReceiver, prefetch: int, conceal: bool = True
+) -> LossJitterBuffer | None:
     """Set an audio receiver's playout wait to ``prefetch`` packets and, with ``conceal``, step
-    over lost packets and fill them (FEC, then PLC); without it aiortc's own buffer stays."""
+    over lost packets and fill them (FEC, then PLC); without it aiortc's own buffer stays.
+    Returns the buffer put in (it knows when the last packet arrived), or None."""
     if not conceal:
         set_audio_prefetch(receiver, prefetch)
-        return
-    if replace_jitter_buffer(receiver, LossJitterBuffer(prefetch)):
-        if _opus is None:
-            log.warning("libopus not found (%s): lost packets stay gaps", _import_error)
-        _install()
+        return None
+    buffer = LossJitterBuffer(prefetch)
+    if not replace_jitter_buffer(receiver, buffer):
+        return None
+    if _opus is None:
+        log.warning("libopus not found (%s): lost packets stay gaps", _import_error)
+    _install()
+    return buffer
