@@ -175,7 +175,9 @@ def fec_encoder(loss_pct: int) -> OpusEncoder:
     """aiortc's opus encoder with libopus' in-band FEC for an expected loss of ``loss_pct``."""
     encoder = OpusEncoder()
     if loss_pct > 0:
+        # FFmpeg takes these when the codec opens (at the first frame) and empties the dict
         encoder.codec.options = {**encoder.codec.options, "fec": "1", "packet_loss": str(int(loss_pct))}
+    encoder.fec_loss_pct = loss_pct  # type: ignore[attr-defined]  # what it was built for, to check
     return encoder
 
 
