@@ -106,22 +106,18 @@ class Recorder:
             while True:
                 frame = await track.recv()
                 t = now()
-                if not self.keep_audio:  # only the voiced times: skip the resampling
-                    self.frames += 1
-                    if np.abs(frame.to_ndarray()).max(initial=0) > 0.01 * 32768:
-                        self.voiced.append(t)
-                        self.last_voiced_at = t
-                        self.first_voiced_at = self.first_voiced_at or t
-                    continue
-                audio = self._resample(frame)
                 self.frames += 1
-                start = int((t - self.t0) * self.rate) - audio.size
-                if start > self._cursor + int(0.06 * self.rate):
-                    self._cursor = start  # a real gap in arrival
                 if self.keep_audio:
+                    audio = self._resample(frame)
+                    start = int((t - self.t0) * self.rate) - audio.size
+                    if start > self._cursor + int(0.06 * self.rate):
+                        self._cursor = start  # a real gap in arrival
                     self._chunks.append((self._cursor, audio))
-                self._cursor += audio.size
-                if np.abs(audio).max(initial=0.0) > 0.01:
+                    self._cursor += audio.size
+                    level = float(np.abs(audio).max(initial=0.0))
+                else:  # only the voiced times: no resampling
+                    level = float(np.abs(frame.to_ndarray().astype(np.float32)).max(initial=0.0)) / 32768
+                if level > 0.01:
                     self.voiced.append(t)
                     self.last_voiced_at = t
                     if self.first_voiced_at is None:

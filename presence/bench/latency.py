@@ -110,6 +110,19 @@ class ServerProcess:
                 total += (int(fields[11]) + int(fields[12])) / tick
         return total
 
+    def memory_mb(self, pss: bool = False) -> float:
+        """Memory of the process tree in MB: summed RSS, or with ``pss`` the proportional set
+        size (shared pages counted once, not once per worker process)."""
+        assert self.proc is not None
+        path, key = ("smaps_rollup", "Pss:") if pss else ("status", "VmRSS:")
+        total = 0
+        for pid in _tree(self.proc.pid):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+                    if line.startswith(key):
+                        total += int(line.split()[1])
+        return total / 1024
+
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from presence.bench.latency import ServerProcess, _tree, make_clips, pct, start_bot
+from presence.bench.latency import make_clips, pct, start_bot
 from presence.browser import launch_chromium, make_y4m
 from presence.clock import now
 from presence.config import Settings
@@ -118,17 +118,6 @@ async def join_page(
     await page.click("#join")
     await page.wait_for_function(CONNECTED, timeout=30_000)
     return page
-
-
-def rss_mb(server: ServerProcess) -> float:
-    assert server.proc is not None
-    total = 0
-    for pid in _tree(server.proc.pid):
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total / 1024
 
 
 def _flat(msg: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +212,7 @@ async def run_call(settings: Settings, args: argparse.Namespace, work: Path) -> 
                 _take(call, msg, pending, questions)
             if now() - t_mark >= 60:
                 cpu, t = bot.cpu_seconds(), now()
-                sample = Sample(len(call.samples), rss_mb(bot), 100 * (cpu - cpu_mark) / (t - t_mark))
+                sample = Sample(len(call.samples), bot.memory_mb(), 100 * (cpu - cpu_mark) / (t - t_mark))
                 call.samples.append(sample)
                 cpu_mark, t_mark = cpu, t
                 print(

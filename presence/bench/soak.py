@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from presence.bench.latency import QUESTIONS, Clip, ServerProcess, _tree, make_clips, pct, start_bot
+from presence.bench.latency import QUESTIONS, Clip, ServerProcess, make_clips, pct, start_bot
 from presence.bench.longcall import join_page, make_microphone
 from presence.browser import launch_chromium, make_y4m
 from presence.caller import Caller, Recorder
@@ -90,19 +90,6 @@ class Soak:
         return out + ([f"video call: {self.video_dropped}"] if self.video_dropped else [])
 
 
-def pss_mb(server: ServerProcess) -> float:
-    """Proportional set size of the server's process tree (MB): shared pages counted once, not
-    once per worker process as a sum of RSS would."""
-    assert server.proc is not None
-    total = 0
-    for pid in _tree(server.proc.pid):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-    return total / 1024
-
-
 def _machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all cores since boot, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -115,6 +102,10 @@ async def _calls_held(session: aiohttp.ClientSession, url: str) -> int:
         async with session.get(url + "/healthz") as resp:
             return int((await resp.json())["calls"])
     return -1
+
+
+def _gone(caller: Caller, t0: float) -> str:
+    return f"connection {caller.pc.connectionState if caller.pc else 'none'} at {now() - t0:.0f} s"
 
 
 async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t0: float) -> None:
@@ -133,8 +124,7 @@ async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t
             try:  # a dead connection never pulls the clip: do not wait on it for ever
                 sent = await asyncio.wait_for(caller.say(clip.audio48, OUT_SAMPLE_RATE), 10)
             except TimeoutError:
-                assert caller.pc is not None
-                talker.dropped = f"connection {caller.pc.connectionState} at {now() - t0:.0f} s"
+                talker.dropped = _gone(caller, t0)
                 return
             speech_end = sent + clip.voiced_end
             try:
@@ -147,9 +137,8 @@ async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t
                 talker.unanswered += 1
             caller.inbox.events.clear()  # a long call's events are not kept
             del caller.recorder.voiced[:]
-            assert caller.pc is not None
-            if caller.pc.connectionState != "connected":
-                talker.dropped = f"connection {caller.pc.connectionState} at {now() - t0:.0f} s"
+            if caller.pc is None or caller.pc.connectionState != "connected":
+                talker.dropped = _gone(caller, t0)
                 return
             await asyncio.sleep(rng.uniform(3.0, 8.0))
     finally:
@@ -177,7 +166,7 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
     tasks: list[asyncio.Task[None]] = []
     try:
         await asyncio.sleep(5.0)  # the bot's start-up settles
-        soak.idle_mb = pss_mb(bot)
+        soak.idle_mb = bot.memory_mb(pss=True)
         t0 = now()
         until = t0 + args.minutes * 60
         page = await join_page(chromium, bot.url, video=True, name="soak-video")
@@ -186,7 +175,7 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
             tasks.append(asyncio.create_task(talk(bot.url, clips, soak.talkers[-1], until, t0)))
             await asyncio.sleep(1.0)
         await asyncio.sleep(30.0)
-        soak.joined_mb = pss_mb(bot)
+        soak.joined_mb = bot.memory_mb(pss=True)
         print(
             f"joined: {args.calls} + 1 video, PSS {soak.idle_mb:.0f} -> {soak.joined_mb:.0f} MB "
             f"({soak.per_call_mb():.1f} MB per call)",
@@ -228,7 +217,7 @@ async def _sample_minutes(
             print(f"the video call dropped: {soak.video_dropped}", file=sys.stderr)
         sample = Minute(
             minute,
-            pss_mb(bot),
+            bot.memory_mb(pss=True),
             100 * (cpu - cpu_mark) / (t - t_mark),
             100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
             await _calls_held(http, bot.url),

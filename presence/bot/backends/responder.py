@@ -166,10 +166,6 @@ class OpenAIResponder:
         self.temperature = temperature
         self.client = openai_client(self.base_url, api_key, connect_timeout_s, read_timeout_s)
 
-    @property
-    def url(self) -> str:
-        return f"{self.base_url}/chat/completions"
-
     async def prefill(self, messages: Sequence[ChatMessage]) -> None:
         return None  # a remote server keeps its own cache
 
