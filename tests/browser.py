@@ -8,13 +8,13 @@ under ``CI=true`` where a missing browser is a failure.
 
 from __future__ import annotations
 
-import os
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need
 
 from presence import browser as _browser
 from presence.browser import BASE_ARGS, CHROMIUM, Chromium, chromium_args, make_y4m
@@ -35,10 +35,7 @@ __all__ = [
 def require_chromium() -> Path:
     """The Chromium binary; skips the calling test when absent, fails instead under CI=true."""
     problem = _browser.chromium_problem()
-    if problem is not None:
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
+    need(problem is None, problem or "")
     return CHROMIUM
 
 
