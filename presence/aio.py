@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a producer waiting for queue room re-checks the stop flag
 
@@ -31,6 +35,23 @@ class _Raised:
 
 
 _DONE = _Done()
+
+_media: ThreadPoolExecutor | None = None
+_media_lock = threading.Lock()
+
+
+def media_executor() -> ThreadPoolExecutor:
+    """The process's executor for per-frame media work (resampling, echo cancellation, VAD).
+
+    Apart from the loop's default executor, where a turn's blocking calls (ASR, TTS, an LLM)
+    hold threads for hundreds of milliseconds: frames queued behind them arrive late for
+    every call. One thread per core: this work is short and never waits on anything.
+    """
+    global _media
+    with _media_lock:
+        if _media is None:
+            _media = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="presence-media")
+        return _media
 
 
 async def iterate_in_thread(
@@ -104,7 +125,48 @@ async def iterate_in_thread(
         room.release()  # wake a producer waiting for room so it sees the flag at once
 
 
-async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in the loop's default executor and await its result."""
+async def run_blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """Run ``fn(*args)`` in ``executor`` (the loop's default one if None) and await its result."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, functools.partial(fn, *args))
+    return await loop.run_in_executor(executor, functools.partial(fn, *args))
+
+
+async def watch_loop_lag(
+    observe: Callable[[float], None], every_s: float = 0.1, warn_s: float = 0.5, quiet_s: float = 30.0
+) -> None:
+    """Sleep ``every_s`` again and again and observe how late each wake-up came.
+
+    A starved loop answers nothing on time: the ICE consent checks of every call (aioice waits
+    500 ms for an answer) fail, and six in a row end the call. Lags past ``warn_s`` are logged,
+    at most once per ``quiet_s``, with the worst lag since the last warning.
+    """
+    loop = asyncio.get_running_loop()
+    worst, warned = 0.0, float("-inf")
+    while True:
+        t = loop.time()
+        await asyncio.sleep(every_s)
+        lag = max(0.0, loop.time() - t - every_s)
+        observe(lag)
+        worst = max(worst, lag)
+        if worst > warn_s and loop.time() - warned > quiet_s:
+            log.warning("event loop lag %.2f s: the process has more work than it keeps up with", worst)
+            worst, warned = 0.0, loop.time()
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: str = "uvloop") -> T:
+    """``asyncio.run`` on the chosen loop; uvloop where it is installed (not on Windows).
+
+    Why uvloop for a media server: asyncio's datagram transport reads one datagram per socket
+    per loop iteration. With ten calls on two cores an iteration took longer than the 20 ms
+    between a caller's packets, so their sockets filled in the kernel, the STUN answers queued
+    behind seconds of audio, and aioice ended call after call when consent checks timed out.
+    libuv reads up to 32 per wake-up.
+    """
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: running on asyncio's own loop")
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

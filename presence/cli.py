@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from presence import __version__, malloc
+from presence import __version__, aio, malloc
 from presence.config import Settings
 
 log = logging.getLogger("presence")
@@ -95,12 +95,16 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    trimmer = asyncio.create_task(malloc.trim_periodically())
+    background = [
+        asyncio.create_task(malloc.trim_periodically()),
+        asyncio.create_task(aio.watch_loop_lag(metrics.loop_lag.observe)),
+    ]
     try:
         await stop.wait()
     finally:
         print("shutting down...", flush=True)
-        trimmer.cancel()
+        for task in background:
+            task.cancel()
         await runner.cleanup()
 
 
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             settings = Settings.from_args(args)
             _logging(settings.log_level)
-            asyncio.run(serve(settings))
+            aio.run(serve(settings), settings.event_loop)
             return 0
         if args.command == "call":
             _logging(args.log_level)

@@ -162,6 +162,7 @@ class Settings:
     # --- backends
     vad: str = _opt("silero", "voice activity detector", choices=("silero", "energy"))
     asr: str = _opt("pocketsphinx", "streaming ASR for partials", choices=("pocketsphinx", "none"))
+    asr_workers: int = _opt(2, "worker processes of the streaming ASR; calls are spread over them")
     echo_cancel: str = _opt(
         "auto",
         "server-side echo cancellation of each caller's audio before VAD and ASR: on (phone-style "
@@ -228,6 +229,13 @@ class Settings:
     )
     web_search_url: str = _opt("", "HTTP search API for the search job (empty = local documents only)")
     job_timeout_s: float = _opt(20.0, "deadline of one background job")
+    # --- process
+    event_loop: str = _opt(
+        "uvloop",
+        "event loop of presence serve: uvloop reads up to 32 datagrams per socket per wake-up, "
+        "asyncio's one; on a busy loop that queues media in the kernel until ICE consent expires",
+        choices=("uvloop", "asyncio"),
+    )
     # --- logging
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 

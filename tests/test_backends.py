@@ -794,7 +794,7 @@ def test_build_backends_defaults() -> None:
     assert backends.asr_factory is not None
     stream = backends.asr_factory()
     assert isinstance(stream, RemoteStream) and isinstance(stream, StreamingASR)
-    assert backends.asr_factory.args[0].factory_path.endswith(":PocketsphinxStreamingASR")  # type: ignore[attr-defined]
+    assert backends.asr_factory.factory_path.endswith(":PocketsphinxStreamingASR")  # type: ignore[attr-defined]
     assert isinstance(backends.transcriber, WhisperTranscriber)
     assert isinstance(backends.tts, PiperTTS)
     if _under_ci():
@@ -884,3 +884,28 @@ async def test_warm_up_default_backends() -> None:
     timings = await warm_up(backends)
     assert {"vad", "transcriber", "tts"} <= set(timings)
     assert any(name.startswith("responder:") for name in timings)
+
+
+def test_asr_pool_spreads_streams_over_its_worker_processes() -> None:
+    """Each call's stream goes to the worker process with fewest open streams, and keeps it."""
+    from presence.bot.backends.isolated import HostPool
+
+    pool = HostPool(
+        "presence.bot.backends.asr:PocketsphinxStreamingASR", 2, ("load", "start", "accept", "finish")
+    )
+    try:
+        first, second = pool(), pool()
+        assert first._host is not second._host
+        for stream in (first, second):
+            stream.start()  # type: ignore[attr-defined]
+            stream.accept(np.zeros(3200, dtype=np.float32))  # type: ignore[attr-defined]
+            assert stream.finish().final  # type: ignore[attr-defined]
+        pids = {host._proc.pid for host in pool.hosts if host._proc is not None}
+        assert len(pids) == 2, "two streams, two worker processes"
+        first.close()
+        third = pool()  # the freed process takes the next call
+        assert third._host is first._host
+        third.close()
+        second.close()
+    finally:
+        pool.shutdown()

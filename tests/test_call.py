@@ -332,7 +332,7 @@ async def test_asr_worker_dying_mid_call_loses_no_turn(bot: BotServer, speech, b
     try:
         await caller.say(hello, SR_OUT)
         await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=10)
-        host = backends.asr_factory.args[0]  # the ProcessHost behind the streaming ASR
+        host = _session(bot).engine._asr._host  # the worker process behind this call's streaming ASR
         for _ in range(200):
             if host._proc is not None:
                 break

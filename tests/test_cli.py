@@ -122,3 +122,18 @@ def test_settings_shown_in_logs_mask_secrets_and_url_passwords() -> None:
     assert shown["redis_url"] == "redis://:***@10.0.0.5:6379/0"
     assert "hunter2" not in repr(shown) and "s3cret" not in repr(shown)
     assert shown["host"] == settings.host  # everything else as it is
+
+
+@pytest.mark.parametrize(("choice", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_serve_runs_on_the_chosen_event_loop(choice: str, module: str) -> None:
+    """uvloop by default: it reads many datagrams per wake-up (see presence.aio.run)."""
+    import asyncio
+
+    from presence import aio
+    from presence.config import Settings
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert Settings().event_loop == "uvloop"
+    assert aio.run(loop_module(), choice) == module

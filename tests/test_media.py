@@ -222,3 +222,71 @@ def test_freed_video_frames_go_back_to_the_system_once_the_allocator_is_tuned(mo
         assert held - after < 30, (held, after)
     else:
         assert held - after > 70, (held, after)
+
+
+class _ListTrack:
+    """A received audio track that has ``n`` 20 ms frames ready at once, then ends."""
+
+    kind = "audio"
+
+    def __init__(self, n: int) -> None:
+        self.n, self.k = n, 0
+
+    async def recv(self):  # type: ignore[no-untyped-def]
+        from aiortc.mediastreams import MediaStreamError
+
+        from presence.media.audio import make_frame
+
+        if self.k >= self.n:
+            raise MediaStreamError
+        samples = FRAME_OUT  # 20 ms at 48 kHz
+        audio = 0.3 * np.sin(np.arange(samples) * 2 * np.pi * 220 / 48_000).astype(np.float32)
+        self.k += 1
+        return make_frame(audio, (self.k - 1) * samples)
+
+
+async def test_reader_keeps_draining_the_track_while_scoring_waits() -> None:
+    """Scoring waits for a busy executor; the reader still takes every frame off the track
+    (aiortc's queue would grow) and the scorer then catches up in a batch, in order, losing nothing."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from presence.bot.backends.vad import SileroVAD
+    from presence.media.inbound import AudioReader
+
+    executor = ThreadPoolExecutor(1)
+    gate = threading.Event()
+    executor.submit(gate.wait, 30)  # the executor's only thread is busy elsewhere
+    pushed: list[int] = []
+
+    class Buffer(FrameBuffer):
+        def push(self, audio, vad=None, arrival=None, pos=None):  # type: ignore[no-untyped-def]
+            pushed.append(int(pos))  # type: ignore[arg-type]
+            super().push(audio, vad, arrival, pos)
+
+    reader = AudioReader(
+        "caller", _ListTrack(50), Buffer(0.2), SileroVAD(), lambda *_: None, executor=executor
+    )  # type: ignore[arg-type]
+    batches = 0
+    process = reader._process
+
+    def counting(batch):  # type: ignore[no-untyped-def]
+        nonlocal batches
+        batches += 1
+        return process(batch)
+
+    reader._process = counting  # type: ignore[method-assign]
+    reader.start()
+    for _ in range(100):
+        if reader.frames_in == 50:
+            break
+        await asyncio.sleep(0.01)
+    assert reader.frames_in == 50 and not pushed, "the reader waited for the scorer"
+    gate.set()
+    assert reader._task is not None
+    await asyncio.wait_for(reader._task, 30)
+    chunk = reader.vad.chunk_samples
+    assert pushed == [i * chunk for i in range(50 * 320 // chunk)]  # every whole chunk, in order
+    assert batches <= 2  # one call for the backlog (and perhaps the first frame's)
+    executor.shutdown()

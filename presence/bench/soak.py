@@ -28,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from presence import aio
+from presence.aio import watch_loop_lag
 from presence.bench.latency import QUESTIONS, Clip, ServerProcess, make_clips, pct, start_bot
 from presence.bench.longcall import join_page, make_microphone
 from presence.browser import launch_chromium, make_y4m
@@ -39,7 +41,8 @@ from presence.seams import OUT_SAMPLE_RATE
 
 REPLY_TIMEOUT_S = 30.0  # a question with no reply ending by then counts as unanswered
 GROWTH_TARGET_MB = 50.0
-ENDINGS = ("removing", ": failed", ": closed", "ERROR", "Traceback")  # server lines about calls ending
+# server lines about calls ending, and about its loop falling behind (which ends them)
+ENDINGS = ("removing", ": failed", ": closed", "ERROR", "Traceback", "event loop lag")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Minute:
     machine_cpu_percent: float  # of all cores, everything on the machine
     calls_held: int  # what the server's /healthz says
     replies: int  # replies finished by the aiortc callers during the minute
+    caller_lag_s: float  # the callers' own event loop: its worst lag in the minute
 
 
 @dataclass
@@ -172,7 +176,9 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
         page = await join_page(chromium, bot.url, video=True, name="soak-video")
         for i in range(args.calls):
             soak.talkers.append(Talker(i))
-            tasks.append(asyncio.create_task(talk(bot.url, clips, soak.talkers[-1], until, t0)))
+            tasks.append(
+                asyncio.create_task(talk(bot.url, clips, soak.talkers[-1], until, t0), name=f"caller {i}")
+            )
             await asyncio.sleep(1.0)
         await asyncio.sleep(30.0)
         soak.joined_mb = bot.memory_mb(pss=True)
@@ -182,16 +188,27 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
             file=sys.stderr,
         )
         await _sample_minutes(soak, bot, http, page, t0, until)
-        await asyncio.gather(*tasks)
+        # a question asked just before the end still gets its reply; nothing waits longer than that
+        await asyncio.wait(tasks, timeout=REPLY_TIMEOUT_S + 30)
         soak.server_said = [x for x in bot.tail if any(k in x for k in ENDINGS)][-40:]
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _finish(tasks)
         await http.close()
         await chromium.close()
         await bot.stop()
     return soak
+
+
+async def _finish(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the callers still running; name any that ignores it (the run ends regardless)."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=15)
+    for task in stuck:
+        print(f"a caller did not stop when cancelled: {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
 
 
 async def _sample_minutes(
@@ -199,38 +216,46 @@ async def _sample_minutes(
 ) -> None:
     cpu_mark, busy_mark, t_mark, replies_mark = bot.cpu_seconds(), _machine_busy(), now(), 0
     minute = 0
-    while now() < until - 1.0:
-        await asyncio.sleep(max(0.0, min(t0 + 60 * (minute + 1), until) - now()))
-        minute += 1
-        cpu, busy, t = bot.cpu_seconds(), _machine_busy(), now()
-        replies = sum(x.replies for x in soak.talkers)
-        state = "page gone"
-        with contextlib.suppress(Exception):
-            state = str(
-                await page.evaluate(
-                    "window.presence.pc ? window.presence.pc.connectionState"
-                    " : `hung up (${window.presence.state}, ${window.presence.connection})`"
+    # The aiortc callers share this process: a starved loop here fails calls as surely as the server's.
+    lags: list[float] = []
+    watcher = asyncio.create_task(watch_loop_lag(lags.append))
+    try:
+        while now() < until - 1.0:
+            await asyncio.sleep(max(0.0, min(t0 + 60 * (minute + 1), until) - now()))
+            minute += 1
+            cpu, busy, t = bot.cpu_seconds(), _machine_busy(), now()
+            replies = sum(x.replies for x in soak.talkers)
+            state = "page gone"
+            with contextlib.suppress(Exception):
+                state = str(
+                    await page.evaluate(
+                        "window.presence.pc ? window.presence.pc.connectionState"
+                        " : `hung up (${window.presence.state}, ${window.presence.connection})`"
+                    )
                 )
+            if state != "connected" and soak.video_dropped is None:
+                soak.video_dropped = f"{state} at {t - t0:.0f} s"
+                print(f"the video call dropped: {soak.video_dropped}", file=sys.stderr)
+            sample = Minute(
+                minute,
+                bot.memory_mb(pss=True),
+                100 * (cpu - cpu_mark) / (t - t_mark),
+                100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
+                await _calls_held(http, bot.url),
+                replies - replies_mark,
+                max(lags, default=0.0),
             )
-        if state != "connected" and soak.video_dropped is None:
-            soak.video_dropped = f"{state} at {t - t0:.0f} s"
-            print(f"the video call dropped: {soak.video_dropped}", file=sys.stderr)
-        sample = Minute(
-            minute,
-            bot.memory_mb(pss=True),
-            100 * (cpu - cpu_mark) / (t - t_mark),
-            100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
-            await _calls_held(http, bot.url),
-            replies - replies_mark,
-        )
-        soak.samples.append(sample)
-        cpu_mark, busy_mark, t_mark, replies_mark = cpu, busy, t, replies
-        print(
-            f"minute {minute}: PSS {sample.memory_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
-            f"of a core, machine {sample.machine_cpu_percent:.0f} %, calls held {sample.calls_held}, "
-            f"replies {sample.replies}",
-            file=sys.stderr,
-        )
+            lags.clear()
+            soak.samples.append(sample)
+            cpu_mark, busy_mark, t_mark, replies_mark = cpu, busy, t, replies
+            print(
+                f"minute {minute}: PSS {sample.memory_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
+                f"of a core, machine {sample.machine_cpu_percent:.0f} %, calls held {sample.calls_held}, "
+                f"replies {sample.replies}, callers' loop lag max {sample.caller_lag_s:.2f} s",
+                file=sys.stderr,
+            )
+    finally:
+        watcher.cancel()
 
 
 def report(soak: Soak, window: float) -> str:
@@ -241,12 +266,13 @@ def report(soak: Soak, window: float) -> str:
         f"soak: {soak.calls} aiortc calls + 1 Chromium video call for {soak.minutes:g} min, "
         f"machine: {os.cpu_count()} cores",
         "",
-        "| minute | server PSS MB | server CPU % of a core | machine CPU % | calls held | replies |",
-        "|---|---|---|---|---|---|",
+        "| minute | server PSS MB | server CPU % of a core | machine CPU % | calls held | replies "
+        "| callers' loop lag max s |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {s.minute} | {s.memory_mb:.0f} | {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
-        f"| {s.calls_held} | {s.replies} |"
+        f"| {s.calls_held} | {s.replies} | {s.caller_lag_s:.2f} |"
         for s in soak.samples
     ]
     lines += [
@@ -302,4 +328,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.calls < 1 or args.minutes <= 0:
         parser.error("--calls must be at least 1 and --minutes positive")
-    return asyncio.run(run(args))
+    return aio.run(run(args))  # ten aiortc callers in one process: the same datagram reads as the server

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from difflib import SequenceMatcher
 from typing import Literal
 
@@ -60,6 +61,8 @@ class ASRFeed:
     ) -> None:
         self.call_id = call_id
         self.asr = asr
+        # a backend hosted in a worker process names its own executor (isolated.RemoteStream)
+        self._executor: Executor | None = getattr(asr, "executor", None)
         self.fallback = fallback  # the whole-turn transcription, when the ASR cannot answer
         self.on_partial = on_partial
         self.max_backlog = max_backlog
@@ -117,6 +120,11 @@ class ASRFeed:
                 self._wake.clear()
                 await self._wake.wait()
             kind, payload = self._items.popleft()
+            if kind == "audio":  # what piled up goes in one call: one round trip, not one per chunk
+                parts = [payload]
+                while self._items and self._items[0][0] == "audio":
+                    parts.append(self._items.popleft()[1])
+                payload = parts[0] if len(parts) == 1 else np.concatenate(parts)  # type: ignore[arg-type]
             try:
                 await self._step(kind, payload)
             except Exception:
@@ -133,7 +141,7 @@ class ASRFeed:
                 self._prefix, context = payload, []
             self._started = True
             if asr is not None:
-                await run_blocking(asr.start)
+                await run_blocking(asr.start, executor=self._executor)
                 for chunk in context:
                     await self._step("audio", chunk)
         elif kind == "audio":
@@ -141,19 +149,19 @@ class ASRFeed:
                 return
             assert isinstance(payload, np.ndarray)
             self._context.push(payload)
-            partial = await run_blocking(asr.accept, payload)
+            partial = await run_blocking(asr.accept, payload, executor=self._executor)
             if partial is not None and partial.text:
                 self.on_partial(self._join(partial.text))
         elif kind == "drop":
             if self._started and asr is not None:
-                await run_blocking(asr.finish)
+                await run_blocking(asr.finish, executor=self._executor)
             self._started, self._prefix = False, ""
         elif kind == "finish":
             text = self._prefix
             if self._started:
                 self._started = False
                 if asr is not None:
-                    text = self._join((await run_blocking(asr.finish)).text)
+                    text = self._join((await run_blocking(asr.finish, executor=self._executor)).text)
                 else:
                     text = await self.fallback()
             self._prefix = text.strip()

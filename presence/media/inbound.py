@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from presence.aio import media_executor
 from presence.clock import now
 from presence.media.audio import FrameResampler
 from presence.media.microturn import FrameBuffer
@@ -53,7 +55,22 @@ class _Reader:
             self._task = None
 
 
+_END = (None, 0.0)  # queued by the reader after the track's last frame
+
+
 class AudioReader(_Reader):
+    """Reads one caller's audio track; scores it in batches off the loop.
+
+    Reading and scoring are two tasks: the reader only takes frames off aiortc's queue (which
+    grows without bound when nobody reads it) and stamps their arrival; the scorer hands
+    whatever has piled up since its last round to one executor call (resampling, echo
+    cancellation, VAD). One round trip per frame through a shared executor fell 14 s behind
+    with ten calls on two cores, the caller heard late and stamped late; in batches the
+    scorer catches up by itself. Frames older than ``MAX_BACKLOG_S`` give way (and are counted).
+    """
+
+    MAX_BACKLOG_S = 2.0
+
     def __init__(
         self,
         participant: str,
@@ -69,48 +86,97 @@ class AudioReader(_Reader):
         self.buffer = buffer
         self.vad = vad
         self.on_voice = on_voice
-        self.executor = executor
+        self.executor = executor or media_executor()
         self.echo = echo  # the bot's own voice is taken out before the VAD and ASR hear it
         self.frames_in = 0
+        self.dropped = 0  # frames that waited longer than MAX_BACKLOG_S and were let go
         self.last_frame_at = now()
+        self._frames: deque[tuple[av.AudioFrame | None, float]] = deque()
+        self._ready = asyncio.Event()
+        # scorer state, touched only inside one executor call at a time
         self._resample = FrameResampler()
         self._pending = np.zeros(0, dtype=np.float32)
+        self._pending_pos = 0  # stream position (16 kHz samples) of self._pending[0]
+        self._first_pts: int | None = None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        chunk = self.vad.chunk_samples
-        first_pts: int | None = None
-        pending_pos = 0  # stream position (16 kHz samples) of self._pending[0]
+        scorer = asyncio.create_task(self._score(), name=f"AudioScorer-{self.participant}")
         try:
             while True:
                 frame = await self.track.recv()
                 arrival = self.last_frame_at = now()
                 self.frames_in += 1
-                audio = self._resample(frame)
-                # RTP timestamps place the frame in the stream; a jump is packet loss.
-                pos = pending_pos + self._pending.size
-                if frame.pts is not None and frame.time_base is not None:
-                    if first_pts is None:
-                        first_pts = frame.pts
-                    stamped = round((frame.pts - first_pts) * frame.time_base * SAMPLE_RATE)
-                    if abs(stamped - pos) > FRAME_SAMPLES // 2:
-                        self._pending, pending_pos, pos = np.zeros(0, dtype=np.float32), stamped, stamped
-                if self.echo is not None and audio.size:
-                    audio = await loop.run_in_executor(self.executor, self.echo.process, audio, pos, arrival)
-                self._pending = np.concatenate((self._pending, audio))
-                # Score whole VAD chunks before queueing, so each frame carries a fresh probability.
-                while self._pending.size >= chunk:
-                    piece, self._pending = self._pending[:chunk], self._pending[chunk:]
-                    prob = await loop.run_in_executor(self.executor, self.vad.probability, piece)
-                    self.buffer.push(piece, prob, arrival, pending_pos)
-                    pending_pos += chunk
-                    self.on_voice(self.participant, prob, now(), piece)
+                while self._frames and arrival - self._frames[0][1] > self.MAX_BACKLOG_S:
+                    self._frames.popleft()
+                    self.dropped += 1
+                    if self.dropped in (1, 100) or self.dropped % 1000 == 0:
+                        log.warning(
+                            "audio of %s: scoring behind, %d frames dropped", self.participant, self.dropped
+                        )
+                self._frames.append((frame, arrival))
+                self._ready.set()
         except MediaStreamError:
             log.debug("audio track of %s ended", self.participant)
+            self._frames.append(_END)  # what arrived before the end is still scored
+            self._ready.set()
+            await scorer
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("audio reader of %s failed", self.participant)
+        finally:
+            scorer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scorer
+
+    async def _score(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._frames:
+                self._ready.clear()
+                await self._ready.wait()
+            batch = list(self._frames)
+            self._frames.clear()
+            ended = batch[-1] is _END
+            if ended:
+                batch.pop()
+            try:
+                scored = await loop.run_in_executor(self.executor, self._process, batch)
+            except Exception:
+                log.exception("audio scoring of %s failed", self.participant)
+                scored = []
+            for piece, prob, arrival, pos in scored:
+                self.buffer.push(piece, prob, arrival, pos)
+                self.on_voice(self.participant, prob, now(), piece)
+            if ended:
+                return
+
+    def _process(
+        self, batch: list[tuple[av.AudioFrame | None, float]]
+    ) -> list[tuple[np.ndarray, float, float, int]]:
+        """Blocking: resample, cancel echo and score whole VAD chunks, in arrival order."""
+        out = []
+        chunk = self.vad.chunk_samples
+        for frame, arrival in batch:
+            assert frame is not None
+            audio = self._resample(frame)
+            # RTP timestamps place the frame in the stream; a jump is packet loss.
+            pos = self._pending_pos + self._pending.size
+            if frame.pts is not None and frame.time_base is not None:
+                if self._first_pts is None:
+                    self._first_pts = frame.pts
+                stamped = round((frame.pts - self._first_pts) * frame.time_base * SAMPLE_RATE)
+                if abs(stamped - pos) > FRAME_SAMPLES // 2:
+                    self._pending, self._pending_pos, pos = np.zeros(0, dtype=np.float32), stamped, stamped
+            if self.echo is not None and audio.size:
+                audio = self.echo.process(audio, pos, arrival)
+            self._pending = np.concatenate((self._pending, audio))
+            # Score whole VAD chunks before queueing, so each frame carries a fresh probability.
+            while self._pending.size >= chunk:
+                piece, self._pending = self._pending[:chunk], self._pending[chunk:]
+                out.append((piece, self.vad.probability(piece), arrival, self._pending_pos))
+                self._pending_pos += chunk
+        return out
 
 
 class VideoReader(_Reader):
@@ -130,7 +196,7 @@ class VideoReader(_Reader):
         self.interval = 1.0 / fps if fps > 0 else float("inf")
         self.max_width = max_width
         self.on_frame = on_frame
-        self.executor = executor
+        self.executor = executor or media_executor()
         self.frames_in = 0
         self.frames_sampled = 0
 

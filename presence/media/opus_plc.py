@@ -41,6 +41,8 @@ TIME_BASE = fractions.Fraction(1, RATE)
 
 try:  # libopus itself (Debian: libopus0); the import fails when the library is missing
     import opuslib_next as _opus
+    from opuslib_next.api import c_int16_pointer as _c_int16_pointer
+    from opuslib_next.api.decoder import libopus_decode as _libopus_decode
 except Exception as exc:  # pragma: no cover - depends on the machine
     _opus = None
     _import_error: str = str(exc)
@@ -130,7 +132,20 @@ class ConcealingOpusDecoder(codecs_base.Decoder):
         self.recovered = 0  # packets rebuilt from the next packet's FEC (when it can carry FEC)
 
     def _pcm(self, data: bytes, samples: int, fec: bool = False) -> np.ndarray:
-        return np.frombuffer(self._decoder.decode(data, samples, decode_fec=fec), dtype=np.int16)
+        # libopus straight into a numpy buffer: opuslib's Decoder.decode copies the samples
+        # out through a Python list (~200 us a packet, all of it holding the GIL).
+        out = np.empty(samples * CHANNELS, dtype=np.int16)
+        n = _libopus_decode(
+            self._decoder.decoder_state,
+            data,
+            len(data),
+            out.ctypes.data_as(_c_int16_pointer),
+            samples,
+            int(fec),
+        )
+        if n < 0:
+            raise _opus.OpusError(n)  # type: ignore[union-attr]
+        return out[: n * CHANNELS]
 
     def decode(self, encoded_frame: JitterFrame) -> list[av.AudioFrame]:  # type: ignore[override]
         if not isinstance(encoded_frame, LossFrame):

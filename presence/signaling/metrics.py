@@ -26,6 +26,9 @@ BARGE_IN_BUCKETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 MICROTURN_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
 # A background job: milliseconds of queueing overhead up to a think job's tens of seconds.
 JOB_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# How late the event loop runs a timer: past ~0.5 s, ICE consent checks (aioice waits 500 ms for
+# each answer) start to fail, and six in a row end a call.
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -45,6 +48,7 @@ class Metrics:
     job_latency: Histogram  # presence_job_latency_seconds (dispatch -> result delivered)
     job_retries: Counter  # presence_job_retries_total
     job_dead_letters: Counter  # presence_job_dead_letters_total
+    loop_lag: Histogram  # presence_event_loop_lag_seconds (presence.aio.watch_loop_lag)
 
     @classmethod
     def create(cls, active_calls: Callable[[], float] | None = None) -> Metrics:
@@ -111,6 +115,12 @@ class Metrics:
             job_dead_letters=Counter(
                 "presence_job_dead_letters",
                 "Background jobs or entries given up on and dead-lettered",
+                registry=registry,
+            ),
+            loop_lag=Histogram(
+                "presence_event_loop_lag_seconds",
+                "How late the event loop woke a timer (its other work held it up)",
+                buckets=LOOP_LAG_BUCKETS,
                 registry=registry,
             ),
         )

@@ -8,7 +8,6 @@ loads every model in an executor and runs one tiny inference each.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import logging
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from presence.aio import run_blocking
 from presence.bot.backends import looks_like_path
 from presence.bot.backends.asr import WhisperTranscriber
-from presence.bot.backends.isolated import ProcessHost, RemoteStream
+from presence.bot.backends.isolated import HostPool
 from presence.bot.backends.llama import LlamaResponder, runtime_problem
 from presence.bot.backends.responder import OpenAIResponder, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS
@@ -246,9 +245,12 @@ def build_backends(settings: Settings) -> Backends:
                 f"language={settings.language!r} but pocketsphinx here has only an English "
                 "model; set asr=none (PRESENCE_ASR)"
             )
-        # pocketsphinx holds the GIL while decoding: its decoders live in a worker process.
-        host = ProcessHost("presence.bot.backends.asr:PocketsphinxStreamingASR")
-        asr_factory = functools.partial(RemoteStream, host, ("load", "start", "accept", "finish"))
+        # pocketsphinx holds the GIL while decoding: its decoders live in worker processes.
+        asr_factory = HostPool(
+            "presence.bot.backends.asr:PocketsphinxStreamingASR",
+            settings.asr_workers,
+            ("load", "start", "accept", "finish"),
+        )
     else:
         raise BackendConfigError(f"unknown asr {settings.asr!r}; set asr to pocketsphinx or none")
 
@@ -296,11 +298,17 @@ def _warm_vad(factory: Callable[[], VAD]) -> None:
 
 
 def _warm_asr(factory: Callable[[], StreamingASR]) -> None:
-    asr = factory()
-    _load(asr)
-    asr.start()
-    asr.accept(np.zeros(SAMPLE_RATE // 5, dtype=np.float32))
-    asr.finish()
+    # one stream per worker process (a pool hands each new stream to the least busy one)
+    streams = [factory() for _ in getattr(factory, "hosts", [None])]
+    for asr in streams:
+        _load(asr)
+        asr.start()
+        asr.accept(np.zeros(SAMPLE_RATE // 5, dtype=np.float32))
+        asr.finish()
+    for asr in streams:
+        close = getattr(asr, "close", None)
+        if close is not None:
+            close()
 
 
 def _warm_transcriber(transcriber: Transcriber) -> None:

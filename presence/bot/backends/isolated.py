@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class ProcessHost:
 
     A plain subprocess (not multiprocessing) so that user scripts need no ``__main__`` guard.
     Calls are serialised by a lock; each waits for its answer without holding the GIL.
+    ``executor`` is where async callers should run them: one thread, since the calls take
+    turns anyway, and a thread of the shared default executor waiting on the lock is one
+    that every other call's work waits for.
     """
 
     def __init__(self, factory_path: str) -> None:
@@ -81,6 +85,8 @@ class ProcessHost:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="presence-host")
+        self.open_streams = 0
 
     def _process(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
@@ -129,6 +135,9 @@ class RemoteStream:
     def __init__(self, host: ProcessHost, methods: tuple[str, ...]) -> None:
         self._host = host
         self._stream = host.new_stream()
+        self.executor = host.executor  # run_blocking(..., executor=) for async callers
+        host.open_streams += 1
+        self._open = True
         for method in methods:
             setattr(self, method, self._forward(method))
 
@@ -140,7 +149,34 @@ class RemoteStream:
         return call
 
     def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._host.open_streams -= 1
         self._host.call(self._stream, "__close__")
+
+
+class HostPool:
+    """Several worker processes of one backend; a new stream goes to the one with fewest open.
+
+    One process serialises every stream's calls: with ten calls on two busy cores, each round
+    trip waited for the scheduler and the queue of turns waiting for their final text grew to
+    seconds. Each stream keeps its process for life (its decoder state lives there).
+    """
+
+    def __init__(self, factory_path: str, size: int, methods: tuple[str, ...]) -> None:
+        self.hosts = [ProcessHost(factory_path) for _ in range(max(1, size))]
+        self.methods = methods
+
+    @property
+    def factory_path(self) -> str:
+        return self.hosts[0].factory_path
+
+    def __call__(self) -> RemoteStream:
+        return RemoteStream(min(self.hosts, key=lambda h: h.open_streams), self.methods)
+
+    def shutdown(self) -> None:
+        for host in self.hosts:
+            host.shutdown()
 
 
 if __name__ == "__main__":
