@@ -290,3 +290,26 @@ async def test_reader_keeps_draining_the_track_while_scoring_waits() -> None:
     assert pushed == [i * chunk for i in range(50 * 320 // chunk)]  # every whole chunk, in order
     assert batches <= 2  # one call for the backlog (and perhaps the first frame's)
     executor.shutdown()
+
+
+async def test_paced_track_catches_up_after_a_stall_instead_of_slowing_down() -> None:
+    """A loop late on every wake-up must still get 50 frames a second out: after a stall the
+    track keeps up to 200 ms of backlog to send back to back (re-anchoring on "now" made every
+    later frame wait its 20 ms again, on top of the loop's lateness)."""
+    import time
+
+    from presence.clock import now
+    from presence.media.paced import MAX_BEHIND_S, PacedAudioTrack
+
+    class Silence(PacedAudioTrack):
+        def next_samples(self) -> np.ndarray:
+            return np.zeros(FRAME_OUT, dtype=np.float32)
+
+    track = Silence()
+    await track.recv()
+    time.sleep(0.5)  # the event loop is held up
+    await track.recv()
+    behind = now() - track.frame_time
+    assert behind >= MAX_BEHIND_S - 0.05, f"the frame after the stall is only {behind * 1000:.0f} ms behind"
+    # and the stall beyond 200 ms was let go: the stream is not 500 ms behind
+    assert behind < 0.5

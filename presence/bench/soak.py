@@ -4,7 +4,9 @@ The bot runs as its own process (``presence serve``, rule-text replies by defaul
 does not saturate the machine). ``--calls`` aiortc callers in this process each ask a question
 (piper voice), wait for the reply to end, pause 3-8 s and ask again; one headless Chromium page
 joins with a fake camera and a looped microphone for the whole run. Every minute the server's
-memory (PSS of its process tree: shared pages counted once), its CPU, the machine's CPU and the calls it holds are read.
+memory (PSS of its process tree: shared pages counted once), its CPU, the machine's CPU and the
+calls it holds are read. The callers and the browser run at ``--nice`` 10: on a real deployment
+they are other machines, here they share the server's two cores.
 
 Reported: memory per call (PSS with every call joined against PSS before the first), growth
 over the last ``--window`` minutes (target < 50 MB), calls dropped (target 0), replies per
@@ -161,6 +163,11 @@ async def run_soak(settings: Settings, args: argparse.Namespace, work: Path) -> 
     }
     overrides.update(dict(kv.split("=", 1) for kv in args.set))
     bot = await start_bot(settings, **overrides)
+    if args.nice:
+        # The callers and the browser stand in for machines of their own: from here on this
+        # process (and Chromium, started below) yields the CPU to the server under test. Their
+        # CPU still counts in the machine's figure.
+        os.nice(args.nice)
     clips = make_clips(QUESTIONS)
     mic = work / "mic.wav"
     make_microphone(mic, 1.0, args.seed)  # a minute of questions, looped by Chromium
@@ -323,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--responder", default="rules", help="reply text: rules (default), auto, llama, openai"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--nice", type=int, default=10, help="niceness of the callers and the browser, not the server [10]"
+    )
     parser.add_argument("--out", default="", help="write report.md and soak.json here")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a bot setting")
     args = parser.parse_args(argv)

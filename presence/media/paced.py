@@ -13,6 +13,7 @@ from presence.media.audio import make_frame
 from presence.seams import OUT_SAMPLE_RATE
 
 FRAME_OUT = OUT_SAMPLE_RATE // 50  # 960 samples = 20 ms
+MAX_BEHIND_S = 0.2  # a stall longer than this delays the audio; up to it, frames catch up
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -46,7 +47,10 @@ class PacedAudioTrack(MediaStreamTrack):
             delay = self._start + self._pts / OUT_SAMPLE_RATE - now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            elif delay < -0.2:
-                # The loop stalled: re-anchor instead of bursting out a backlog of frames.
-                self._start = now() - self._pts / OUT_SAMPLE_RATE
+            elif delay < -MAX_BEHIND_S:
+                # The loop stalled: let the backlog beyond MAX_BEHIND_S go (the audio itself is
+                # delayed, not lost) and send the rest back to back. Re-anchoring on "now" made
+                # the next frame wait 20 ms again: a loop late by L on every wake-up then sent
+                # one frame per 20 ms + L (2.5 a second at L = 0.4 s), and replies took minutes.
+                self._start -= delay + MAX_BEHIND_S
         return make_frame(self.next_samples(), self._pts)
