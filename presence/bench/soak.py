@@ -56,6 +56,7 @@ class Talker:
     unanswered: int = 0
     v2v_s: list[tuple[float, float]] = field(default_factory=list)  # (run time, caller-side s)
     dropped: str | None = None  # why the call ended early
+    stalls: int = 0  # questions this caller's own sender did not start within 10 s (call still up)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Minute:
     machine_cpu_percent: float  # of all cores, everything on the machine
     calls_held: int  # what the server's /healthz says
     replies: int  # replies finished by the aiortc callers during the minute
-    caller_lag_s: float  # the callers' own event loop: its worst lag in the minute
+    caller_lag_s: float = 0.0  # the callers' own event loop: its worst lag in the minute
 
 
 @dataclass
@@ -130,8 +131,13 @@ async def talk(url: str, clips: dict[str, Clip], talker: Talker, until: float, t
             try:  # a dead connection never pulls the clip: do not wait on it for ever
                 sent = await asyncio.wait_for(caller.say(clip.audio48, OUT_SAMPLE_RATE), 10)
             except TimeoutError:
-                talker.dropped = _gone(caller, t0)
-                return
+                if caller.pc is None or caller.pc.connectionState != "connected":
+                    talker.dropped = _gone(caller, t0)
+                    return
+                # still connected: this process's own sender fell behind (its loop starved), not the call
+                talker.stalls += 1
+                caller.player.stop_playing()
+                continue
             speech_end = sent + clip.voiced_end
             try:
                 await caller.wait_event(Ev.BOT_SPEECH_END, after=speech_end, timeout=REPLY_TIMEOUT_S)
@@ -225,7 +231,7 @@ async def _sample_minutes(
     minute = 0
     # The aiortc callers share this process: a starved loop here fails calls as surely as the server's.
     lags: list[float] = []
-    watcher = asyncio.create_task(watch_loop_lag(lags.append))
+    watcher = asyncio.create_task(watch_loop_lag(lags.append, warn_s=float("inf")))  # in the minute lines
     try:
         while now() < until - 1.0:
             await asyncio.sleep(max(0.0, min(t0 + 60 * (minute + 1), until) - now()))
@@ -290,7 +296,8 @@ def report(soak: Soak, window: float) -> str:
         f"{growth:+.0f} MB (target < {GROWTH_TARGET_MB:.0f} MB)",
         f"server CPU: p50 {pct(cpu, 50):.0f} % of a core ({pct(cpu, 50) / (soak.calls + 1):.1f} % per call)",
         f"replies: {sum(t.replies for t in soak.talkers)}, unanswered questions: "
-        f"{sum(t.unanswered for t in soak.talkers)}",
+        f"{sum(t.unanswered for t in soak.talkers)}, questions the callers' own sender stalled on: "
+        f"{sum(t.stalls for t in soak.talkers)}",
         f"voice-to-voice at the callers: p50 {pct(v2v, 50) * 1000:.0f} ms, p95 {pct(v2v, 95) * 1000:.0f} ms "
         f"(n={len(v2v)})",
         f"calls dropped: {len(soak.dropped())} (target 0)",
