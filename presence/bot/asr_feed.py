@@ -148,7 +148,7 @@ class ASRFeed:
             if asr is None or not self._started:
                 return
             assert isinstance(payload, np.ndarray)
-            self._context.push(payload)
+            self._context.push(payload[-self._context.limit :])  # a batch can be longer than the context
             partial = await run_blocking(asr.accept, payload, executor=self._executor)
             if partial is not None and partial.text:
                 self.on_partial(self._join(partial.text))
