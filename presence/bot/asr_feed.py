@@ -70,6 +70,7 @@ class ASRFeed:
         self._items: deque[tuple[Kind, object]] = deque()
         self._wake = asyncio.Event()
         self._started = False
+        self._damaged = False  # a step of the current utterance failed
         self._prefix = ""  # text of the utterance finished before it was continued
         self._context = AudioTail(CONTEXT_S)  # the last decoded audio of the utterance
 
@@ -129,7 +130,11 @@ class ASRFeed:
                 await self._step(kind, payload)
             except Exception:
                 log.exception("call %s: streaming ASR %s failed", self.call_id, kind)
+                # the decoder lost part of this utterance (its worker died, say): the final
+                # comes from the whole-turn transcription instead, so the turn is not lost
+                self._damaged = True
                 if kind == "finish" and isinstance(payload, asyncio.Future) and not payload.done():
+                    self._damaged = False
                     payload.set_result(await self.fallback())
 
     async def _step(self, kind: Kind, payload: object) -> None:
@@ -139,6 +144,7 @@ class ASRFeed:
             self._context.clear()
             if isinstance(payload, str):
                 self._prefix, context = payload, []
+                self._damaged = False
             self._started = True
             if asr is not None:
                 await run_blocking(asr.start, executor=self._executor)
@@ -162,7 +168,8 @@ class ASRFeed:
                 self._started = False
                 if asr is not None:
                     text = self._join((await run_blocking(asr.finish, executor=self._executor)).text)
-                else:
+                if asr is None or self._damaged:
+                    self._damaged = False
                     text = await self.fallback()
             self._prefix = text.strip()
             if isinstance(payload, asyncio.Future) and not payload.done():
