@@ -130,12 +130,12 @@ class ASRFeed:
                 await self._step(kind, payload)
             except Exception:
                 log.exception("call %s: streaming ASR %s failed", self.call_id, kind)
-                # the decoder lost part of this utterance (its worker died, say): the final
-                # comes from the whole-turn transcription instead, so the turn is not lost
-                self._damaged = True
                 if kind == "finish" and isinstance(payload, asyncio.Future) and not payload.done():
-                    self._damaged = False
                     payload.set_result(await self.fallback())
+                else:
+                    # the decoder lost part of this utterance (its worker died, say): its final
+                    # comes from the whole-turn transcription instead, so the turn is not lost
+                    self._damaged = True
 
     async def _step(self, kind: Kind, payload: object) -> None:
         asr = self.asr
