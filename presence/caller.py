@@ -187,10 +187,28 @@ class EventInbox:
             self._waiters.append((name, fut))
             try:
                 event = await asyncio.wait_for(fut, max(0.0, deadline - now()))
+            except TimeoutError:
+                # what did happen is what a failing test or bench needs to say
+                raise TimeoutError(
+                    f"no {name} within {timeout:.0f} s; since then: {self.since(after)}"
+                ) from None
             finally:
                 self._waiters = [(n, f) for n, f in self._waiters if f is not fut]
             if float(event.get("t", 0.0)) >= after:  # type: ignore[arg-type]
                 return event
+
+    def since(self, after: float, limit: int = 60) -> str:
+        """The events at or after ``after``, short: seconds since it, name, and any text."""
+        seen = []
+        for event in self.events:
+            t = float(event.get("t", 0.0))  # type: ignore[arg-type]
+            if t >= after:
+                text = event.get("text") or event.get("state") or event.get("kind") or ""
+                seen.append(
+                    f"{t - after if after > float('-inf') else t:.2f} {event.get('name')}"
+                    + (f" {text!r}" if text else "")
+                )
+        return ", ".join(seen[-limit:]) or "nothing"
 
 
 @dataclass

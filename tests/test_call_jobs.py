@@ -141,6 +141,7 @@ async def test_a_redis_restart_mid_call_loses_no_job_and_the_call_goes_on(  # ty
         assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
         # The call goes on, jobs included, on the new server.
         again = await caller.say(speech("Please calculate seventeen times twenty three."), SR_OUT)
+        await caller.wait_event(Ev.JOB_DISPATCHED, after=again, timeout=30)
         second = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=again, timeout=60)
         assert second["ok"] is True and len(session.events.named(Ev.JOB_RESULT_INJECTED)) == 2
     finally:

@@ -78,15 +78,21 @@ def test_the_soak_report_counts_growth_per_call_memory_and_drops() -> None:
     from presence.bench.soak import report as soak_report
 
     soak = Soak(calls=10, minutes=30, idle_mb=900.0, joined_mb=1120.0)
-    # memory climbs 4 MB a minute for 5 minutes, then levels off at 1160 MB
-    soak.samples = [Minute(m, 1140.0 + 4 * min(m, 5), 150.0, 80.0, 11, 12) for m in range(1, 31)]
+    # memory climbs 4 MB a minute for 5 minutes, then levels off at 1160 MB; the server process
+    # alone (its workers are the rest) keeps climbing 1 MB a minute
+    soak.samples = [
+        Minute(m, 1140.0 + 4 * min(m, 5), 500.0 + m, 1200.0, 150.0, 80.0, 11, 12) for m in range(1, 31)
+    ]
     soak.talkers = [Talker(i, replies=40, v2v_s=[(60.0 * i, 0.5 + 0.01 * i)]) for i in range(10)]
     assert soak.per_call_mb() == 20.0  # (1120 - 900) / 11 calls
-    assert soak.growth(25) == (5, 0.0)  # minutes 5-30: level
-    assert soak.growth(28) == (2, 12.0)  # minutes 2-30 include the climb
+    assert soak.growth(25) == (5, 0.0, 0.0)  # minutes 5-30: level
+    first, growth, trend = soak.growth(28)  # minutes 2-30 include the climb
+    assert (first, growth) == (2, 12.0) and 0.0 < trend < 12.0  # the fit weighs the level minutes too
+    assert soak.growth(25, server_only=True) == (5, 25.0, 25.0)
     assert soak.dropped() == []
     text = soak_report(soak, 25)
-    assert "20.0 MB per call" in text and "growth from minute 5 to minute 30: +0 MB" in text
+    assert "20.0 MB per call" in text and "growth from minute 5 to minute 30: +0 MB, fitted trend +0 MB" in text
+    assert "the server process alone +25 MB, trend +25 MB" in text
     assert "calls dropped: 0" in text and "replies: 400" in text
     soak.talkers[3].dropped = "connection failed at 600 s"
     soak.video_dropped = "connection closed at 900 s"

@@ -110,13 +110,13 @@ class ServerProcess:
                 total += (int(fields[11]) + int(fields[12])) / tick
         return total
 
-    def memory_mb(self, pss: bool = False) -> float:
-        """Memory of the process tree in MB: summed RSS, or with ``pss`` the proportional set
-        size (shared pages counted once, not once per worker process)."""
+    def memory_mb(self, pss: bool = False, main_only: bool = False) -> float:
+        """Memory of the process tree in MB (or of the server process alone): summed RSS, or
+        with ``pss`` the proportional set size (shared pages counted once, not once per worker)."""
         assert self.proc is not None
         path, key = ("smaps_rollup", "Pss:") if pss else ("status", "VmRSS:")
         total = 0
-        for pid in _tree(self.proc.pid):
+        for pid in [self.proc.pid] if main_only else _tree(self.proc.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
                     if line.startswith(key):

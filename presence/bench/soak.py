@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from presence.seams import OUT_SAMPLE_RATE
 
 REPLY_TIMEOUT_S = 30.0  # a question with no reply ending by then counts as unanswered
 GROWTH_TARGET_MB = 50.0
+MEMORY_EVERY_S = 10.0
 # server lines about calls ending, and about its loop falling behind (which ends them)
 ENDINGS = ("removing", ": failed", ": closed", "ERROR", "Traceback", "event loop lag")
 
@@ -62,7 +64,9 @@ class Talker:
 @dataclass
 class Minute:
     minute: int
-    memory_mb: float
+    memory_mb: float  # PSS of the server's process tree: the median of the minute's samples
+    server_mb: float  # the same for the server process alone (the rest is its worker processes)
+    memory_max_mb: float  # the minute's highest sample (video frames in flight come and go)
     server_cpu_percent: float  # of one core, the server's process tree
     machine_cpu_percent: float  # of all cores, everything on the machine
     calls_held: int  # what the server's /healthz says
@@ -84,13 +88,20 @@ class Soak:
     def per_call_mb(self) -> float:
         return (self.joined_mb - self.idle_mb) / (self.calls + 1)
 
-    def growth(self, window: float) -> tuple[int, float]:
-        """(first minute of the window, memory growth over it in MB) from the minute samples."""
-        if not self.samples:
-            return 0, float("nan")
+    def growth(self, window: float, server_only: bool = False) -> tuple[int, float, float]:
+        """(first minute of the window, growth over it in MB, fitted trend over it in MB).
+
+        Growth is the last minute's median less the first's; the trend is the least-squares
+        slope through every minute of the window times its length, less swayed by one minute.
+        """
         first = max(1, int(self.minutes - window))
-        start = next((s for s in self.samples if s.minute >= first), self.samples[0])
-        return start.minute, self.samples[-1].memory_mb - start.memory_mb
+        inside = [s for s in self.samples if s.minute >= first]
+        if len(inside) < 2:
+            return first, float("nan"), float("nan")
+        ys = [s.server_mb if server_only else s.memory_mb for s in inside]
+        xs = [s.minute for s in inside]
+        slope = statistics.linear_regression(xs, ys).slope
+        return inside[0].minute, ys[-1] - ys[0], slope * (xs[-1] - xs[0])
 
     def dropped(self) -> list[str]:
         out = [f"caller {t.index}: {t.dropped}" for t in self.talkers if t.dropped]
@@ -234,7 +245,18 @@ async def _sample_minutes(
     watcher = asyncio.create_task(watch_loop_lag(lags.append, warn_s=float("inf")))  # in the minute lines
     try:
         while now() < until - 1.0:
-            await asyncio.sleep(max(0.0, min(t0 + 60 * (minute + 1), until) - now()))
+            # memory every 10 s; a minute's figure is their median, so a burst of video frames
+            # in flight at the sampling instant is not read as growth
+            end = min(t0 + 60 * (minute + 1), until)
+            tree: list[float] = []
+            main: list[float] = []
+            while True:
+                tree.append(bot.memory_mb(pss=True))
+                main.append(bot.memory_mb(pss=True, main_only=True))
+                if now() + MEMORY_EVERY_S > end:
+                    break
+                await asyncio.sleep(MEMORY_EVERY_S)
+            await asyncio.sleep(max(0.0, end - now()))
             minute += 1
             cpu, busy, t = bot.cpu_seconds(), _machine_busy(), now()
             replies = sum(x.replies for x in soak.talkers)
@@ -251,7 +273,9 @@ async def _sample_minutes(
                 print(f"the video call dropped: {soak.video_dropped}", file=sys.stderr)
             sample = Minute(
                 minute,
-                bot.memory_mb(pss=True),
+                statistics.median(tree),
+                statistics.median(main),
+                max(tree),
                 100 * (cpu - cpu_mark) / (t - t_mark),
                 100 * (busy[0] - busy_mark[0]) / max(1, busy[1] - busy_mark[1]),
                 await _calls_held(http, bot.url),
@@ -262,7 +286,7 @@ async def _sample_minutes(
             soak.samples.append(sample)
             cpu_mark, busy_mark, t_mark, replies_mark = cpu, busy, t, replies
             print(
-                f"minute {minute}: PSS {sample.memory_mb:.0f} MB, server CPU {sample.server_cpu_percent:.0f} % "
+                f"minute {minute}: PSS {sample.memory_mb:.0f} MB (server {sample.server_mb:.0f}), server CPU {sample.server_cpu_percent:.0f} % "
                 f"of a core, machine {sample.machine_cpu_percent:.0f} %, calls held {sample.calls_held}, "
                 f"replies {sample.replies}, callers' loop lag max {sample.caller_lag_s:.2f} s",
                 file=sys.stderr,
@@ -272,19 +296,23 @@ async def _sample_minutes(
 
 
 def report(soak: Soak, window: float) -> str:
-    first, growth = soak.growth(window)
+    first, growth, trend = soak.growth(window)
+    _, server_growth, server_trend = soak.growth(window, server_only=True)
     v2v = [s for t in soak.talkers for _, s in t.v2v_s]
     cpu = [s.server_cpu_percent for s in soak.samples]
     lines = [
         f"soak: {soak.calls} aiortc calls + 1 Chromium video call for {soak.minutes:g} min, "
         f"machine: {os.cpu_count()} cores",
         "",
-        "| minute | server PSS MB | server CPU % of a core | machine CPU % | calls held | replies "
-        "| callers' loop lag max s |",
-        "|---|---|---|---|---|---|---|",
+        "PSS: the median of the minute's samples (every 10 s); all = the server and its ASR workers",
+        "",
+        "| minute | PSS all MB | PSS server MB | PSS all max MB | server CPU % of a core | machine CPU % "
+        "| calls held | replies | callers' loop lag max s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {s.minute} | {s.memory_mb:.0f} | {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
+        f"| {s.minute} | {s.memory_mb:.0f} | {s.server_mb:.0f} | {s.memory_max_mb:.0f} "
+        f"| {s.server_cpu_percent:.0f} | {s.machine_cpu_percent:.0f} "
         f"| {s.calls_held} | {s.replies} | {s.caller_lag_s:.2f} |"
         for s in soak.samples
     ]
@@ -293,7 +321,8 @@ def report(soak: Soak, window: float) -> str:
         f"memory: {soak.idle_mb:.0f} MB before the calls, {soak.joined_mb:.0f} MB with all "
         f"{soak.calls + 1} joined: {soak.per_call_mb():.1f} MB per call",
         f"growth from minute {first} to minute {soak.samples[-1].minute if soak.samples else 0}: "
-        f"{growth:+.0f} MB (target < {GROWTH_TARGET_MB:.0f} MB)",
+        f"{growth:+.0f} MB, fitted trend {trend:+.0f} MB (target < {GROWTH_TARGET_MB:.0f} MB); "
+        f"the server process alone {server_growth:+.0f} MB, trend {server_trend:+.0f} MB",
         f"server CPU: p50 {pct(cpu, 50):.0f} % of a core ({pct(cpu, 50) / (soak.calls + 1):.1f} % per call)",
         f"replies: {sum(t.replies for t in soak.talkers)}, unanswered questions: "
         f"{sum(t.unanswered for t in soak.talkers)}, questions the callers' own sender stalled on: "

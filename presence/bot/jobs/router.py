@@ -373,6 +373,7 @@ _CONNECTIVE_TAIL_RE = re.compile(
     r"in the (?:docs|documents|documentation)|right now|now|quickly|can you|could you|would you)\b)+$",
     re.IGNORECASE,
 )
+_MATH_LEAD_RE = re.compile(r"(?:\band|\bthen|\balso|,|\b(?P<verb>calculate|compute|work out|figure out|evaluate))$")
 _QUERY_HEAD_RE = re.compile(r"^(?:[\s,:]|\b(?:for|about|on|up|me|us|please|out|what)\b)+", re.IGNORECASE)
 _CONNECTIVE_HEAD_RE = re.compile(r"^(?:[\s,:;]|\b(?:and|then|also|please|that|this)\b)+", re.IGNORECASE)
 
@@ -398,6 +399,13 @@ class RuleToolRouter:
             group = match.lastgroup or ""
             # the group is the trigger phrase proper, without its lead-in ("can you", "and")
             triggers.append((group.rstrip("0123456789"), match.start(group), match.end(group)))
+        # A code verb with nothing to compute ("look up how to calculate risk") is part of the
+        # request before it, not a cut; from the last back, as each argument runs to the next cut.
+        for n in reversed(range(len(triggers))):
+            kind, start, end = triggers[n]
+            stop = triggers[n + 1][1] if n + 1 < len(triggers) else len(text)
+            if kind == "code" and not self._run_code(text[start:end], text[end:stop]):
+                del triggers[n]
         routes: list[Route] = []
         # Text before the first trigger (or all of it): bare arithmetic is a code job.
         head_end = triggers[0][1] if triggers else len(text)
@@ -419,12 +427,14 @@ class RuleToolRouter:
 
     def _search(self, arg: str) -> list[Route]:
         out: list[Route] = []
-        # "look up the hours and 17 times 23": arithmetic after a connective is its own job
+        # "look up the hours and 17 times 23": arithmetic after a connective is its own job, and
+        # so is arithmetic after a code verb whose lead-in was misheard ("they calculate 17 ...")
         for span in find_math(arg):
             before = arg[: span.start].rstrip()
-            if re.search(r"(?:\band|\bthen|\balso|,)$", before.lower()):
+            lead = _MATH_LEAD_RE.search(before.lower())
+            if lead:
                 out.append(self._code(span.code))
-                arg = before
+                arg = before[: lead.start()] if lead.group("verb") else before
                 break
         query = _QUERY_HEAD_RE.sub("", _clean_tail(arg)).strip(" ?.!,")
         if query and re.search(r"\w", query):
