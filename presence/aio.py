@@ -40,6 +40,12 @@ _media: ThreadPoolExecutor | None = None
 _media_lock = threading.Lock()
 
 
+def log_this_drop(count: int) -> bool:
+    """Whether the ``count``-th drop under load gets a log line: the 1st, the 100th and every
+    1000th, so an overloaded call says so without a line per frame."""
+    return count in (1, 100) or count % 1000 == 0
+
+
 def media_executor() -> ThreadPoolExecutor:
     """The process's executor for per-frame media work (resampling, echo cancellation, VAD).
 

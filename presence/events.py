@@ -54,9 +54,9 @@ class EventLog:
     Listeners must not block; a failing listener is logged and kept out of the others' way.
     """
 
-    # ~20 minutes of a busy call (1-2 events a second): tests and benchmarks read recent events,
-    # and an hour-long call must not hold every caption it ever sent
-    def __init__(self, call_id: str, keep: int = 2_000) -> None:
+    # ~10 minutes of a busy call (1-2 events a second): the turn-latency marks, tests and
+    # benchmarks read recent events, and an hour-long call must not keep every caption it sent
+    def __init__(self, call_id: str, keep: int = 1_000) -> None:
         self.call_id = call_id
         self.history: deque[CallEvent] = deque(maxlen=keep)
         self._listeners: list[Listener] = []

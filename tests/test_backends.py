@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -414,20 +415,43 @@ def test_piper_produces_speech_of_plausible_duration(piper: PiperTTS) -> None:
     assert float(np.sqrt(np.mean(audio**2))) > 0.02
 
 
-def test_piper_is_safe_from_several_threads(piper: PiperTTS) -> None:
+def test_piper_is_safe_from_several_threads_and_infers_one_piece_at_a_time(piper: PiperTTS) -> None:
+    """Four threads speak at once; the voice runs one inference at a time (ONNX Runtime's arena
+    keeps the peak of what ran at once: see PiperTTS)."""
     texts = ["One two three four five.", "The rain in Spain stays mainly in the plain."]
     durations: dict[str, float] = {}
+    piper.load()
+    voice = piper._voice
+    infer = voice.phoneme_ids_to_audio
+    running, most, calls = 0, 0, 0
+    count = threading.Lock()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, most, calls
+        with count:
+            running, calls = running + 1, calls + 1
+            most = max(most, running)
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            with count:
+                running -= 1
 
     def speak(text: str) -> None:
         durations[text] = sum(len(a) for a in piper.synthesize(text)) / piper.sample_rate
 
-    threads = [threading.Thread(target=speak, args=(t,)) for t in texts * 2]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    voice.phoneme_ids_to_audio = counted
+    try:
+        threads = [threading.Thread(target=speak, args=(t,)) for t in texts * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        del voice.phoneme_ids_to_audio
     assert 1.0 < durations[texts[0]] < 4.0
     assert 2.0 < durations[texts[1]] < 5.0
+    assert calls == 4 and most == 1, (calls, most)
 
 
 def test_piper_missing_voice_names_the_setting() -> None:
@@ -907,5 +931,35 @@ def test_asr_pool_spreads_streams_over_its_worker_processes() -> None:
         assert third._host is first._host
         third.close()
         second.close()
+    finally:
+        pool.shutdown()
+
+
+def test_a_replaced_worker_fails_each_stream_once_instead_of_forgetting_silently() -> None:
+    """A worker killed between calls is replaced on the next call; every stream that had state
+    in it fails once (its caller then knows, e.g. takes the whole-turn transcription), and a
+    stream that starts on the new worker does not."""
+    from presence.bot.backends.isolated import HostPool, WorkerDied
+
+    pool = HostPool("collections:Counter", 1, ("update", "total"))  # state per stream, in the child
+    try:
+        a, b = pool(), pool()
+        a.update("xyz")  # type: ignore[attr-defined]
+        b.update("xy")  # type: ignore[attr-defined]
+        assert a.total() == 3 and b.total() == 2  # type: ignore[attr-defined]
+        host = pool.hosts[0]
+        assert host._proc is not None
+        host._proc.kill()
+        host._proc.wait()
+        with pytest.raises(WorkerDied, match="replaced"):
+            a.update("x")  # type: ignore[attr-defined]
+        assert a.total() == 0  # type: ignore[attr-defined]
+        with pytest.raises(WorkerDied, match="replaced"):
+            b.total()  # type: ignore[attr-defined]
+        b.update("q")  # type: ignore[attr-defined]
+        assert b.total() == 1  # type: ignore[attr-defined]
+        c = pool()
+        c.update("abc")  # type: ignore[attr-defined]
+        assert c.total() == 3  # type: ignore[attr-defined]
     finally:
         pool.shutdown()

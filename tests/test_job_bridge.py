@@ -141,7 +141,9 @@ def test_route_cases() -> None:
     misheard = r.route("please look up the opening hours they calculate seventeen times twenty three")
     assert [k for k, _, _ in misheard] == ["search", "code"] and _code(misheard) == ["17 * 23"]
     # a code verb with nothing to compute stays inside the search
-    assert r.route("look up how to calculate risk") == [("search", {"query": "how to calculate risk", "k": 3}, True)]
+    assert r.route("look up how to calculate risk") == [
+        ("search", {"query": "how to calculate risk", "k": 3}, True)
+    ]
     # think
     think = r.route("think about whether we should open an office in Lisbon")
     assert think[0][0] == "think" and think[0][2] is False

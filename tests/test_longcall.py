@@ -91,7 +91,9 @@ def test_the_soak_report_counts_growth_per_call_memory_and_drops() -> None:
     assert soak.growth(25, server_only=True) == (5, 25.0, 25.0)
     assert soak.dropped() == []
     text = soak_report(soak, 25)
-    assert "20.0 MB per call" in text and "growth from minute 5 to minute 30: +0 MB, fitted trend +0 MB" in text
+    assert (
+        "20.0 MB per call" in text and "growth from minute 5 to minute 30: +0 MB, fitted trend +0 MB" in text
+    )
     assert "the server process alone +25 MB, trend +25 MB" in text
     assert "calls dropped: 0" in text and "replies: 400" in text
     soak.talkers[3].dropped = "connection failed at 600 s"

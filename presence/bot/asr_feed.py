@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from presence.aio import run_blocking
+from presence.aio import log_this_drop, run_blocking
 from presence.media.audio import AudioTail
 from presence.seams import StreamingASR
 
@@ -106,7 +106,7 @@ class ASRFeed:
                 if k == "audio":
                     del self._items[i]
                     self.dropped += 1
-                    if self.dropped in (1, 100) or self.dropped % 1000 == 0:
+                    if log_this_drop(self.dropped):
                         log.warning(
                             "call %s: streaming ASR behind, %d chunks dropped", self.call_id, self.dropped
                         )

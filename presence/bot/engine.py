@@ -40,7 +40,7 @@ from presence.events import Ev, EventLog
 from presence.media.audio import speech_level_dbfs
 from presence.media.microturn import MicroTurnAssembler
 from presence.media.speech import SpeechTrack, Utterance
-from presence.seams import CallEvent, ChatMessage, FloorPolicy, FloorState, MicroTurn
+from presence.seams import SAMPLE_RATE, CallEvent, ChatMessage, FloorPolicy, FloorState, MicroTurn
 
 if TYPE_CHECKING:
     from presence.bot.jobs.call_jobs import CallJobs
@@ -89,6 +89,7 @@ class Engine(FloorActions, BetweenTicks):
         self._evidence_timer: asyncio.TimerHandle | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
+        self._turn_audio_end = 0.0  # bot clock at the end of the last turn audio kept
         self._pending: ReplyTask | None = None  # prepared, not yet on the floor
         self._pending_text: asyncio.Future[str] | None = None
         self._pending_user_text = ""
@@ -216,6 +217,7 @@ class Engine(FloorActions, BetweenTicks):
             self._turn_speakers.update(turn.speaking)
         if self.caller.utt_start is not None:
             self._turn_audio.append(turn.caller_audio)
+            self._turn_audio_end = turn.end
             self.asr.audio(turn.caller_audio)
         if step.speech_end is not None:
             self.events.emit(Ev.CALLER_SPEECH_END, step.speech_end)
@@ -340,6 +342,11 @@ class Engine(FloorActions, BetweenTicks):
         self._commit_when_ready = False
         self._pending_text = None
         audio = np.concatenate(self._turn_audio) if self._turn_audio else np.zeros(0, np.float32)
+        # The level of the speech, not of the silence after it: a decision that came late added
+        # seconds of it, and a short question then read as several dB quieter than the caller's
+        # usual, i.e. as someone else in the room (off-axis), and went unanswered.
+        silent = int(max(0.0, self._turn_audio_end - self.caller.last_voiced) * SAMPLE_RATE)
+        level = speech_level_dbfs(audio[: audio.size - silent] if silent < audio.size else audio)
         speakers = sorted(self._turn_speakers)
         began_with_name = self._began_with_name
         self._end_caller_utterance()
@@ -349,7 +356,7 @@ class Engine(FloorActions, BetweenTicks):
                 AddresseeInput(
                     text=text,
                     participant=speakers[0] if len(speakers) == 1 else "",
-                    level_dbfs=speech_level_dbfs(audio),
+                    level_dbfs=level,
                     now=now(),
                     bot_last_spoke_at=self._bot_last_spoke_at,
                     bot_last_answered=self._bot_last_answered,

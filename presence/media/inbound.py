@@ -20,7 +20,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from presence.aio import media_executor
+from presence.aio import log_this_drop, media_executor
 from presence.clock import now
 from presence.media.audio import FrameResampler
 from presence.media.microturn import FrameBuffer
@@ -109,7 +109,7 @@ class AudioReader(_Reader):
                 while self._frames and arrival - self._frames[0][1] > self.MAX_BACKLOG_S:
                     self._frames.popleft()
                     self.dropped += 1
-                    if self.dropped in (1, 100) or self.dropped % 1000 == 0:
+                    if log_this_drop(self.dropped):
                         log.warning(
                             "audio of %s: scoring behind, %d frames dropped", self.participant, self.dropped
                         )

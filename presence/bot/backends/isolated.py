@@ -85,6 +85,11 @@ class ProcessHost:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        # A worker killed between two calls is replaced without any call failing, and the new
+        # one knows nothing of a stream's state (a decoder mid-utterance): each stream's next
+        # call must fail instead, so its caller knows what it lost.
+        self._generation = 0  # worker processes started so far
+        self._ran_on: dict[int, int] = {}  # stream -> the generation it last ran on
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="presence-host")
         self.open_streams = 0
 
@@ -95,12 +100,20 @@ class ProcessHost:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
+            self._generation += 1
         return self._proc
 
     def call(self, stream: int, method: str, *args: Any) -> Any:
         with self._lock:
             proc = self._process()
             assert proc.stdin is not None and proc.stdout is not None
+            if method == "__close__":
+                self._ran_on.pop(stream, None)
+            else:
+                ran_on = self._ran_on.get(stream, self._generation)
+                self._ran_on[stream] = self._generation
+                if ran_on != self._generation:
+                    raise WorkerDied(f"{self.factory_path} worker was replaced: this stream's state is gone")
             try:
                 _send(proc.stdin, (stream, method, args))
                 status, value = _receive(proc.stdout)
@@ -109,6 +122,8 @@ class ProcessHost:
                     "%s worker process died (%s); the next call starts a new one", self.factory_path, exc
                 )
                 self._proc = None
+                if method != "__close__":
+                    self._ran_on[stream] = self._generation + 1  # told now, not again on the next worker
                 raise WorkerDied(f"{self.factory_path} worker died: {exc}") from exc
         if status != "ok":
             raise RuntimeError(f"{self.factory_path}.{method} failed in its worker: {value}")

@@ -373,7 +373,9 @@ _CONNECTIVE_TAIL_RE = re.compile(
     r"in the (?:docs|documents|documentation)|right now|now|quickly|can you|could you|would you)\b)+$",
     re.IGNORECASE,
 )
-_MATH_LEAD_RE = re.compile(r"(?:\band|\bthen|\balso|,|\b(?P<verb>calculate|compute|work out|figure out|evaluate))$")
+_MATH_LEAD_RE = re.compile(
+    r"(?:\band|\bthen|\balso|,|\b(?P<verb>calculate|compute|work out|figure out|evaluate))$"
+)
 _QUERY_HEAD_RE = re.compile(r"^(?:[\s,:]|\b(?:for|about|on|up|me|us|please|out|what)\b)+", re.IGNORECASE)
 _CONNECTIVE_HEAD_RE = re.compile(r"^(?:[\s,:;]|\b(?:and|then|also|please|that|this)\b)+", re.IGNORECASE)
 
