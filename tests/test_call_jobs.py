@@ -69,6 +69,42 @@ async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_facto
         await caller.hangup()
 
 
+async def test_work_that_only_whispers_text_asks_for_is_dispatched_late(
+    bot_factory, speech, backends
+) -> None:  # type: ignore[no-untyped-def]
+    """pocketsphinx garbled a request ("sky scout to leave" for "please calculate"), so the turn
+    routed no job and got an ordinary reply; whisper's final pass of the same audio (real
+    whisper, this call's engine) asks for the work, so it is dispatched then and its result
+    spoken. A final pass of an older turn, or of a turn whose job already went, dispatches nothing."""
+    from presence.media.audio import resample
+
+    server: BotServer = await bot_factory(jobs="auto")
+    caller = Caller(url=server.url)
+    await caller.connect()
+    try:
+        await asyncio.sleep(0.5)
+        sent = await caller.say(speech("Hello there."), SR_OUT)
+        await caller.wait_event(Ev.BOT_SPEECH_END, after=sent, timeout=30)
+        engine = next(iter(server.manager.sessions.values())).engine
+        reply = engine._live
+        assert reply is not None and engine.turns >= 1
+        audio = resample(speech("Please calculate seventeen times twenty three."), SR_OUT, SAMPLE_RATE)
+        await engine._final_pass(reply, audio, None, engine.turns - 2, True)  # an older turn
+        await engine._final_pass(reply, audio, None, engine.turns - 1, False)  # its job already went
+        assert not engine.events.named(Ev.JOB_DISPATCHED)
+        late = engine.events.history[-1].t
+        await engine._final_pass(reply, audio, None, engine.turns - 1, True)
+        await caller.wait_event(Ev.JOB_DISPATCHED, after=late, timeout=5)
+        injected = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=late, timeout=60)
+        t = float(injected["t"])  # type: ignore[arg-type]
+        await caller.wait_event(Ev.BOT_SPEECH_END, after=t, timeout=30)
+        heard = caller.recorder.audio()[int((t - caller.recorder.t0) * SAMPLE_RATE) :]
+        text = backends.transcriber.transcribe(heard).text.lower()
+        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+    finally:
+        await caller.hangup()
+
+
 async def test_calls_go_on_when_jobs_are_off_or_redis_is_unreachable(bot_factory, speech) -> None:  # type: ignore[no-untyped-def]
     server: BotServer = await bot_factory(jobs="off")
     caller = Caller(url=server.url)
