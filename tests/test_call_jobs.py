@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from conftest import SR_OUT, BotServer, need
@@ -15,6 +16,13 @@ from presence.events import Ev
 from presence.seams import SAMPLE_RATE
 
 pytestmark = pytest.mark.slow
+
+
+def _heard_391(caller: Caller, backends: Any, since: float) -> None:
+    """The caller heard 17 x 23 answered (whisper on what it received from ``since`` on)."""
+    heard = caller.recorder.audio()[int((since - caller.recorder.t0) * SAMPLE_RATE) :]
+    text = backends.transcriber.transcribe(heard).text.lower()
+    assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
 
 
 async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_factory, speech, backends) -> None:  # type: ignore[no-untyped-def]
@@ -58,9 +66,7 @@ async def test_search_and_code_results_are_spoken_without_a_silent_gap(bot_facto
         voiced = [t for t in caller.recorder.voiced if t >= first]
         longest = max((b - a for a, b in itertools.pairwise(voiced)), default=0.0)
         assert longest < 1.0, f"a silent gap of {longest:.2f} s while the jobs ran"
-        heard = caller.recorder.audio()[int((first - caller.recorder.t0) * SAMPLE_RATE) :]
-        text = backends.transcriber.transcribe(heard).text.lower()
-        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+        _heard_391(caller, backends, first)
         # Results entered the context; the page got the job feed.
         assert [m for m in session.engine.history if m.role == "tool"]
         statuses = {str(e.get("status")) for e in caller.events if e.get("name") == Ev.JOB}
@@ -98,9 +104,7 @@ async def test_work_that_only_whispers_text_asks_for_is_dispatched_late(
         injected = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=late, timeout=60)
         t = float(injected["t"])  # type: ignore[arg-type]
         await caller.wait_event(Ev.BOT_SPEECH_END, after=t, timeout=30)
-        heard = caller.recorder.audio()[int((t - caller.recorder.t0) * SAMPLE_RATE) :]
-        text = backends.transcriber.transcribe(heard).text.lower()
-        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+        _heard_391(caller, backends, t)
     finally:
         await caller.hangup()
 
@@ -172,9 +176,7 @@ async def test_a_redis_restart_mid_call_loses_no_job_and_the_call_goes_on(  # ty
         session = next(iter(server.manager.sessions.values()))
         results = session.events.named(Ev.JOB_RESULT_INJECTED)
         assert [(e.data["kind"], e.data["ok"]) for e in results] == [("code", True)], results
-        heard = caller.recorder.audio()[int((t - caller.recorder.t0) * SAMPLE_RATE) :]
-        text = backends.transcriber.transcribe(heard).text.lower()
-        assert "391" in text or "three hundred ninety" in text.replace("-", " "), text
+        _heard_391(caller, backends, t)
         # The call goes on, jobs included, on the new server.
         again = await caller.say(speech("Please calculate seventeen times twenty three."), SR_OUT)
         await caller.wait_event(Ev.JOB_DISPATCHED, after=again, timeout=30)
