@@ -380,26 +380,27 @@ class RuleToolRouter:
             group = match.lastgroup or ""
             # the group is the trigger phrase proper, without its lead-in ("can you", "and")
             triggers.append((group.rstrip("0123456789"), match.start(group), match.end(group)))
-        # A code verb with nothing to compute ("look up how to calculate risk") is part of the
-        # request before it, not a cut; from the last back, as each argument runs to the next cut.
-        for n in reversed(range(len(triggers))):
-            kind, start, end = triggers[n]
-            stop = triggers[n + 1][1] if n + 1 < len(triggers) else len(text)
-            if kind == "code" and not self._run_code(text[start:end], text[end:stop]):
-                del triggers[n]
-        routes: list[Route] = []
-        # Text before the first trigger (or all of it): bare arithmetic is a code job.
-        head_end = triggers[0][1] if triggers else len(text)
-        routes += [self._code(span.code) for span in find_math(text[:head_end])]
-        for n, (kind, start, end) in enumerate(triggers):
-            stop = triggers[n + 1][1] if n + 1 < len(triggers) else len(text)
+        # From the last trigger back, as each one's argument runs to the next cut. A code verb
+        # with nothing to compute ("look up how to calculate risk") is no cut: its words stay
+        # in the request before it.
+        found: list[list[Route]] = []
+        stop = len(text)
+        for kind, start, end in reversed(triggers):
             arg = text[end:stop]
             if kind == "search":
-                routes += self._search(arg)
+                found.append(self._search(arg))
             elif kind == "code":
-                routes += self._run_code(text[start:end], arg)
+                code = self._run_code(text[start:end], arg)
+                if not code:
+                    continue
+                found.append(code)
             elif kind == "think":
-                routes += self._think(text[start:stop])
+                found.append(self._think(text[start:stop]))
+            stop = start
+        # Text before the first cut (or all of it): bare arithmetic is a code job.
+        routes = [self._code(span.code) for span in find_math(text[:stop])]
+        for routed in reversed(found):
+            routes += routed
         return routes[: self.max_jobs]
 
     # ------------------------------------------------------------------ per kind
