@@ -148,6 +148,45 @@ async def call(args: argparse.Namespace) -> int:
     return 0
 
 
+async def dial(args: argparse.Namespace) -> int:
+    """Ask a running server to place a call, and follow it until answered or failed."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    body = {"to": args.uri, **({"room": args.room} if args.room else {})}
+    base = args.url.rstrip("/")
+    async with aiohttp.ClientSession(headers=headers) as http:
+        try:
+            async with http.post(f"{base}/api/dial", json=body) as r:
+                reply = await r.json(content_type=None)
+                if r.status != 202:
+                    print(f"dial refused ({r.status}): {reply.get('message', reply)}", file=sys.stderr)
+                    return 2
+            shown = 0
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                async with http.get(f"{base}{reply['progress']}") as r:
+                    state = await r.json(content_type=None)
+                for step in state["steps"][shown:]:
+                    print(f"  {step['status']}", flush=True)
+                shown = len(state["steps"])
+                if state["status"] == "answered":
+                    print(f"answered: call {state['call_id']}")
+                    return 0
+                if state["status"] == "failed":
+                    print(f"dial failed: {state['reason']}", file=sys.stderr)
+                    return 1
+                await asyncio.sleep(0.25)
+        except (aiohttp.ClientError, OSError) as exc:
+            print(f"cannot reach {base}: {exc}", file=sys.stderr)
+            return 2
+    print(
+        f"no answer within {args.timeout:.0f} s (the server gives up after sip_dial_timeout_s)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -174,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_call.add_argument("--room", help="room to join (several people in one call)")
     p_call.add_argument("--name", default="caller", help="participant name")
     p_call.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p_dial = sub.add_parser("dial", help="have a running server place a phone call (SIP)")
+    p_dial.add_argument("uri", help="whom to call: a SIP URI such as sip:alice@192.0.2.10:5060")
+    p_dial.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
+    p_dial.add_argument("--token", help="a token with role 'operator', when the server has a token secret")
+    p_dial.add_argument("--room", help="put the answered call in this room")
+    p_dial.add_argument("--timeout", type=float, default=60.0, help="seconds to follow the dial")
 
     p_worker = sub.add_parser("worker", help="run a background-job worker (Redis Streams)")
     p_worker.add_argument("--kinds", default="search,code,think", help="job kinds to serve, comma separated")
@@ -280,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "call":
             _logging(args.log_level)
             return asyncio.run(call(args))
+        if args.command == "dial":
+            _logging("warning")
+            return asyncio.run(dial(args))
         if args.command == "worker":
             settings = Settings.from_args(args)
             _logging(settings.log_level)

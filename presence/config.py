@@ -55,6 +55,34 @@ class Settings:
     offer_burst: int = _opt(
         10, "offers one client address may send at once before offer_rate_per_min applies"
     )
+    # --- SIP (phones, PBXs, SIP trunks)
+    sip_port: int = _opt(-1, "UDP port for SIP calls (5060 is SIP's own; 0 picks a free one; -1 = no SIP)")
+    sip_host: str = _opt("", "address the SIP and RTP sockets bind and announce (default: host)")
+    sip_user: str = _opt("presence", "the user part of the bot's SIP address (sip:USER@HOST:PORT)")
+    sip_rtp_ports: str = _opt("20000-20999", "UDP ports for the RTP of SIP calls (one per call)")
+    sip_codecs: list[str] = _opt(
+        ["G722", "opus", "PCMU", "PCMA"], "codecs a SIP call may use, the most wanted first"
+    )
+    sip_answer_after_ms: int = _opt(
+        0, "ring this long (180 Ringing) before answering a SIP call; 0 answers at once"
+    )
+    sip_registrar: str = _opt(
+        "", "SIP registrar to register the bot with (sip:HOST[:PORT]); calls then come through it"
+    )
+    sip_username: str = _opt(
+        "", "user name for the registrar and for dial-out authentication (default: sip_user)"
+    )
+    sip_password: str = _opt("", "password for digest authentication at the registrar or proxy", secret=True)
+    sip_register_expires_s: int = _opt(
+        300, "registration lifetime asked for; renewed at 80 percent of what is granted"
+    )
+    sip_outbound_proxy: str = _opt(
+        "", "SIP proxy that dialled calls go through (sip:HOST[:PORT]); empty: direct"
+    )
+    sip_dial_timeout_s: float = _opt(30.0, "how long a dialled call may ring before it is given up (CANCEL)")
+    sip_max_message_bytes: int = _opt(
+        16_384, "largest SIP datagram read; a longer one is answered 513 Message Too Large"
+    )
     # --- WebRTC
     ice_servers: list[str] = _opt([], "STUN/TURN URLs (comma separated); empty = contact nothing outside")
     ice_host_addresses: list[str] = _opt(
@@ -212,6 +240,13 @@ class Settings:
         "You are Presence, a friendly voice assistant on a call. Answer in one or two short spoken sentences.",
         "system prompt of the responder",
     )
+    idle_prompt_s: float = _opt(
+        30.0, "phone calls: silence on both sides before the bot asks 'Are you still there?' (0: never)"
+    )
+    idle_hangup_s: float = _opt(
+        15.0, "phone calls: silence after that question before the bot says goodbye and hangs up"
+    )
+    max_call_s: float = _opt(3600.0, "longest call; the bot says goodbye and hangs up (0: no limit)")
     greeting: str = _opt(
         "Hi, I'm Presence. How can I help?", "what the bot says when a call starts ('' = nothing)"
     )
@@ -303,6 +338,13 @@ class Settings:
             )
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
+        if not -1 <= self.sip_port <= 65535:
+            problems.append("sip_port must be -1 (no SIP), 0 (a free port) or a UDP port")
+        if not re.fullmatch(r"\d{1,5}(-\d{1,5})?", self.sip_rtp_ports):
+            problems.append("sip_rtp_ports must be a port or a range such as 20000-20999")
+        unknown = set(self.sip_codecs) - {"G722", "opus", "PCMU", "PCMA"}
+        if unknown or not self.sip_codecs:
+            problems.append(f"sip_codecs takes G722, opus, PCMU and PCMA (not {sorted(unknown)})")
         if self.max_peers_per_room < 1:
             problems.append("max_peers_per_room must be at least 1")
         if self.offer_rate_per_min < 0 or self.offer_burst < 1:

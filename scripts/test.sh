@@ -19,6 +19,10 @@ command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
 # speexdsp (the alternative echo canceller the tests measure) builds from source against these
 command -v swig >/dev/null 2>&1 || need_apt+=(swig)
 dpkg -s libspeexdsp-dev >/dev/null 2>&1 || need_apt+=(libspeexdsp-dev)
+# real SIP peers for the SIP tests: a softphone, sipp scenarios, a registrar/proxy
+command -v baresip >/dev/null 2>&1 || need_apt+=(baresip-core)
+command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
+command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_apt+=(kamailio)  # sbin: off a user PATH
 [[ "$( (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null)" == *libopus.so.0* ]] || need_apt+=(libopus0)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"

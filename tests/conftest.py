@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aioice.ice
 import numpy as np
@@ -19,6 +20,9 @@ from presence.bot.calls import CallManager
 from presence.bot.session import CallSession
 from presence.config import Settings
 from presence.seams import OUT_SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from presence.signaling.sip.ua import SipUserAgent
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -75,12 +79,13 @@ class BotServer:
     settings: Settings
     manager: CallManager
     url: str
+    sip: SipUserAgent | None = None  # with sip_port >= 0
 
 
 @pytest.fixture
 async def bot_factory(backends: Backends) -> AsyncIterator[Callable[..., object]]:
     """Start real servers (signaling + bot) with given settings; all are cleaned up after."""
-    from presence.signaling.app import run_server
+    from presence.signaling.app import SIP_KEY, run_server
 
     runners = []
 
@@ -94,8 +99,9 @@ async def bot_factory(backends: Backends) -> AsyncIterator[Callable[..., object]
             jobs = await JobBridge.start(settings, prefix=f"presence-test-{uuid.uuid4().hex[:8]}")
             need(jobs is not None, "background jobs need Redis (127.0.0.1:6379 or redis-server)")
         manager = CallManager(settings, backends, jobs=jobs)
-        runners.append(await run_server(settings, manager))
-        return BotServer(settings, manager, settings.base_url)
+        runner = await run_server(settings, manager)
+        runners.append(runner)
+        return BotServer(settings, manager, settings.base_url, runner.app.get(SIP_KEY))  # type: ignore[arg-type]
 
     yield start
     for runner in runners:

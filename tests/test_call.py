@@ -163,7 +163,7 @@ async def test_every_way_a_call_ends_leaves_nothing_behind(bot_factory, speech, 
     session = _session(server)
     await caller.say(speech("Hello, can you hear me?"), SR_OUT)
     await caller.wait_event(Ev.CALLER_SPEECH_START, timeout=20)  # ended mid-utterance
-    server_pcs = [peer.pc for peer in session.peers.values()]
+    server_pcs = [peer.link.pc for peer in session.peers.values()]
     if ending == "hangup":
         await caller.hangup()
     elif ending == "vanish":

@@ -140,3 +140,40 @@ def test_the_repeated_context_words_are_merged_away() -> None:
     )
     assert merge_overlap("", "hello there") == "hello there"
     assert merge_overlap("what time", "is it") == "what time is it"
+
+
+def test_a_pause_the_chunk_reader_heard_end_is_no_silence_to_the_tick() -> None:
+    """The tick runs a playout delay behind the VAD chunks: when they hear the caller go on
+    after a long pause, the tick's frames (still silent) must not end the turn on it."""
+    caller, s = CallerState(0.5), FloorState()
+    caller.voice("ann", True, 0.18)
+    caller.step(_turn(0, [0.9] * 10), s)
+    for i in range(1, 8):  # 1.4 s of pause, on both clocks
+        caller.voice("ann", False, i * 0.2)
+        caller.step(_turn(i, [0] * 10), s)
+    assert abs(s.caller_silence_ms - 1400) < 1e-6
+    for k in range(7):  # she goes on; the tick has not heard it yet
+        caller.voice("ann", True, 1.59 + k * 0.032)
+    caller.step(_turn(8, [0] * 10), s)
+    assert s.caller_silence_ms < 20
+    for i in range(9, 14):  # chunks that the frames never show end no turn for good
+        caller.step(_turn(i, [0] * 10), s)
+    assert abs(s.caller_silence_ms - (14 * 0.2 - 1.782) * 1000) < 1e-6
+
+
+def test_call_manners_check_on_a_quiet_caller_then_say_goodbye() -> None:
+    from presence.bot.manners import CallManners, Manner, MannerOptions
+
+    m = CallManners(MannerOptions(idle_prompt_s=30, idle_hangup_s=15, max_call_s=600), started=0.0)
+    assert m.step(10, active_at=5, speaking=False) is None
+    assert m.step(34, active_at=5, speaking=False) is None  # 29 s of quiet
+    assert m.step(36, active_at=5, speaking=False) is Manner.PROMPT
+    assert m.step(37, active_at=5, speaking=True) is None  # the question itself
+    assert m.step(45, active_at=44, speaking=False) is None  # "yes, I'm here"
+    assert m.step(70, active_at=44, speaking=False) is None  # quiet again, but not 30 s yet
+    assert m.step(75, active_at=44, speaking=False) is Manner.PROMPT
+    assert m.step(91, active_at=44, speaking=False) is Manner.GOODBYE
+    assert m.step(200, active_at=44, speaking=False) is None  # once
+    page = CallManners(MannerOptions(idle_prompt_s=30, max_call_s=600), started=0.0)
+    assert page.step(100, active_at=0, speaking=False, idle_checks=False) is None
+    assert page.step(601, active_at=0, speaking=False, idle_checks=False) is Manner.TIME_UP

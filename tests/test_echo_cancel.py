@@ -181,8 +181,8 @@ def test_stage_aligns_the_reference_by_bot_clock_through_jitter(
 def test_echo_wanted_by_setting_and_transport() -> None:
     assert echo_wanted("on") and echo_wanted("on", "sip")
     assert not echo_wanted("off") and not echo_wanted("off", "sip")
-    # auto: browsers and the Python caller cancel their own echo; phone-style callers do not
-    assert not echo_wanted("auto", "webrtc") and echo_wanted("auto", "sip")
+    # auto: browsers, phones and carriers cancel their own echo (see ECHO_TRANSPORTS)
+    assert not echo_wanted("auto", "webrtc") and not echo_wanted("auto", "sip")
 
 
 def test_factory_wires_the_setting(webrtc: None) -> None:

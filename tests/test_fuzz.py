@@ -127,10 +127,12 @@ async def test_junk_requests_get_json_errors_while_a_call_goes_on(bot: BotServer
     session = next(iter(bot.manager.sessions.values()))
     peer = next(iter(session.peers.values()))
     for _ in range(200):  # connected, with the events channel open, before the junk starts
-        if peer.pc.connectionState == "connected" and any(c.readyState == "open" for c in peer.channels):
+        if peer.link.pc.connectionState == "connected" and any(
+            c.readyState == "open" for c in peer.link.channels
+        ):
             break
         await asyncio.sleep(0.1)
-    assert peer.pc.connectionState == "connected", peer.pc.connectionState
+    assert peer.link.pc.connectionState == "connected", peer.link.pc.connectionState
 
     ticks = session.engine.assembler.index
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

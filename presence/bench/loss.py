@@ -212,7 +212,7 @@ async def call_once(
         if session is None or peer is None or peer.audio is None:
             raise RuntimeError("the bot never attached the caller's audio")
         link = LossyLink(pattern.rate, pattern.burst, seed=seed)
-        for transceiver in peer.pc.getTransceivers():
+        for transceiver in peer.link.pc.getTransceivers():
             if transceiver.kind == "audio":
                 link.attach(transceiver.receiver)
         tap = Tap(session.assembler.participants[peer.participant])
@@ -247,7 +247,7 @@ async def call_once(
 
 
 def _filled(peer: Any) -> int:
-    for transceiver in peer.pc.getTransceivers():
+    for transceiver in peer.link.pc.getTransceivers():
         buffer = getattr(transceiver.receiver, "_RTCRtpReceiver__jitter_buffer", None)
         if transceiver.kind == "audio" and hasattr(buffer, "lost"):
             return int(buffer.lost)

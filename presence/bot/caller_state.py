@@ -18,6 +18,7 @@ _FRAME_S = FRAME_MS / 1000
 QUIET_FRAMES_TO_END_RUN = 5  # ~100 ms of unvoiced frames end an overlap run (word gaps don't)
 QUIET_CHUNKS_TO_END_RUN = 3  # the same ~100 ms in 32 ms VAD chunks (the reflex path)
 SPEECH_END_HANGOVER_S = 0.16
+RESUMED_S = 0.1
 STALE_RUN_S = 0.3  # a run whose participant sent no VAD chunk for this long is over (left, stalled)
 
 
@@ -60,6 +61,7 @@ class CallerState:
         self.utt_start: float | None = None
         self.last_voiced = -1e9
         self.in_speech = False
+        self.heard_at = -1e9  # the last voiced VAD chunk (the reflex path's clock)
         self._run = _Run(QUIET_FRAMES_TO_END_RUN)  # frame-based overlap run (the policy's feature)
         self._runs: dict[str, _Run] = {}  # chunk-based runs per participant (the reflex)
 
@@ -86,7 +88,13 @@ class CallerState:
             self._run.update(bool(voiced[i]), t)
         if self.utt_start is not None:
             state.caller_speech_ms = (self.last_voiced - self.utt_start) * 1000
-            state.caller_silence_ms = max(0.0, (turn.end - self.last_voiced) * 1000)
+            silence = turn.end - self.last_voiced
+            # The chunk reader hears a resumed sentence a playout delay before the tick does:
+            # a pause it already heard end is no pause to take the turn in. (Its voice within
+            # RESUMED_S of the tick's is the same speech, heard after the VAD's own delay.)
+            if self.heard_at - self.last_voiced > RESUMED_S:
+                silence = min(silence, turn.end - self.heard_at)
+            state.caller_silence_ms = max(0.0, silence * 1000)
         else:
             state.caller_speech_ms = 0.0
             state.caller_silence_ms = 1e9
@@ -116,6 +124,8 @@ class CallerState:
         """One VAD chunk of one participant; returns the overlap (ms) the reflex should see:
         from the earliest live run's start, +20 ms (a run that just began holds one frame)."""
         self._runs.setdefault(participant, _Run(QUIET_CHUNKS_TO_END_RUN)).update(voiced, t)
+        if voiced:
+            self.heard_at = t
         starts = [r.start for r in self._runs.values() if r.start is not None and t - r.seen < STALE_RUN_S]
         return (t - min(starts)) * 1000 + 20 if starts else 0.0
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from presence.bot.backends.factory import Backends
 from presence.bot.jobs.bridge import JobBridge
 from presence.bot.session import CallSession
 from presence.config import Settings
-from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.contract import Answer, CallRejected, PeerLink
 from presence.signaling.metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CallManager:
@@ -42,6 +45,33 @@ class CallManager:
         return self.sessions.get(call_id)
 
     async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+        session = self._session_for(room)
+        answer = await self._admit(session, session.add_peer(sdp, participant))
+        self._peers[answer.peer_id] = session
+        log.info("call %s: %s joined (peer %s, room %s)", session.call_id, participant, answer.peer_id, room)
+        return answer
+
+    async def join(self, link: PeerLink, *, participant: str, room: str | None) -> tuple[str, str]:
+        """A participant whose transport is connected already (a SIP call, a provider's
+        media stream): (call id, peer id). Raises CallRejected like ``answer``."""
+        session = self._session_for(room)
+        peer_id = await self._admit(session, session.add_link(link, participant))
+        self._peers[peer_id] = session
+        log.info(
+            "call %s: %s joined over %s (peer %s)", session.call_id, participant, link.transport, peer_id
+        )
+        return session.call_id, peer_id
+
+    async def _admit(self, session: CallSession, joining: Awaitable[T]) -> T:
+        """Await a participant's joining; a refused first participant leaves no empty call."""
+        try:
+            return await joining
+        except CallRejected:
+            if not session.peers:
+                await self._ended(session)
+            raise
+
+    def _session_for(self, room: str | None) -> CallSession:
         session = self._rooms.get(room) if room else None
         if session is None:
             if self.active_calls >= self.settings.max_calls:
@@ -55,15 +85,7 @@ class CallManager:
             self.sessions[call_id] = session
             if room:
                 self._rooms[room] = session
-        try:
-            answer = await session.add_peer(sdp, participant)
-        except CallRejected:
-            if not session.peers:
-                await self._ended(session)
-            raise
-        self._peers[answer.peer_id] = session
-        log.info("call %s: %s joined (peer %s, room %s)", session.call_id, participant, answer.peer_id, room)
-        return answer
+        return session
 
     async def hangup(self, peer_id: str) -> bool:
         session = self._peers.pop(peer_id, None)

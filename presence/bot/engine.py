@@ -29,6 +29,7 @@ from presence.bot.caller_state import CallerState
 from presence.bot.context import Conversation, Fold
 from presence.bot.floor_actions import FloorActions
 from presence.bot.jobs.types import JobResult
+from presence.bot.keypad import Keypad
 from presence.bot.policy import InterruptionOptions, is_backchannel, is_filler
 from presence.bot.reply import ReplyTask, final_pass, plain_words
 from presence.bot.results import CallResults
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
 
 
-class Engine(FloorActions, BetweenTicks):
+class Engine(FloorActions, BetweenTicks, Keypad):
     def __init__(
         self,
         call_id: str,
@@ -87,6 +88,8 @@ class Engine(FloorActions, BetweenTicks):
         )
         self.addressee = AddresseeTracker(AddresseeOptions(bot_name=settings.bot_name))
         self._evidence_timer: asyncio.TimerHandle | None = None
+        self._keys: list[str] = []
+        self._keys_timer: asyncio.TimerHandle | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
         self._turn_audio_end = 0.0  # bot clock at the end of the last turn audio kept
@@ -126,6 +129,7 @@ class Engine(FloorActions, BetweenTicks):
                 await self._main
             self._main = None
         self._cancel_evidence_timer()
+        self._cancel_keys_timer()
         self.probe.armed = False
         await self.probe.close()
         for reply in (self._pending, self._live, *self.results.replies()):

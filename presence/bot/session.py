@@ -1,7 +1,8 @@
 """A call session: one room, its peers (one per human participant), one engine, one voice.
 
-Each peer is an aiortc ``RTCPeerConnection``. Their audio feeds the session's micro-turn
-assembler, their video is sampled into it, and their data channels receive the call's events.
+Each peer holds a ``PeerLink``: an aiortc ``RTCPeerConnection`` for a browser or WHIP client,
+a SIP dialog with its RTP for a phone. Their audio feeds the session's micro-turn assembler,
+WebRTC video is sampled into it, and every link receives the call's events.
 The bot's single speech track is fanned out to every peer through a ``MediaRelay``. When the
 last peer leaves or goes silent past ``peer_timeout_s``, the session ends and releases
 everything it holds: tasks, tracks, peer connections and model state.
@@ -17,26 +18,27 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from presence.bot.backends.factory import Backends
 from presence.bot.engine import Engine
 from presence.bot.jobs.bridge import JobBridge
+from presence.bot.manners import CallManners, Manner, MannerOptions
 from presence.bot.policy import build_policy
 from presence.clock import now
 from presence.config import Settings
 from presence.events import Ev, EventLog
-from presence.media.echo import EchoStage, ReferenceBuffer, echo_wanted
+from presence.media.echo import ECHO_TRANSPORTS, EchoStage, ReferenceBuffer, echo_wanted
 from presence.media.inbound import AudioReader, VideoReader
 from presence.media.microturn import MicroTurnAssembler
-from presence.media.opus_plc import LossJitterBuffer, configure_receiver, configure_sender
+from presence.media.opus_plc import configure_receiver, configure_sender
 from presence.media.speech import SpeechTrack
 from presence.seams import CallEvent, VideoFrame
-from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.contract import Answer, CallRejected, PeerLink
 from presence.signaling.metrics import Metrics
-from presence.signaling.rtc import new_peer_connection
+from presence.signaling.rtc import RtcLink, new_peer_connection
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +47,16 @@ log = logging.getLogger(__name__)
 class Peer:
     id: str
     participant: str
-    pc: RTCPeerConnection
+    link: PeerLink
     created: float = field(default_factory=now)
     audio: AudioReader | None = None
     video: VideoReader | None = None
-    channels: list[RTCDataChannel] = field(default_factory=list)
-    greeted: bool = False
-    rx_buffer: LossJitterBuffer | None = None  # our jitter buffer on the audio receiver
 
     def last_heard(self) -> float:
-        """When the peer last sent audio: a packet off the network (a busy machine may decode
-        it seconds later, and the peer must not be taken for gone meanwhile), else a frame."""
+        """When the participant last sent audio: media off the network (a busy machine may
+        decode it seconds later, and the peer must not be taken for gone meanwhile), else a frame."""
         frame = self.audio.last_frame_at if self.audio is not None else self.created
-        return max(frame, self.rx_buffer.last_packet_at) if self.rx_buffer is not None else frame
+        return max(frame, self.link.last_heard())
 
 
 class CallSession:
@@ -82,12 +81,10 @@ class CallSession:
         self.assembler = MicroTurnAssembler(
             call_id, settings.micro_turn_ms, settings.max_playout_ms, settings.vad_threshold
         )
-        # Echo cancellation: every peer is WebRTC today, so echo_cancel=auto leaves it off.
-        self.echo_reference = (
-            ReferenceBuffer()
-            if backends.echo_factory is not None and echo_wanted(settings.echo_cancel, "webrtc")
-            else None
-        )
+        # Echo cancellation, per peer (echo_cancel=auto: phone-style transports only); the
+        # reference of what the bot sent is kept once a call could need it.
+        could = settings.echo_cancel == "on" or (settings.echo_cancel == "auto" and bool(ECHO_TRANSPORTS))
+        self.echo_reference = ReferenceBuffer() if backends.echo_factory is not None and could else None
         self.track = SpeechTrack(self.events.emit, self.assembler.bot, self.echo_reference)
         self.relay = MediaRelay()
         self.engine = Engine(
@@ -106,6 +103,7 @@ class CallSession:
         self._started = False
         self._greeted = False
         self._watchdog: asyncio.Task[None] | None = None
+        self._manner_task: asyncio.Task[None] | None = None
         self._removing: set[str] = set()
         self.events.listen(self._forward)
 
@@ -120,16 +118,19 @@ class CallSession:
                 409, "room_full", f"this room is full: at most {s.max_peers_per_room} participants"
             )
         pc = new_peer_connection(s.ice_servers, s.ice_host_addresses)
-        peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), pc=pc)
+        link = RtcLink(pc)
+        peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), link=link)
         self.peers[peer.id] = peer
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and link.audio is None:
+                link.audio = track
             self._attach_track(peer, track)
 
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
-            peer.channels.append(channel)
+            link.channels.append(channel)
 
             @channel.on("message")
             def on_message(message: object) -> None:
@@ -156,8 +157,8 @@ class CallSession:
                     buffer = configure_receiver(
                         transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc
                     )
-                    peer.rx_buffer = peer.rx_buffer or buffer
-            pc.addTrack(self.relay.subscribe(self.track, buffered=False))
+                    link.rx_buffer = link.rx_buffer or buffer
+            link.play(self.relay.subscribe(self.track, buffered=False))
             await pc.setLocalDescription(await pc.createAnswer())
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
@@ -168,11 +169,35 @@ class CallSession:
         except Exception as exc:
             await self.remove_peer(peer.id, notify=False)
             raise CallRejected(400, "bad_offer", f"cannot answer this offer: {exc}") from exc
+        await self._joined(peer)
+        return Answer(call_id=self.call_id, peer_id=peer.id, sdp=pc.localDescription.sdp)
+
+    async def add_link(self, link: PeerLink, participant: str) -> str:
+        """Add a participant whose transport is already connected (a SIP call after its
+        INVITE, a provider's media stream); returns the peer id."""
+        if self.closed:
+            raise CallRejected(409, "call_ended", "this call has ended")
+        if len(self.peers) >= self.settings.max_peers_per_room:
+            raise CallRejected(
+                409,
+                "room_full",
+                f"this room is full: at most {self.settings.max_peers_per_room} participants",
+            )
+        peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), link=link)
+        self.peers[peer.id] = peer
+        link.on_dtmf = lambda digit, t: self.engine.on_dtmf(peer.participant, digit, t)
+        if link.audio is not None:
+            self._attach_track(peer, link.audio)
+        link.play(self.relay.subscribe(self.track, buffered=False))
+        await self._joined(peer)
+        self._on_connected(peer)  # connected already: the caller hears the greeting now
+        return peer.id
+
+    async def _joined(self, peer: Peer) -> None:
         self._start()
         await self._open_jobs()
         # names only: a peer id is its owner's, and events go to everyone in the room
-        self.events.emit(Ev.PARTICIPANT_JOINED, participant=peer.participant)
-        return Answer(call_id=self.call_id, peer_id=peer.id, sdp=pc.localDescription.sdp)
+        self.events.emit(Ev.PARTICIPANT_JOINED, participant=peer.participant, transport=peer.link.transport)
 
     def _unique_name(self, wanted: str) -> str:
         taken = {p.participant for p in self.peers.values()}
@@ -186,7 +211,8 @@ class CallSession:
         if track.kind == "audio" and peer.audio is None:
             buffer = self.assembler.add_participant(peer.participant)
             echo = None
-            if self.echo_reference is not None and self.backends.echo_factory is not None:
+            wanted = echo_wanted(s.echo_cancel, peer.link.transport)
+            if wanted and self.echo_reference is not None and self.backends.echo_factory is not None:
                 echo = EchoStage(self.backends.echo_factory(), self.echo_reference)
             peer.audio = AudioReader(
                 peer.participant, track, buffer, self.backends.vad_factory(), self.engine.on_voice, echo=echo
@@ -219,7 +245,7 @@ class CallSession:
                     await reader.stop()
             self.assembler.remove_participant(peer.participant)
             self.engine.remove_participant(peer.participant)
-            await peer.pc.close()
+            await peer.link.close()
             self.peers.pop(peer_id, None)
             if notify:
                 self.events.emit(Ev.PARTICIPANT_LEFT, participant=peer.participant)
@@ -251,22 +277,49 @@ class CallSession:
         self.engine.jobs = jobs
 
     async def _watch(self) -> None:
-        """A caller that vanished without hanging up stops sending: let them go."""
+        """A caller that vanished without hanging up stops sending: let them go. And phone
+        manners: a quiet call is checked on and ended, a long one ended (``CallManners``)."""
         timeout = self.settings.peer_timeout_s
+        manners = CallManners(MannerOptions.from_settings(self.settings), now())
         # Until the call is closed: removing the last peer closes it from inside this task,
         # which close() cannot cancel, and a loop that went on would keep the session alive.
         while not self.closed:
             await asyncio.sleep(min(1.0, timeout / 4))
             t = now()
+            phone = any(p.link.transport != "webrtc" for p in self.peers.values())
+            manner = manners.step(
+                t, active_at=self.engine.caller.last_voiced, speaking=self.track.speaking, idle_checks=phone
+            )
+            if manner is not None:
+                self._manner_task = asyncio.get_running_loop().create_task(
+                    self._mind(manner, manners.o), name=f"manners-{self.call_id}"
+                )
             for peer in list(self.peers.values()):
                 if t - peer.last_heard() > timeout:
                     log.info("call %s: peer %s silent for %.0f s, removing", self.call_id, peer.id, timeout)
                     await self.remove_peer(peer.id)
 
+    async def _mind(self, manner: Manner, o: MannerOptions) -> None:
+        log.info("call %s: %s", self.call_id, manner.value)
+        text = {Manner.PROMPT: o.prompt_text, Manner.GOODBYE: o.goodbye_text, Manner.TIME_UP: o.time_up_text}
+        await self.engine.say(text[manner])
+        if manner is Manner.PROMPT:
+            return
+        await asyncio.sleep(0.2)
+        for _ in range(150):  # the goodbye is heard before the line goes (up to 30 s)
+            if not self.track.speaking or self.closed:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)  # its last packets in flight
+        for peer_id in list(self.peers):
+            await self.remove_peer(peer_id)
+
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self._manner_task is not None and self._manner_task is not asyncio.current_task():
+            self._manner_task.cancel()
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -281,16 +334,11 @@ class CallSession:
 
     # ------------------------------------------------------------------ events out
     def _forward(self, event: CallEvent) -> None:
-        payload: str | None = None
-        for peer in self.peers.values():
-            for channel in peer.channels:
-                if channel.readyState != "open":
-                    continue
-                if payload is None:
-                    payload = json.dumps(event.to_json(), default=str)
-                # A page that stops reading must not grow our memory without bound.
-                if channel.bufferedAmount < 1_000_000:
-                    channel.send(payload)
+        for peer in list(self.peers.values()):
+            try:
+                peer.link.on_event(event)
+            except Exception:  # one broken link must not keep events from the others
+                log.exception("call %s: event to peer %s failed", self.call_id, peer.id)
 
     def _observe_step(self, seconds: float) -> None:
         if self.metrics is not None:

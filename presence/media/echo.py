@@ -95,14 +95,20 @@ def make_canceller(name: str) -> EchoCanceller:
     return cls()
 
 
+# Transports whose callers send the bot's voice back unless the server cancels it: none known.
+# Browsers and WebRTC clients cancel their own echo, phones theirs and carriers the line's
+# (G.168); and AEC3 on a SIP line with no echo at all swallowed a barge-in 3 s into the call,
+# before it had converged (2 s of "Wait, stop." became 140 ms of voice; tests/test_sip.py).
+ECHO_TRANSPORTS: frozenset[str] = frozenset()
+
+
 def echo_wanted(setting: str, transport: str = "webrtc") -> bool:
-    """Whether a peer's audio goes through the canceller: ``on`` always, ``off`` never, ``auto``
-    for phone-style transports only (a browser or WebRTC client cancels its own echo; every
-    peer is WebRTC today, so ``auto`` is off until a SIP gateway lands)."""
+    """Whether a peer's audio goes through the canceller: ``on`` always (a speakerphone line
+    known to echo), ``off`` never, ``auto`` for the transports in ``ECHO_TRANSPORTS``."""
     if setting == "on":
         return True
     if setting == "auto":
-        return transport == "sip"
+        return transport in ECHO_TRANSPORTS
     return False
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiortc.sdp import SessionDescription
 
 from presence.config import Settings
-from presence.signaling import tokens
+from presence.signaling import dial_api, tokens
 from presence.signaling.contract import CallHost, CallRejected
 from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
 from presence.signaling.limits import RateLimiter
@@ -37,6 +37,7 @@ HOST_KEY: web.AppKey[CallHost] = web.AppKey("host")
 METRICS_KEY = web.AppKey("metrics", Metrics)
 LIMITER_KEY = web.AppKey("offer_limiter", RateLimiter)
 RESOURCES_KEY = web.AppKey("resource_tokens", tokens.ResourceTokens)
+SIP_KEY = web.AppKey("sip", object)  # the SIP user agent, when sip_port >= 0
 
 # Route names whose errors count as rejected offers in presence_offers_rejected_total.
 OFFER_ROUTES = frozenset({"whip_offer", "whip_offer_room", "api_offer"})
@@ -449,6 +450,7 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
     whip_room.add_route("POST", whip_offer)
     whip_room.add_route("OPTIONS", whip_options)
     r.add_get("/static/{path:.+}", static_file, name="static")
+    dial_api.add_routes(app)
 
     async def close_host(app: web.Application) -> None:
         await app[HOST_KEY].close()
@@ -473,11 +475,24 @@ async def run_server(settings: Settings, host: CallHost) -> web.AppRunner:
 
     Stop with ``await runner.cleanup()``, which also closes the host (``on_shutdown``).
     """
-    runner = web.AppRunner(create_app(settings, host), shutdown_timeout=5.0)
+    app = create_app(settings, host)
+    sip = None
+    if settings.sip_port >= 0:
+        from presence.signaling.sip.ua import SipUserAgent
+
+        sip = app[SIP_KEY] = SipUserAgent(settings, host)
+
+        async def close_sip(app: web.Application) -> None:
+            await sip.close()  # after the host: its calls' BYEs go out on this socket
+
+        app.on_shutdown.append(close_sip)
+    runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
+        if sip is not None:
+            await sip.start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from aiortc.mediastreams import MediaStreamTrack
+
+    from presence.seams import CallEvent
 
 
 class CallRejected(Exception):
@@ -34,8 +40,44 @@ class CallHost(Protocol):
         """Answer an offer (raises CallRejected for a bad offer or when full)."""
         ...
 
+    async def join(self, link: PeerLink, *, participant: str, room: str | None) -> tuple[str, str]:
+        """Add a participant whose transport is connected already (a SIP call, a provider's
+        media stream) to a call, a new one when ``room`` is None: (call id, peer id)."""
+        ...
+
     async def hangup(self, peer_id: str) -> bool:
         """Hang one peer up; False when it is unknown or already gone."""
         ...
 
     async def close(self) -> None: ...
+
+
+class PeerLink(Protocol):
+    """One participant's connection to a call, whatever carries it: a WebRTC peer connection,
+    a SIP dialog with its RTP, a provider's media websocket. The session reads the caller's
+    audio from ``audio``, hands the bot's voice to ``play`` and every call event to
+    ``on_event``; it never needs to know which transport it holds."""
+
+    transport: str  # "webrtc" | "sip" | "twilio" | "telnyx": echo_cancel=auto and logs read it
+    on_dtmf: Callable[[str, float], None] | None  # set by the session: (digit, bot-clock time)
+
+    @property
+    def audio(self) -> MediaStreamTrack | None:
+        """The participant's voice as decoded audio frames (None until it arrives)."""
+        ...
+
+    def play(self, track: MediaStreamTrack) -> None:
+        """Send the bot's voice: ``track`` yields paced 20 ms, 48 kHz mono frames."""
+        ...
+
+    def last_heard(self) -> float:
+        """When media last arrived from the participant (the watchdog ends silent links)."""
+        ...
+
+    def on_event(self, event: CallEvent) -> None:
+        """A call event: a page shows it, a provider's stream clears its playback on a flush."""
+        ...
+
+    async def close(self) -> None:
+        """Hang up and release the link's sockets and tasks; idempotent."""
+        ...

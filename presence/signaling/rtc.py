@@ -9,12 +9,19 @@ re-times audio on its own clock, so that wait is pure latency and is a setting t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aioice.ice
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterBuffer
+from aiortc.mediastreams import MediaStreamTrack
+
+if TYPE_CHECKING:
+    from presence.media.opus_plc import LossJitterBuffer
+    from presence.seams import CallEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +81,37 @@ async def wait_ice_gathering(pc: RTCPeerConnection, timeout: float = 10.0) -> No
             done.set()
 
     await asyncio.wait_for(done.wait(), timeout)
+
+
+class RtcLink:
+    """A WebRTC participant as a ``PeerLink``: its peer connection and data channels."""
+
+    transport = "webrtc"
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self.pc = pc
+        self.channels: list[RTCDataChannel] = []
+        self.rx_buffer: LossJitterBuffer | None = None  # ours, on the audio receiver
+        self.on_dtmf: Callable[[str, float], None] | None = None  # WebRTC peers send none
+        self.audio: MediaStreamTrack | None = None  # set when the offer's audio track arrives
+
+    def play(self, track: MediaStreamTrack) -> None:
+        self.pc.addTrack(track)
+
+    def last_heard(self) -> float:
+        # a packet off the network: a busy machine may decode it seconds later
+        return self.rx_buffer.last_packet_at if self.rx_buffer is not None else -1e9
+
+    def on_event(self, event: CallEvent) -> None:
+        payload: str | None = None
+        for channel in self.channels:
+            if channel.readyState != "open":
+                continue
+            if payload is None:
+                payload = json.dumps(event.to_json(), default=str)
+            # A page that stops reading must not grow our memory without bound.
+            if channel.bufferedAmount < 1_000_000:
+                channel.send(payload)
+
+    async def close(self) -> None:
+        await self.pc.close()
