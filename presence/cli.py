@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_lat.add_argument("--calls", default="1,5,10", help="concurrency levels for the CPU measurement")
     p_lat.add_argument("--cpu-seconds", type=float, default=20.0, help="measurement window per level")
     p_lat.add_argument("--skip-cpu", action="store_true")
+    p_lat.add_argument(
+        "--transports",
+        default="webrtc",
+        help="callers, comma separated: webrtc, sip-pcmu (a phone line), sip-g722 (wideband); "
+        "several run the same trials side by side against the same servers",
+    )
     p_lat.add_argument("--json", help="also write the results here")
     Settings.add_arguments(p_lat)
     p_long = bench_sub.add_parser(
@@ -287,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="10 calls and a video call for 30 minutes: memory per minute, dropped calls (see --help)",
         add_help=False,
     )
+    bench_sub.add_parser(
+        "narrowband",
+        help="VAD, end-of-turn detector and ASR on phone audio (G.711, G.722) against wideband",
+        add_help=False,
+    )
     return parser
 
 
@@ -299,6 +310,7 @@ OWN_PARSER = {
     "soak": "presence.bench.soak",
     "jobs": "presence.bench.jobs",
     "fdb": "presence.bench.fdb.cli",
+    "narrowband": "presence.bench.narrowband",
 }
 
 

@@ -80,8 +80,21 @@ class Settings:
         "", "SIP proxy that dialled calls go through (sip:HOST[:PORT]); empty: direct"
     )
     sip_dial_timeout_s: float = _opt(30.0, "how long a dialled call may ring before it is given up (CANCEL)")
+    transfer_to: str = _opt(
+        "", "SIP URI of a person: a phone caller who asks for one (or presses 0) is transferred there (REFER)"
+    )
     sip_max_message_bytes: int = _opt(
         16_384, "largest SIP datagram read; a longer one is answered 513 Message Too Large"
+    )
+    # --- phone providers (Twilio, Telnyx media websockets)
+    twilio_auth_token: str = _opt(
+        "",
+        "Twilio auth token: /twilio/voice checks each webhook's X-Twilio-Signature with it "
+        "(empty: unchecked, dev mode only)",
+        secret=True,
+    )
+    provider_stream_token_ttl_s: float = _opt(
+        60.0, "how long the one-time token in /twilio/voice's TwiML is good for its media websocket"
     )
     # --- WebRTC
     ice_servers: list[str] = _opt([], "STUN/TURN URLs (comma separated); empty = contact nothing outside")
@@ -338,6 +351,11 @@ class Settings:
             )
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
+        if self.sip_port >= 0 and (self.sip_host or self.host) in ("0.0.0.0", "::", ""):
+            problems.append(
+                "SIP tells callers its address (Contact, SDP): set sip_host to an address of this "
+                "machine they can reach, not a wildcard"
+            )
         if not -1 <= self.sip_port <= 65535:
             problems.append("sip_port must be -1 (no SIP), 0 (a free port) or a UDP port")
         if not re.fullmatch(r"\d{1,5}(-\d{1,5})?", self.sip_rtp_ports):
@@ -347,6 +365,8 @@ class Settings:
             problems.append(f"sip_codecs takes G722, opus, PCMU and PCMA (not {sorted(unknown)})")
         if self.max_peers_per_room < 1:
             problems.append("max_peers_per_room must be at least 1")
+        if self.provider_stream_token_ttl_s <= 0:
+            problems.append("provider_stream_token_ttl_s must be positive")
         if self.offer_rate_per_min < 0 or self.offer_burst < 1:
             problems.append("offer_rate_per_min must not be negative and offer_burst must be at least 1")
         if problems:

@@ -35,6 +35,7 @@ class Ev(enum.StrEnum):
     JOB_RESULT_INJECTED = "job_result_injected"
     BOT_SPEECH_START = "bot_speech_start"
     BOT_SPEECH_END = "bot_speech_end"
+    TRANSFER = "transfer"  # {"participant", "target", "ok"}: handed over to a person (SIP REFER)
     DTMF = "dtmf"  # {"digit", "participant"}: a key the caller pressed (RFC 4733, a provider's event)
     # page-facing, not timing marks
     STATE = "state"  # listening | thinking | speaking

@@ -263,3 +263,38 @@ class Kamailio:
         except TimeoutError:
             self._proc.kill()
             await self._proc.wait()
+
+
+def hold_scenario(hold_ms: int = 500) -> str:
+    """INVITE; ACK; re-INVITE with a=sendonly (hold), the answer must say recvonly; ACK;
+    re-INVITE with sendrecv (resume), the answer must say sendrecv; ACK; BYE."""
+
+    def answer_says(direction: str) -> str:
+        return (
+            '  <recv response="200">\n    <action>\n'
+            f'      <ereg regexp="a={direction}" search_in="body" check_it="true" assign_to="dir_{direction}"/>\n'
+            "    </action>\n  </recv>\n"
+            f'  <Reference variables="dir_{direction}"/>\n'
+        )
+
+    held = _send("INVITE", 2, to_tag=True, sdp=True).replace(
+        "a=fmtp:101 0-15\n", "a=fmtp:101 0-15\n      a=sendonly\n"
+    )
+    return _scenario(
+        "hold",
+        _send("INVITE", 1, sdp=True),
+        _recv(200, optional=(100, 180)),
+        _send("ACK", 1, to_tag=True),
+        f'  <pause milliseconds="{hold_ms}"/>\n',
+        held,
+        _recv(optional=(100,)),
+        answer_says("recvonly"),
+        _send("ACK", 2, to_tag=True),
+        f'  <pause milliseconds="{hold_ms}"/>\n',
+        _send("INVITE", 3, to_tag=True, sdp=True),
+        _recv(optional=(100,)),
+        answer_says("sendrecv"),
+        _send("ACK", 3, to_tag=True),
+        _send("BYE", 4, to_tag=True),
+        _recv(200),
+    )

@@ -177,3 +177,11 @@ def test_call_manners_check_on_a_quiet_caller_then_say_goodbye() -> None:
     page = CallManners(MannerOptions(idle_prompt_s=30, max_call_s=600), started=0.0)
     assert page.step(100, active_at=0, speaking=False, idle_checks=False) is None
     assert page.step(601, active_at=0, speaking=False, idle_checks=False) is Manner.TIME_UP
+
+
+def test_asking_for_a_person_is_told_from_other_talk() -> None:
+    from presence.bot.transfer import wants_a_person
+
+    asks = ["Can I talk to a person please?", "I want to speak to a human", "put me through to an agent"]
+    other = ["What is your name?", "I am a person who likes hiking", "Can you help me with my bill?"]
+    assert all(wants_a_person(t) for t in asks) and not any(wants_a_person(t) for t in other)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SR_OUT, BotServer, bot_heard, heard_as
-from sip_peers import Kamailio, Sipp, audio_dtmf_scenario, cancel_scenario
+from sip_peers import Kamailio, Sipp, audio_dtmf_scenario, cancel_scenario, hold_scenario
 from sip_support import Baresip, SipAccount, ulaw_file
 
 from presence.events import Ev
@@ -229,3 +229,42 @@ async def test_a_quiet_caller_is_checked_on_then_the_bot_hangs_up(bot_factory, b
         text = await _heard(backends, phone.received_wav())
     await _ended(server)
     assert "still there" in text and "goodbye" in text, (text, said)
+
+
+async def test_a_caller_who_presses_0_is_transferred_to_a_person(bot_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with Baresip(tmp_path, SipAccount("person"), auto_answer=True) as person:
+        server: BotServer = await bot_factory(sip_port=0, transfer_to=person.uri)
+        wav = _phone_wav(tmp_path / "quiet.wav", np.zeros(100, np.float32), 0.0, 30.0)
+        async with Baresip(tmp_path, SipAccount("erin"), source=wav) as phone:
+            await phone.dial(f"sip:presence@127.0.0.1:{server.settings.sip_port}")
+            await phone.wait_established()
+            session = await _one_session(server)
+            await asyncio.sleep(0.5)
+            await phone.send_dtmf("0")
+            moved = await session.events.wait_for(Ev.TRANSFER, timeout=30)
+            assert moved.data["ok"] is True, moved
+            await person.wait_established(timeout=10)  # Erin's phone called the person itself
+            said = [m.content for m in session.engine.history if m.role == "assistant"]
+            assert any("person" in s for s in said), said
+        await _ended(server)  # the bot's leg ended once the person answered
+
+
+async def test_a_re_invite_holds_and_resumes_the_call(bot_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server: BotServer = await bot_factory(sip_port=0)
+    run = asyncio.create_task(
+        Sipp(tmp_path).run(
+            hold_scenario(hold_ms=1500), f"127.0.0.1:{server.settings.sip_port}", service="presence"
+        )
+    )
+    session = await _one_session(server)
+    call = next(iter(session.peers.values())).link
+    held = False
+    for _ in range(100):  # the hold is between the two re-INVITEs
+        held = held or call.held
+        if run.done():
+            break
+        await asyncio.sleep(0.05)
+    result = await run
+    assert result.rc == 0, result.explain()
+    assert held and not call.held
+    await _ended(server)

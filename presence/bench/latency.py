@@ -16,9 +16,11 @@ import contextlib
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from presence.clock import now
 from presence.config import Settings
 from presence.media.audio import resample
 from presence.seams import OUT_SAMPLE_RATE
+from presence.sip_caller import SipCaller
 
 QUESTIONS = [
     "What is your name?",
@@ -77,6 +80,7 @@ class ServerProcess:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self.sip_port = int(env.get("PRESENCE_SIP_PORT", "-1"))
         self.tail: collections.deque[str] = collections.deque(maxlen=2000)  # its last output lines
 
     async def start(self, marker: str, timeout: float = 180.0) -> None:
@@ -154,6 +158,7 @@ def _env(**settings: object) -> dict[str, str]:
 async def start_bot(settings: Settings, **overrides: object) -> ServerProcess:
     values = {
         "port": 0,
+        "sip_port": _free_udp_port(),  # phones call it here (sip-* transports)
         "log_level": "warning",
         "responder": settings.responder,
         "eot_silence_ms": settings.eot_silence_ms,
@@ -162,6 +167,12 @@ async def start_bot(settings: Settings, **overrides: object) -> ServerProcess:
     server = ServerProcess([sys.executable, "-m", "presence.cli", "serve"], _env(**values))
     await server.start("Presence is listening on")
     return server
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def start_echo() -> ServerProcess:
@@ -176,10 +187,24 @@ class Results:
     barge_in_stop: list[float] = field(default_factory=list)
     cpu: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> calls -> % of a core per call
     failures: list[str] = field(default_factory=list)
+    # per caller transport when several ran: "webrtc", "sip-pcmu", "sip-g722"
+    by_transport: dict[str, Results] = field(default_factory=dict)
 
 
-async def voice_to_voice(url: str, clips: dict[str, Clip], trials: int, results: Results) -> None:
-    caller = Caller(url=url)
+# The callers a run can use: WebRTC (aiortc, Opus) and phones over SIP with one codec each.
+TRANSPORTS = ("webrtc", "sip-pcmu", "sip-g722")
+MakeCaller = Callable[[], "Caller | SipCaller"]
+
+
+def caller_factory(transport: str, server: ServerProcess) -> MakeCaller:
+    if transport == "webrtc":
+        return lambda: Caller(url=server.url)
+    codec = {"sip-pcmu": "PCMU", "sip-g722": "G722"}[transport]
+    return lambda: SipCaller(target=f"sip:presence@127.0.0.1:{server.sip_port}", codec=codec)
+
+
+async def voice_to_voice(make: MakeCaller, clips: dict[str, Clip], trials: int, results: Results) -> None:
+    caller = make()
     await caller.connect()
     try:
         await asyncio.sleep(1.0)
@@ -207,11 +232,11 @@ async def voice_to_voice(url: str, clips: dict[str, Clip], trials: int, results:
         await caller.hangup()
 
 
-async def barge_in(url: str, clips: dict[str, Clip], trials: int, results: Results) -> None:
+async def barge_in(make: MakeCaller, clips: dict[str, Clip], trials: int, results: Results) -> None:
     rng = random.Random(7)
     clip = clips[INTERRUPTION]
     for i in range(trials):
-        caller = Caller(url=url)
+        caller = make()
         await caller.connect()
         try:
             deadline = now() + 15.0
@@ -233,7 +258,7 @@ async def barge_in(url: str, clips: dict[str, Clip], trials: int, results: Resul
 
 
 async def cpu_per_call(
-    url: str, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess, *, talk: str
+    make: MakeCaller, clips: dict[str, Clip], calls: int, seconds: float, server: ServerProcess, *, talk: str
 ) -> float:
     """% of one core per call for ``calls`` concurrent callers.
 
@@ -241,7 +266,7 @@ async def cpu_per_call(
     long enough to end a turn): media, VAD, micro-turns and streaming ASR, no replies.
     ``talk="conversation"``: a question every 6 s, each answered (ASR, LLM, TTS, whisper).
     """
-    callers = [Caller(url=url, name=f"c{i}") for i in range(calls)]
+    callers = [make() for _ in range(calls)]
     stop = asyncio.Event()
     # Voiced parts only, back to back: no pause long enough to end a turn.
     spans = [
@@ -281,10 +306,12 @@ async def measure_cpu(
     levels: list[int],
     seconds: float,
     results: Results,
+    transport: str = "webrtc",
 ) -> None:
+    make = caller_factory(transport, server)
     for talk, counts in (("listening", levels), ("conversation", levels[:1])):
         for n in counts:
-            value = await cpu_per_call(server.url, clips, n, seconds, server, talk=talk)
+            value = await cpu_per_call(make, clips, n, seconds, server, talk=talk)
             results.cpu.setdefault(f"{kind}:{talk}", {})[n] = value
             print(f"  {kind} CPU, {talk}, {n} calls: {value:.1f}% of a core per call", file=sys.stderr)
 
@@ -296,16 +323,37 @@ def _progress(name: str, done: int, total: int, value: float) -> None:
 
 
 def summary(results: Results) -> str:
-    def row(name: str, values: list[float], target: str) -> str:
+    def row(name: str, values: list[float], target: str, base: list[float] | None = None) -> str:
         ms = [v * 1000 for v in values]
-        return f"| {name} | {len(ms)} | {pct(ms, 50):.0f} | {pct(ms, 95):.0f} | {min(ms, default=float('nan')):.0f} | {max(ms, default=float('nan')):.0f} | {target} |"
+        versus = ""
+        if base is not None:
+            versus = f" | {pct(ms, 50) - pct([v * 1000 for v in base], 50):+.0f}"
+        return (
+            f"| {name} | {len(ms)} | {pct(ms, 50):.0f} | {pct(ms, 95):.0f} | {min(ms, default=float('nan')):.0f} "
+            f"| {max(ms, default=float('nan')):.0f}{versus} | {target} |"
+        )
 
-    lines = [
-        "| metric (ms) | n | p50 | p95 | min | max | target |",
-        "|---|---|---|---|---|---|---|",
-        row("voice-to-voice", results.voice_to_voice, "p50 <= 600 (aim 400)"),
-        row("barge-in stop", results.barge_in_stop, "p95 <= 250"),
-    ]
+    several = len(results.by_transport) > 1
+    head = (
+        "| metric (ms) | n | p50 | p95 | min | max |" + (" p50 vs webrtc |" if several else "") + " target |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    runs = results.by_transport or {"webrtc": results}
+    base = runs.get("webrtc")
+    for name, r in runs.items():
+        label = f"{name} " if several else ""
+        ref = base if several and base is not None else None
+        lines.append(
+            row(
+                f"{label}voice-to-voice",
+                r.voice_to_voice,
+                "p50 <= 600 (aim 400); phone: within 100 of webrtc",
+                ref.voice_to_voice if ref else None,
+            )
+        )
+        lines.append(
+            row(f"{label}barge-in stop", r.barge_in_stop, "p95 <= 250", ref.barge_in_stop if ref else None)
+        )
     if results.cpu:
         lines += [
             "",
@@ -317,6 +365,9 @@ def summary(results: Results) -> str:
                 echo = results.cpu[f"echo:{talk}"][n]
                 bot = results.cpu.get(f"bot:{talk}", {}).get(n, float("nan"))
                 lines.append(f"| {talk} | {n} | {echo:.1f} | {bot:.1f} | {bot / echo:.2f}x |")
+        for talk in ("listening", "conversation"):
+            for n, value in sorted(results.cpu.get(f"bot-sip:{talk}", {}).items()):
+                lines.append(f"| {talk}, SIP PCMU phones | {n} | - | {value:.1f} | - |")
     return "\n".join(lines)
 
 
@@ -327,16 +378,32 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     clips = make_clips([*QUESTIONS, INTERRUPTION])
     results = Results()
     levels = [int(x) for x in args.calls.split(",")]
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = set(transports) - set(TRANSPORTS)
+    if unknown:
+        print(f"unknown transports {sorted(unknown)}; take {', '.join(TRANSPORTS)}", file=sys.stderr)
+        return 2
+    for transport in transports:
+        results.by_transport[transport] = Results()
+    # One server of each kind for every transport: their figures differ by the transport alone.
     bot = await start_bot(settings, greeting="")
     try:
-        await voice_to_voice(bot.url, clips, args.trials, results)
+        for transport in transports:
+            print(f"  {transport}:", file=sys.stderr)
+            run_ = results.by_transport[transport]
+            await voice_to_voice(caller_factory(transport, bot), clips, args.trials, run_)
         if not args.skip_cpu:
             await measure_cpu("bot", bot, clips, levels, args.cpu_seconds, results)
+            if any(t.startswith("sip") for t in transports):
+                await measure_cpu("bot-sip", bot, clips, levels, args.cpu_seconds, results, "sip-pcmu")
     finally:
         await bot.stop()
     talker = await start_bot(settings, greeting=LONG_REPLY)
     try:
-        await barge_in(talker.url, clips, args.trials, results)
+        for transport in transports:
+            await barge_in(
+                caller_factory(transport, talker), clips, args.trials, results.by_transport[transport]
+            )
     finally:
         await talker.stop()
     if not args.skip_cpu:
@@ -345,6 +412,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             await measure_cpu("echo", echo, clips, levels, args.cpu_seconds, results)
         finally:
             await echo.stop()
+    first = results.by_transport[transports[0]]
+    results.voice_to_voice, results.barge_in_stop = first.voice_to_voice, first.barge_in_stop
+    for name, r in results.by_transport.items():
+        results.failures += [f"{name}: {f}" for f in r.failures]
     print(summary(results))
     for failure in results.failures:
         print(f"failure: {failure}")
@@ -354,6 +425,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                 {
                     "voice_to_voice_s": results.voice_to_voice,
                     "barge_in_stop_s": results.barge_in_stop,
+                    "by_transport": {
+                        name: {"voice_to_voice_s": r.voice_to_voice, "barge_in_stop_s": r.barge_in_stop}
+                        for name, r in results.by_transport.items()
+                    },
                     "cpu_percent_per_call": results.cpu,
                     "failures": results.failures,
                     "machine": {"cores": os.cpu_count()},

@@ -90,6 +90,7 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._evidence_timer: asyncio.TimerHandle | None = None
         self._keys: list[str] = []
         self._keys_timer: asyncio.TimerHandle | None = None
+        self.keys_taken: Callable[[str], bool] | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
         self._turn_audio_end = 0.0  # bot clock at the end of the last turn audio kept

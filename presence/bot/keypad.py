@@ -10,6 +10,7 @@ it, the way callers expect a phone menu to.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from presence.bot.reply import ReplyTask
@@ -37,6 +38,7 @@ class Keypad:
     _keys: list[str]
     _keys_timer: asyncio.TimerHandle | None
     _user_id: int | None
+    keys_taken: Callable[[str], bool] | None  # the session's: keys that mean something to it (0: a person)
 
     def _apply(self, action: Action, turn: MicroTurn | None) -> None:
         raise NotImplementedError
@@ -67,7 +69,7 @@ class Keypad:
     def _keys_done(self) -> None:
         self._keys_timer = None
         keys, self._keys = self._keys, []
-        if not keys:
+        if not keys or (self.keys_taken is not None and self.keys_taken("".join(keys))):
             return
         if self.track.speaking:
             self._apply(Action(Floor.YIELD, reason="keypad"), None)

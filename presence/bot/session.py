@@ -27,6 +27,7 @@ from presence.bot.engine import Engine
 from presence.bot.jobs.bridge import JobBridge
 from presence.bot.manners import CallManners, Manner, MannerOptions
 from presence.bot.policy import build_policy
+from presence.bot.transfer import SAY_FAILED, SAY_TRANSFER, wants_a_person
 from presence.clock import now
 from presence.config import Settings
 from presence.events import Ev, EventLog
@@ -104,8 +105,11 @@ class CallSession:
         self._greeted = False
         self._watchdog: asyncio.Task[None] | None = None
         self._manner_task: asyncio.Task[None] | None = None
+        self._transfer_task: asyncio.Task[None] | None = None
         self._removing: set[str] = set()
         self.events.listen(self._forward)
+        self.events.listen(self._on_call_event)
+        self.engine.keys_taken = self._keys_taken
 
     # ------------------------------------------------------------------ peers
     async def add_peer(self, sdp: str, participant: str) -> Answer:
@@ -305,21 +309,60 @@ class CallSession:
         await self.engine.say(text[manner])
         if manner is Manner.PROMPT:
             return
+        await self._until_said()
+        for peer_id in list(self.peers):
+            await self.remove_peer(peer_id)
+
+    async def _until_said(self) -> None:
+        """Until what the bot is saying has been heard (up to 30 s): before the line goes."""
         await asyncio.sleep(0.2)
-        for _ in range(150):  # the goodbye is heard before the line goes (up to 30 s)
+        for _ in range(150):
             if not self.track.speaking or self.closed:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.3)  # its last packets in flight
-        for peer_id in list(self.peers):
-            await self.remove_peer(peer_id)
+
+    # ------------------------------------------------------------------ transfer to a person
+    def _on_call_event(self, event: CallEvent) -> None:
+        d = event.data
+        if event.name == Ev.CAPTION and d.get("who") == "caller" and d.get("final"):
+            if wants_a_person(str(d.get("text", ""))):
+                self._start_transfer()
+
+    def _keys_taken(self, keys: str) -> bool:
+        """The key 0 asks for a person (when there is one to transfer to)."""
+        return keys.rstrip("#") == "0" and self._start_transfer()
+
+    def _start_transfer(self) -> bool:
+        target = self.settings.transfer_to
+        links = [p for p in self.peers.values() if p.link.transport == "sip"]
+        if not target or not links or self._transfer_task is not None or self.closed:
+            return False
+        self._transfer_task = asyncio.get_running_loop().create_task(
+            self._transfer(links[0], target), name=f"transfer-{self.call_id}"
+        )
+        return True
+
+    async def _transfer(self, peer: Peer, target: str) -> None:
+        await self.engine.say(SAY_TRANSFER)  # cuts a reply the words themselves started
+        await self._until_said()
+        try:
+            moved = await peer.link.transfer(target)
+        except Exception:
+            log.exception("call %s: transfer to %s failed", self.call_id, target)
+            moved = False
+        self.events.emit(Ev.TRANSFER, participant=peer.participant, target=target, ok=moved)
+        if not moved and not self.closed:
+            await self.engine.say(SAY_FAILED)
+        self._transfer_task = None
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._manner_task is not None and self._manner_task is not asyncio.current_task():
-            self._manner_task.cancel()
+        for task in (self._manner_task, self._transfer_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):

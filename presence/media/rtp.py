@@ -188,7 +188,7 @@ class _Protocol(asyncio.DatagramProtocol):
         log.debug("RTP socket error: %s", exc)  # ICMP unreachable: the far end is not (yet) open
 
 
-def _codec_parameters(c: RtpCodec) -> RTCRtpCodecParameters:
+def codec_parameters(c: RtpCodec) -> RTCRtpCodecParameters:
     return RTCRtpCodecParameters(f"audio/{c.name}", c.clock_rate, c.channels, c.payload_type)
 
 
@@ -219,7 +219,7 @@ class RtpEndpoint:
         self._source_ssrc: int | None = None
         self._sequencer = _Sequencer()
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._decoder = aiortc_codecs.get_decoder(_codec_parameters(codec))
+        self._decoder = aiortc_codecs.get_decoder(codec_parameters(codec))
         self._ts: int | None = None  # unwrapped RTP timestamp of the last frame played
         self._pts = 0  # its pts (decoded samples)
         self._end_pts = 0  # pts just past it
@@ -259,7 +259,7 @@ class RtpEndpoint:
         any media flows only (the decoder starts afresh)."""
         if codec != self.codec:
             self.codec = codec
-            self._decoder = aiortc_codecs.get_decoder(_codec_parameters(codec))
+            self._decoder = aiortc_codecs.get_decoder(codec_parameters(codec))
         self.dtmf_payload_type = dtmf_payload_type
 
     def set_remote(self, address: str, port: int) -> None:
@@ -402,7 +402,7 @@ class RtpEndpoint:
         self._send_task = asyncio.create_task(self._send(track), name=f"rtp-send-{self.port}")
 
     async def _send(self, track: MediaStreamTrack) -> None:
-        encoder = aiortc_codecs.get_encoder(_codec_parameters(self.codec))
+        encoder = aiortc_codecs.get_encoder(codec_parameters(self.codec))
         if self.codec.name == "opus":
             encoder.codec.bit_rate = OPUS_BITRATE  # read when the codec opens, at the first frame
         step = self.codec.clock_rate * FRAME_MS // 1000

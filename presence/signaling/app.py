@@ -22,7 +22,7 @@ from aiohttp import web
 from aiortc.sdp import SessionDescription
 
 from presence.config import Settings
-from presence.signaling import dial_api, tokens
+from presence.signaling import dial_api, provider_ws, tokens
 from presence.signaling.contract import CallHost, CallRejected
 from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
 from presence.signaling.limits import RateLimiter
@@ -451,6 +451,7 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
     whip_room.add_route("OPTIONS", whip_options)
     r.add_get("/static/{path:.+}", static_file, name="static")
     dial_api.add_routes(app)
+    provider_ws.add_routes(app)
 
     async def close_host(app: web.Application) -> None:
         await app[HOST_KEY].close()

@@ -78,6 +78,11 @@ class PeerLink(Protocol):
         """A call event: a page shows it, a provider's stream clears its playback on a flush."""
         ...
 
+    async def transfer(self, target: str) -> bool:
+        """Hand the participant over to ``target`` (a SIP URI of a person); False when this
+        transport cannot, or the far end refused."""
+        ...
+
     async def close(self) -> None:
         """Hang up and release the link's sockets and tasks; idempotent."""
         ...

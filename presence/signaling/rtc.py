@@ -113,5 +113,8 @@ class RtcLink:
             if channel.bufferedAmount < 1_000_000:
                 channel.send(payload)
 
+    async def transfer(self, target: str) -> bool:
+        return False  # a browser has nowhere to be handed to
+
     async def close(self) -> None:
         await self.pc.close()

@@ -9,7 +9,10 @@ address 0.0.0.0) sends no RTP, so it counts as heard while held; the call-length
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _ANSWER_DIRECTION = {"sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
 BYE_TIMEOUT_S = 8.0  # a peer that never answers our BYE is gone anyway
+TRANSFER_WAIT_S = 20.0  # the person's phone rings this long before our leg ends anyway
 
 
 class SipCall:
@@ -45,6 +49,7 @@ class SipCall:
         self.ended = False
         self.created = now()
         self._sdp_version = 0
+        self._transfer: asyncio.Future[int] | None = None
         rtp.on_dtmf = self._dtmf
 
     @property
@@ -100,6 +105,37 @@ class SipCall:
         ok.headers.set("Content-Type", "application/sdp")
         ok.contact = [Address(uri=self.dialog.contact)]
         return ok
+
+    async def transfer(self, target: str) -> bool:
+        """A blind transfer (RFC 3515): REFER the caller to ``target``. The far end dials it
+        and reports in NOTIFYs (a sipfrag status line); once it says the new call is answered
+        (or after ``TRANSFER_WAIT_S`` with no word) our leg ends with a BYE."""
+        refer = self.dialog.request("REFER", self.ua.local)
+        refer.headers.set("Refer-To", f"<{target}>")
+        refer.headers.set("Referred-By", f"<{self.dialog.local.uri}>")
+        self._transfer = asyncio.get_running_loop().create_future()
+        response = await self.ua.request(refer, self.dialog.next_hop(), 8.0)
+        if response is None or response.code >= 300:
+            log.info(
+                "SIP: call %s: REFER to %s refused: %s", self.call_id, target, response and response.code
+            )
+            return False
+        with contextlib.suppress(TimeoutError):
+            status = await asyncio.wait_for(self._transfer, TRANSFER_WAIT_S)
+            if status >= 300:
+                log.info("SIP: call %s: the transfer to %s failed (%d)", self.call_id, target, status)
+                return False
+        log.info("SIP: call %s transferred to %s", self.call_id, target)
+        await self.hang_up()
+        return True
+
+    def on_notify(self, notify: Request) -> None:
+        """A NOTIFY of our REFER's progress: its body is the new call's status line."""
+        match = re.match(rb"SIP/2\.0 (\d{3})", notify.body or b"")
+        if match and self._transfer is not None and not self._transfer.done():
+            code = int(match.group(1))
+            if code >= 200:
+                self._transfer.set_result(code)
 
     async def remote_hung_up(self) -> None:
         """The caller's BYE (already answered): the session lets the participant go."""

@@ -319,6 +319,8 @@ class SipUserAgent:
             self._respond(key, call.reinvite(request), addr)
         elif request.method in ("OPTIONS", "NOTIFY"):
             self._respond(key, reply(request, 200, "OK"), addr)
+            if request.method == "NOTIFY":
+                call.on_notify(request)
         else:
             no = reply(request, 405, "Method Not Allowed")
             no.headers.set("Allow", ALLOW)
