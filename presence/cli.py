@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_lat.add_argument(
         "--transports",
         default="webrtc",
-        help="callers, comma separated: webrtc, sip-pcmu (a phone line), sip-g722 (wideband); "
+        help="callers, comma separated: webrtc, sip-pcmu (a phone line), sip-g722 (wideband), twilio (a Twilio number); "
         "several run the same trials side by side against the same servers",
     )
     p_lat.add_argument("--json", help="also write the results here")

@@ -298,3 +298,25 @@ def hold_scenario(hold_ms: int = 500) -> str:
         _send("BYE", 4, to_tag=True),
         _recv(200),
     )
+
+
+def silent_caller_scenario(wait_ms: int = 20_000) -> str:
+    """INVITE and ACK, then no RTP at all (a phone that lost its network): the far end must
+    send BYE within `wait_ms`; answered 200."""
+    return _scenario(
+        "silent",
+        _send("INVITE", 1, sdp=True),
+        _recv(200, optional=(100, 180)),
+        _send("ACK", 1, to_tag=True),
+        f'  <recv request="BYE" timeout="{wait_ms}"/>\n',
+        """  <send><![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+  ]]></send>
+""",
+    )

@@ -9,27 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import time
-import uuid
-import xml.etree.ElementTree as ET
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
+from aiortc.codecs.g711 import PcmuDecoder
 from aiortc.jitterbuffer import JitterFrame
 from conftest import BotServer, bot_heard, heard_as, rms
-from twilio.request_validator import RequestValidator
 
 from presence.bot.session import CallSession
 from presence.events import Ev
-from presence.media.audio import make_frame, resample
+from presence.media.audio import resample
 from presence.media.provider_stream import MulawInbound, Playback
+from presence.provider_caller import (
+    CALLER_NUMBER,
+    SILENCE,
+    StreamClient,
+    post_voice_webhook,
+    twilio_signature,
+    twiml_stream,
+    voice_params,
+    websocket_url,
+)
 from presence.seams import SAMPLE_RATE
 from presence.signaling import tokens
 from presence.signaling.provider_link import ProviderLink
@@ -38,21 +43,7 @@ pytestmark = pytest.mark.slow
 
 AUTH_TOKEN = "test-twilio-auth-token"
 SECRET = "provider-test-secret-" + "x" * 32
-CALLER = "+15551230001"
-
-
-def mulaw_chunks(audio48: np.ndarray) -> list[str]:
-    """48 kHz float speech as base64 mu-law payloads of 20 ms, as a phone network sends them."""
-    encoder = PcmuEncoder()
-    n = audio48.size // 960 * 960
-    out: list[str] = []
-    for i in range(0, n, 960):
-        payloads, _ = encoder.encode(make_frame(audio48[i : i + 960], i))
-        out += [base64.b64encode(p).decode() for p in payloads]
-    return out
-
-
-SILENCE = mulaw_chunks(np.zeros(960 * 3, np.float32))[-1]
+CALLER = CALLER_NUMBER
 
 
 def decode(payloads: list[str]) -> np.ndarray:
@@ -66,139 +57,25 @@ def decode(payloads: list[str]) -> np.ndarray:
 
 
 @dataclass
-class Client:
-    """A provider's side of one call: Twilio's or Telnyx's messages, a caller's voice paced in
-    real time (silence between sayings), the bot's media, marks and clears as they come."""
+class Client(StreamClient):
+    """A provider's side of one call (``StreamClient``: Twilio's or Telnyx's messages, a
+    caller's voice paced in real time), keeping the bot's media payloads as they came."""
 
-    url: str
-    dialect: str  # "twilio" | "telnyx"
-    echo_marks: bool = True  # send marks back as the provider does once played
-    stream_id: str = field(default_factory=lambda: "MZ" + uuid.uuid4().hex)
     media: list[tuple[float, str]] = field(default_factory=list)  # (arrival, payload)
-    marks: list[str] = field(default_factory=list)
-    clears: list[float] = field(default_factory=list)
-    close_code: int | None = None
-    _http: aiohttp.ClientSession | None = None
-    _ws: aiohttp.ClientWebSocketResponse | None = None
-    _voice: deque[str] = field(default_factory=deque)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _seq: int = 0
-    _sent: int = 0
-
-    @property
-    def twilio(self) -> bool:
-        return self.dialect == "twilio"
 
     async def connect(self, **kwargs: Any) -> Client:
-        self._http = aiohttp.ClientSession()
-        try:
-            self._ws = await self._http.ws_connect(self.url, **kwargs)
-        except BaseException:
-            await self._http.close()
-            raise
-        self._tasks.append(asyncio.create_task(self._read()))
-        await self.send({"event": "connected", "version": "1.0.0"})
+        await self.open(**kwargs)
         return self
 
-    def _envelope(self, event: str, **body: Any) -> dict[str, Any]:
-        self._seq += 1
-        msg = {"event": event, **body}
-        msg["sequenceNumber" if self.twilio else "sequence_number"] = str(self._seq)
-        msg["streamSid" if self.twilio else "stream_id"] = self.stream_id
-        return msg
-
-    async def send(self, msg: dict[str, Any]) -> None:
-        assert self._ws is not None
-        await self._ws.send_str(json.dumps(msg))
-
-    async def start(self, token: str | None = None, encoding: str | None = None) -> None:
-        if self.twilio:
-            custom = {"from": CALLER} | ({"token": token} if token else {})
-            fmt = {"encoding": encoding or "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
-            start = {
-                "accountSid": "AC" + "0" * 32, "streamSid": self.stream_id, "callSid": "CA" + uuid.uuid4().hex,
-                "tracks": ["inbound"], "mediaFormat": fmt, "customParameters": custom,
-            }  # fmt: skip
-        else:
-            fmt = {"encoding": encoding or "PCMU", "sample_rate": 8000, "channels": 1}
-            start = {
-                "user_id": str(uuid.uuid4()), "call_control_id": "v3:" + uuid.uuid4().hex, "client_state": "",
-                "from": CALLER, "to": "+15559990000", "media_format": fmt,
-            }  # fmt: skip
-        await self.send(self._envelope("start", start=start))
-        self._tasks.append(asyncio.create_task(self._pump()))
-
-    def media_message(self, payload: str) -> dict[str, Any]:
-        chunk = self._sent + 1
-        media = {
-            "track": "inbound",
-            "chunk": str(chunk),
-            "timestamp": str(self._sent * 20),
-            "payload": payload,
-        }
-        self._sent += 1
-        return self._envelope("media", media=media)
-
-    async def _pump(self) -> None:
-        """20 ms of the caller's voice (or silence) every 20 ms, on the wall clock."""
-        t0 = time.monotonic()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while self._ws is not None and not self._ws.closed:
-                payload = self._voice.popleft() if self._voice else SILENCE
-                await self.send(self.media_message(payload))
-                await asyncio.sleep(max(0.0, t0 + self._sent * 0.02 - time.monotonic()))
-
-    async def say(self, audio48: np.ndarray) -> None:
-        """Speak and wait until the words are sent."""
-        self._voice.extend(mulaw_chunks(audio48))
-        while self._voice:
-            await asyncio.sleep(0.02)
-
-    async def dtmf(self, digit: str) -> None:
-        dtmf = {"track": "inbound_track", "digit": digit} if self.twilio else {"digit": digit}
-        await self.send(self._envelope("dtmf", dtmf=dtmf))
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        async for msg in self._ws:
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                break
-            data = json.loads(msg.data)
-            if self.twilio:
-                assert data.get("streamSid") == self.stream_id, data
-            if data["event"] == "media":
-                self.media.append((time.monotonic(), data["media"]["payload"]))
-            elif data["event"] == "mark":
-                self.marks.append(data["mark"]["name"])
-                if self.echo_marks:  # at once: the server paces its audio, so sent is played
-                    await self.send(self._envelope("mark", mark={"name": data["mark"]["name"]}))
-            elif data["event"] == "clear":
-                self.clears.append(time.monotonic())
-        self.close_code = self._ws.close_code
-
-    async def closed(self, timeout: float = 5.0) -> int | None:
-        """Wait until the server closes the websocket; its close code."""
-        assert self._ws is not None
-        await asyncio.wait_for(asyncio.shield(self._tasks[0]), timeout)
-        return self.close_code
+    def on_media(self, payload: str) -> None:
+        self.media.append((time.monotonic(), payload))
 
     def heard(self, after: float = 0.0) -> np.ndarray:
         return decode([p for t, p in self.media if t >= after])
 
-    async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._ws is not None and not self._ws.closed:
-                await self.send(self._envelope("stop", stop={}))
-                await self._ws.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-
 
 def ws_url(server: BotServer, path: str) -> str:
-    return server.url.replace("http", "ws", 1) + path
+    return websocket_url(server.url, path)
 
 
 def link_of(server: BotServer, client: Client) -> tuple[CallSession, ProviderLink] | None:
@@ -232,24 +109,21 @@ class Answer:
 
 async def webhook(server: BotServer, params: dict[str, str], signature: str | None) -> Answer:
     """Twilio's POST of a call to the number (form-encoded)."""
-    headers = {"X-Twilio-Signature": signature} if signature is not None else {}
     async with aiohttp.ClientSession() as http:
-        async with http.post(server.url + "/twilio/voice", data=params, headers=headers) as response:
-            return Answer(response.status, response.content_type, await response.text())
+        return Answer(*await post_voice_webhook(http, server.url, params, signature))
 
 
 def signed(server: BotServer, params: dict[str, str]) -> str:
-    return RequestValidator(AUTH_TOKEN).compute_signature(server.url + "/twilio/voice", params)
+    return twilio_signature(AUTH_TOKEN, server.url + "/twilio/voice", params)
 
 
 async def twilio_token(server: BotServer) -> str:
     """A call to the number: the signed webhook's TwiML, its stream URL and one-time token."""
-    params = {"CallSid": "CA" + uuid.uuid4().hex, "From": CALLER, "To": "+15559990000"}
+    params = voice_params(CALLER)
     response = await webhook(server, params, signed(server, params))
     assert response.status == 200 and response.content_type == "text/xml", response
-    stream = ET.fromstring(response.text).find("./Connect/Stream")
-    assert stream is not None and stream.get("url") == ws_url(server, "/twilio/stream")
-    values = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    url, values = twiml_stream(response.text)
+    assert url == ws_url(server, "/twilio/stream")
     assert values["from"] == CALLER
     return values["token"]
 
@@ -284,7 +158,7 @@ async def test_a_caller_asks_and_hears_the_answer(bot_factory, speech, backends,
         session, link = await joined(server, client)
         greeted = await session.events.wait_for(Ev.BOT_SPEECH_END, timeout=15)
         await asyncio.sleep(0.3)
-        await client.say(speech("What is your name?"))
+        await client.speak(speech("What is your name?"))
         try:
             await session.events.wait_for(Ev.BOT_SPEECH_END, after=greeted.t + 0.01, timeout=30)
         except TimeoutError:
@@ -296,6 +170,7 @@ async def test_a_caller_asks_and_hears_the_answer(bot_factory, speech, backends,
         # the returned marks are the playback position: all but the last few chunks
         assert client.marks and link.played_samples > 0.8 * link.playback.sent, link.playback
         assert link.lag_s < 0.5 and link.playback.unknown_marks == 0, link.playback
+        assert not client.strays, client.strays  # only media, marks and clears, all of this stream
     finally:
         await client.stop()
     await ended(server)
@@ -325,7 +200,7 @@ async def test_a_barge_in_clears_the_providers_playback(bot_factory, speech) -> 
         await session.events.wait_for(Ev.BOT_SPEECH_START, timeout=15)
         await asyncio.sleep(1.0)
         spoke = time.monotonic()
-        await client.say(speech("Wait, stop. I have a question."))
+        await client.speak(speech("Wait, stop. I have a question."))
         for _ in range(250):
             if client.clears:
                 break
@@ -411,7 +286,7 @@ async def test_junk_closes_only_its_own_socket(bot_factory) -> None:  # type: ig
         client = await Client(url, "twilio").connect()
         try:
             if kind == "media before start":
-                await client.send(client.media_message(SILENCE))
+                await client.send(client.messages.media(SILENCE))
                 return await client.closed()
             if kind == "wrong format":
                 await client.start(encoding="audio/x-alaw")
@@ -424,11 +299,11 @@ async def test_junk_closes_only_its_own_socket(bot_factory) -> None:  # type: ig
             elif kind == "binary":
                 await client._ws.send_bytes(b"\x00\x01")
             elif kind == "unknown event":
-                await client.send(client._envelope("surprise"))
+                await client.send(client.messages.envelope("surprise"))
             elif kind == "oversized":
-                await client.send(client.media_message("A" * 70_000))
+                await client.send(client.messages.media("A" * 70_000))
             elif kind == "bad payload":
-                await client.send(client.media_message("!!not base64!!"))
+                await client.send(client.messages.media("!!not base64!!"))
             return await client.closed()
         finally:
             await client.stop()

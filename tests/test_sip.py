@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SR_OUT, BotServer, bot_heard, heard_as
-from sip_peers import Kamailio, Sipp, audio_dtmf_scenario, cancel_scenario, hold_scenario
+from sip_peers import (
+    Kamailio,
+    Sipp,
+    audio_dtmf_scenario,
+    cancel_scenario,
+    hold_scenario,
+    silent_caller_scenario,
+)
 from sip_support import Baresip, SipAccount, ulaw_file
 
 from presence.events import Ev
@@ -267,4 +274,19 @@ async def test_a_re_invite_holds_and_resumes_the_call(bot_factory, tmp_path) -> 
     result = await run
     assert result.rc == 0, result.explain()
     assert held and not call.held
+    await _ended(server)
+
+
+async def test_a_caller_whose_media_stops_is_hung_up_with_a_bye(bot_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server: BotServer = await bot_factory(sip_port=0, peer_timeout_s=3.0)
+    started = asyncio.get_running_loop().time()
+    result = await Sipp(tmp_path).run(
+        silent_caller_scenario(wait_ms=15_000),
+        f"127.0.0.1:{server.settings.sip_port}",
+        service="presence",
+        timeout=25,
+    )
+    assert result.rc == 0, result.explain()  # the BYE came, and was answered
+    took = asyncio.get_running_loop().time() - started
+    assert 3.0 <= took < 12.0, took
     await _ended(server)

@@ -1,7 +1,8 @@
 """``presence bench latency``: voice-to-voice and barge-in stop latency, CPU per call vs echo.
 
 The bot runs as its own process (``presence serve``), exactly as users run it; the callers are
-aiortc peers in this process. Times are the caller's: the end of its speech (known from the
+in this process: aiortc peers, SIP phones (``sip_caller``) or a Twilio number's media stream
+(``provider_caller``), as ``--transports`` says. Times are the caller's: the end of its speech (known from the
 stimulus) to the first bot audio received, and the onset of an interruption to the last bot
 audio received before the bot fell silent. CPU is read from /proc for the server process and
 its children, against a bare aiortc echo server measured in the same run with the same callers.
@@ -30,7 +31,8 @@ from presence.caller import Caller
 from presence.clock import now
 from presence.config import Settings
 from presence.media.audio import resample
-from presence.seams import OUT_SAMPLE_RATE
+from presence.provider_caller import TwilioCaller
+from presence.seams import OUT_SAMPLE_RATE, SAMPLE_RATE
 from presence.sip_caller import SipCaller
 
 QUESTIONS = [
@@ -41,6 +43,14 @@ QUESTIONS = [
     "How are you today?",
 ]
 INTERRUPTION = "Wait, stop. I have a different question."
+PAUSED = [
+    "I was thinking about the weekend, and maybe we could go hiking.",
+    "When I got home yesterday evening, the power was out again.",
+    "If you have a minute, could you check my last invoice?",
+    "The package arrived this morning, but the box was completely empty.",
+    "After the update last night, my phone keeps restarting.",
+]
+PAUSE_S = 1.5  # FDB's pause category stretches the comma pause to about this
 LONG_REPLY = (
     "Thanks for calling. I can help you with your account, your bills and your plans, "
     "and I can also look things up for you while we talk. Let me tell you about the options we have today."
@@ -187,18 +197,22 @@ class Results:
     barge_in_stop: list[float] = field(default_factory=list)
     cpu: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> calls -> % of a core per call
     failures: list[str] = field(default_factory=list)
-    # per caller transport when several ran: "webrtc", "sip-pcmu", "sip-g722"
+    pause_taken: list[float] = field(default_factory=list)  # 1: the bot spoke into a mid-sentence pause
+    # per caller transport when several ran: "webrtc", "sip-pcmu", "sip-g722", "twilio"
     by_transport: dict[str, Results] = field(default_factory=dict)
 
 
-# The callers a run can use: WebRTC (aiortc, Opus) and phones over SIP with one codec each.
-TRANSPORTS = ("webrtc", "sip-pcmu", "sip-g722")
-MakeCaller = Callable[[], "Caller | SipCaller"]
+# The callers a run can use: WebRTC (aiortc, Opus), phones over SIP with one codec each, and a
+# phone through a Twilio number (its webhook, then its Media Streams websocket: 8 kHz mu-law).
+TRANSPORTS = ("webrtc", "sip-pcmu", "sip-g722", "twilio")
+MakeCaller = Callable[[], "Caller | SipCaller | TwilioCaller"]
 
 
 def caller_factory(transport: str, server: ServerProcess) -> MakeCaller:
     if transport == "webrtc":
         return lambda: Caller(url=server.url)
+    if transport == "twilio":
+        return lambda: TwilioCaller(url=server.url)
     codec = {"sip-pcmu": "PCMU", "sip-g722": "G722"}[transport]
     return lambda: SipCaller(target=f"sip:presence@127.0.0.1:{server.sip_port}", codec=codec)
 
@@ -227,6 +241,58 @@ async def voice_to_voice(make: MakeCaller, clips: dict[str, Clip], trials: int, 
                 await asyncio.sleep(0.1)
                 last = caller.recorder.last_voiced_at or 0.0
                 if now() - last > 0.8:
+                    break
+    finally:
+        await caller.hangup()
+
+
+@dataclass
+class PausedClip:
+    audio48: np.ndarray
+    pause_start: float  # the stretched comma pause, seconds into the clip
+    pause_end: float
+    voiced_end: float
+
+
+def make_paused_clips(texts: list[str], pause_s: float = PAUSE_S) -> list[PausedClip]:
+    """Piper sentences with their comma pause stretched to ``pause_s`` (FDB's pause category)."""
+    from presence.bench.fdb.stimuli import find_comma_pause, stretch_pause
+    from presence.bot.backends.tts import PiperTTS
+
+    tts, out = PiperTTS(), []
+    for text in texts:
+        audio16 = resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, SAMPLE_RATE)
+        span = find_comma_pause(audio16)
+        if span is None:
+            continue
+        stretched, start, end = stretch_pause(audio16, span, pause_s)
+        voiced = np.flatnonzero(np.abs(stretched) > 0.02)
+        out.append(
+            PausedClip(
+                resample(stretched, SAMPLE_RATE, OUT_SAMPLE_RATE), start, end, (voiced[-1] + 1) / SAMPLE_RATE
+            )
+        )
+    return out
+
+
+async def pause_trials(make: MakeCaller, clips: list[PausedClip], trials: int, results: Results) -> None:
+    """Sentences with a 1.5 s pause to think: does the bot take the turn in the pause (FDB's
+    pause TOR, lower is better)? Read at the caller: the bot's first audio after the pause began."""
+    caller = make()
+    await caller.connect()
+    try:
+        await asyncio.sleep(1.0)
+        for i in range(trials):
+            clip = clips[i % len(clips)]
+            sent = await caller.say(clip.audio48, OUT_SAMPLE_RATE)
+            await asyncio.sleep(clip.voiced_end + 4.0)
+            first = caller.recorder.first_voiced_after(sent + clip.pause_start + 0.1)
+            took = first is not None and first < sent + clip.pause_end
+            results.pause_taken.append(float(took))
+            _progress("pause", i + 1, trials, float(took))
+            while True:  # the reply (to the whole sentence, or the cut one) ends first
+                await asyncio.sleep(0.1)
+                if now() - (caller.recorder.last_voiced_at or 0.0) > 0.8:
                     break
     finally:
         await caller.hangup()
@@ -275,7 +341,7 @@ async def cpu_per_call(
     ]
     monologue = np.concatenate([clips[q].audio48[a:b] for q, (a, b) in zip(QUESTIONS, spans, strict=True)])
 
-    async def run(index: int, caller: Caller) -> None:
+    async def run(index: int, caller: Caller | SipCaller | TwilioCaller) -> None:
         await asyncio.sleep(index * 6.0 / max(1, calls))
         while not stop.is_set():
             if talk == "listening":
@@ -354,6 +420,19 @@ def summary(results: Results) -> str:
         lines.append(
             row(f"{label}barge-in stop", r.barge_in_stop, "p95 <= 250", ref.barge_in_stop if ref else None)
         )
+    lines += [
+        "",
+        "| caller | turn-taking TOR (answered) | pause TOR (spoke into a 1.5 s pause) |",
+        "|---|---|---|",
+    ]
+    for name, r in runs.items():
+        asked = len(r.voice_to_voice) + sum(1 for f in r.failures if f.startswith("v2v"))
+        turn = len(r.voice_to_voice) / asked if asked else float("nan")
+        pause = statistics.fmean(r.pause_taken) if r.pause_taken else float("nan")
+        lines.append(
+            f"| {name} | {turn:.2f} ({len(r.voice_to_voice)}/{asked}) "
+            f"| {pause:.2f} ({int(sum(r.pause_taken))}/{len(r.pause_taken)}) |"
+        )
     if results.cpu:
         lines += [
             "",
@@ -376,6 +455,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         f"presence bench latency: {args.trials} trials each, machine: {os.cpu_count()} cores", file=sys.stderr
     )
     clips = make_clips([*QUESTIONS, INTERRUPTION])
+    paused = make_paused_clips(PAUSED)
     results = Results()
     levels = [int(x) for x in args.calls.split(",")]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
@@ -392,6 +472,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {transport}:", file=sys.stderr)
             run_ = results.by_transport[transport]
             await voice_to_voice(caller_factory(transport, bot), clips, args.trials, run_)
+            await pause_trials(caller_factory(transport, bot), paused, args.trials, run_)
         if not args.skip_cpu:
             await measure_cpu("bot", bot, clips, levels, args.cpu_seconds, results)
             if any(t.startswith("sip") for t in transports):
@@ -426,7 +507,11 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                     "voice_to_voice_s": results.voice_to_voice,
                     "barge_in_stop_s": results.barge_in_stop,
                     "by_transport": {
-                        name: {"voice_to_voice_s": r.voice_to_voice, "barge_in_stop_s": r.barge_in_stop}
+                        name: {
+                            "voice_to_voice_s": r.voice_to_voice,
+                            "barge_in_stop_s": r.barge_in_stop,
+                            "pause_taken": r.pause_taken,
+                        }
                         for name, r in results.by_transport.items()
                     },
                     "cpu_percent_per_call": results.cpu,
