@@ -113,6 +113,18 @@ def test_side_talk_over_the_bot_holds_it_but_never_takes_the_floor(policy: RuleB
     assert policy.step(turn(), s).floor is Floor.YIELD  # the same speech for the bot takes it
 
 
+def test_a_word_that_asks_to_stop_is_enough_and_never_resumed(policy: RuleBasedPolicy) -> None:
+    # "Wait," then a breath, the next word garbled (a phone line): hold, never resume, then yield
+    s = FloorState(
+        bot_speaking=True, bot_held=True, overlap_speech_ms=280, caller_silence_ms=320, partial_text="wait"
+    )
+    assert policy.step(turn(), s).floor is Floor.HOLD
+    s.caller_silence_ms, s.hold_speech_ms = 0, 520
+    assert policy.step(turn(), s).floor is Floor.YIELD
+    s = FloorState(bot_speaking=True, bot_held=True, overlap_speech_ms=600, partial_text="sorry")
+    assert policy.step(turn(), s).floor is Floor.YIELD
+
+
 def test_false_interruption_resumes(policy: RuleBasedPolicy) -> None:
     s = FloorState(
         bot_speaking=True, bot_held=True, overlap_speech_ms=250, caller_silence_ms=300, partial_text="yeah"

@@ -89,6 +89,10 @@ class InterruptionOptions:
 
     hold_onset_ms: float = 60
     barge_in_ms: float = 500
+    # One of these is enough to yield (with barge_in_ms of speech), and a hold never resumes on
+    # it: "Wait," then a breath is a request to stop, and on a phone line the ASR often garbles
+    # the word after it (G.711: "wait and ah" for "Wait, stop."), so two content words came late.
+    stop_words: frozenset[str] = frozenset({"wait", "stop", "hold", "sorry", "excuse", "pardon"})
     max_ms: float = 1500
     resume_silence_ms: float = 300
     backchannel_words: frozenset[str] = field(default_factory=frozenset)
@@ -223,7 +227,8 @@ class RuleBasedPolicy:
             words = state.partial_text.strip()
             # Two content words at least: a partial's first word is often misheard ("my" for
             # "Mike,"), and a backchannel often comes out as function words ("and i'm").
-            real_words = content_words(words, bi.backchannel_words) >= 2
+            asks_to_stop = any(w in bi.stop_words for w in _WORD.findall(words.lower()))
+            real_words = asks_to_stop or content_words(words, bi.backchannel_words) >= 2
             if (overlap >= bi.max_ms or (overlap >= bi.barge_in_ms and real_words)) and not state.side_talk:
                 return Action(Floor.YIELD, reason="barge-in")
             if state.bot_held:
@@ -232,7 +237,8 @@ class RuleBasedPolicy:
                     # Short speech or backchannel words: resume. Long speech whose words the
                     # ASR has not delivered yet ("Wait, stop." then a pause): keep holding a
                     # little longer rather than talk over a real interruption.
-                    if overlap < bi.barge_in_ms or words or state.caller_silence_ms >= bi.max_ms:
+                    gone_on = overlap < bi.barge_in_ms or words
+                    if (gone_on and not asks_to_stop) or state.caller_silence_ms >= bi.max_ms:
                         return Action(Floor.RESUME, reason="short overlap: backchannel or noise")
                 return Action(Floor.HOLD)
             return Action(Floor.CONTINUE)
