@@ -158,6 +158,7 @@ alias={address}
 mpath="{mpath}/"
 {modules}
 modparam("usrloc", "db_mode", 0)
+modparam("registrar", "min_expires", 5)
 modparam("htable", "htable", "users=>size=4;")
 
 event_route[htable:mod-init] {{

@@ -198,7 +198,7 @@ async def test_the_bot_registers_and_a_phone_reaches_it_through_the_registrar(
         )
         server: BotServer = await bot_factory(
             sip_port=0, sip_registrar=f"sip:{proxy.address}", sip_password="botsecret", sip_user="presence",
-            greeting="Hello, you have reached Presence.",
+            greeting="Hello, you have reached Presence.", sip_register_expires_s=10,
         )  # fmt: skip
         assert server.sip is not None and server.sip.registration is not None
         await asyncio.wait_for(server.sip.registration.registered.wait(), 10)
@@ -222,6 +222,11 @@ async def test_the_bot_registers_and_a_phone_reaches_it_through_the_registrar(
             text = await _heard(backends, phone.received_wav())
         assert "reached" in text or "presence" in text, text
         assert not wrong.manager.sessions and not wrong.manager.ended
+        for _ in range(200):  # 10 s granted: renewed at 8 s
+            if server.sip.registration.count >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert server.sip.registration.count >= 2, server.sip.registration.last_error
 
 
 async def test_a_quiet_caller_is_checked_on_then_the_bot_hangs_up(bot_factory, backends, tmp_path) -> None:  # type: ignore[no-untyped-def]

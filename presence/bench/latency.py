@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from presence.bench.pauses import PAUSED, PausedClip, make_paused_clips
 from presence.caller import Caller
 from presence.clock import now
 from presence.config import Settings
 from presence.media.audio import resample
 from presence.provider_caller import TwilioCaller
-from presence.seams import OUT_SAMPLE_RATE, SAMPLE_RATE
+from presence.seams import OUT_SAMPLE_RATE
 from presence.sip_caller import SipCaller
 
 QUESTIONS = [
@@ -43,14 +44,6 @@ QUESTIONS = [
     "How are you today?",
 ]
 INTERRUPTION = "Wait, stop. I have a different question."
-PAUSED = [
-    "I was thinking about the weekend, and maybe we could go hiking.",
-    "When I got home yesterday evening, the power was out again.",
-    "If you have a minute, could you check my last invoice?",
-    "The package arrived this morning, but the box was completely empty.",
-    "After the update last night, my phone keeps restarting.",
-]
-PAUSE_S = 1.5  # FDB's pause category stretches the comma pause to about this
 LONG_REPLY = (
     "Thanks for calling. I can help you with your account, your bills and your plans, "
     "and I can also look things up for you while we talk. Let me tell you about the options we have today."
@@ -244,35 +237,6 @@ async def voice_to_voice(make: MakeCaller, clips: dict[str, Clip], trials: int, 
                     break
     finally:
         await caller.hangup()
-
-
-@dataclass
-class PausedClip:
-    audio48: np.ndarray
-    pause_start: float  # the stretched comma pause, seconds into the clip
-    pause_end: float
-    voiced_end: float
-
-
-def make_paused_clips(texts: list[str], pause_s: float = PAUSE_S) -> list[PausedClip]:
-    """Piper sentences with their comma pause stretched to ``pause_s`` (FDB's pause category)."""
-    from presence.bench.fdb.stimuli import find_comma_pause, stretch_pause
-    from presence.bot.backends.tts import PiperTTS
-
-    tts, out = PiperTTS(), []
-    for text in texts:
-        audio16 = resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, SAMPLE_RATE)
-        span = find_comma_pause(audio16)
-        if span is None:
-            continue
-        stretched, start, end = stretch_pause(audio16, span, pause_s)
-        voiced = np.flatnonzero(np.abs(stretched) > 0.02)
-        out.append(
-            PausedClip(
-                resample(stretched, SAMPLE_RATE, OUT_SAMPLE_RATE), start, end, (voiced[-1] + 1) / SAMPLE_RATE
-            )
-        )
-    return out
 
 
 async def pause_trials(make: MakeCaller, clips: list[PausedClip], trials: int, results: Results) -> None:

@@ -118,6 +118,8 @@ class Registration:
         self.call_id = secrets.token_hex(10)
         self.registered = asyncio.Event()
         self.expires_at = 0.0
+        self.cseq = 0
+        self.count = 0  # successful REGISTERs (the first and each renewal)
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
 
@@ -135,34 +137,40 @@ class Registration:
     async def register_once(self) -> int:
         """One REGISTER (with its digest answer): the seconds granted; raises DialFailed."""
         s = self.ua.settings
-        local = Address(uri=self.aor.uri, parameters=Parameters(tag=new_tag()))
-
-        def build(seq: int) -> Request:
-            request = _request(
-                self.ua,
-                "REGISTER",
-                URI(scheme="sip", host=self.registrar.host, port=self.registrar.port),
-                self.aor,
-                local,
-                self.call_id,
-                seq,
-            )
-            request.expires = s.sip_register_expires_s
-            return request
-
-        addr = target_addr(self.registrar, ("127.0.0.1", 5060))
-        _, response = await _with_auth(
-            self.ua, build, addr, username=s.sip_username or s.sip_user, password=s.sip_password, timeout=16.0
-        )
-        if response is None:
-            raise DialFailed(408, "the registrar did not answer")
+        expires = s.sip_register_expires_s
+        for _ in range(2):  # a second time when the registrar wants a longer interval (423)
+            response = await self._register(expires)
+            if response.code == 423 and response.min_expires:
+                expires = response.min_expires
+                continue
+            break
         if response.code != 200:
             raise DialFailed(response.code, response.phrase)
-        granted = response.expires or s.sip_register_expires_s
+        granted = response.expires or expires
         for contact in response.contact:
             if contact.uri.host == self.ua.contact.host and contact.uri.port == self.ua.contact.port:
                 granted = int(contact.parameters.get("expires") or granted)
         return max(granted, 10)
+
+    async def _register(self, expires: int) -> Response:
+        s = self.ua.settings
+        local = Address(uri=self.aor.uri, parameters=Parameters(tag=new_tag()))
+        registrar = URI(scheme="sip", host=self.registrar.host, port=self.registrar.port)
+
+        def build(_: int) -> Request:
+            self.cseq += 1  # one Call-ID for every renewal, its CSeq going up (RFC 3261 10.2.4)
+            request = _request(self.ua, "REGISTER", registrar, self.aor, local, self.call_id, self.cseq)
+            request.expires = expires
+            return request
+
+        addr = target_addr(self.registrar, ("127.0.0.1", 5060))
+        user = s.sip_username or s.sip_user
+        _, response = await _with_auth(
+            self.ua, build, addr, username=user, password=s.sip_password, timeout=16.0
+        )
+        if response is None:
+            raise DialFailed(408, "the registrar did not answer")
+        return response
 
     async def _run(self) -> None:
         backoff = 2.0
@@ -170,6 +178,7 @@ class Registration:
             try:
                 granted = await self.register_once()
                 self.expires_at = now() + granted
+                self.count += 1
                 self.last_error = ""
                 self.registered.set()
                 backoff = 2.0
