@@ -81,7 +81,8 @@ async def test_work_that_only_whispers_text_asks_for_is_dispatched_late(
     """pocketsphinx garbled a request ("sky scout to leave" for "please calculate"), so the turn
     routed no job and got an ordinary reply; whisper's final pass of the same audio (real
     whisper, this call's engine) asks for the work, so it is dispatched then and its result
-    spoken. A final pass of an older turn, or of a turn whose job already went, dispatches nothing."""
+    spoken. A final pass of an older turn, or of a turn whose job of that kind already went,
+    dispatches nothing; one whose streaming text routed another kind (a search) still does."""
     from presence.media.audio import resample
 
     server: BotServer = await bot_factory(jobs="auto")
@@ -95,11 +96,12 @@ async def test_work_that_only_whispers_text_asks_for_is_dispatched_late(
         reply = engine._live
         assert reply is not None and engine.turns >= 1
         audio = resample(speech("Please calculate seventeen times twenty three."), SR_OUT, SAMPLE_RATE)
-        await engine._final_pass(reply, audio, None, engine.turns - 2, True)  # an older turn
-        await engine._final_pass(reply, audio, None, engine.turns - 1, False)  # its job already went
+        await engine._final_pass(reply, audio, None, engine.turns - 2, frozenset())  # an older turn
+        code = frozenset({"code"})
+        await engine._final_pass(reply, audio, None, engine.turns - 1, code)  # its job already went
         assert not engine.events.named(Ev.JOB_DISPATCHED)
         late = engine.events.history[-1].t
-        await engine._final_pass(reply, audio, None, engine.turns - 1, True)
+        await engine._final_pass(reply, audio, None, engine.turns - 1, frozenset({"search"}))
         await caller.wait_event(Ev.JOB_DISPATCHED, after=late, timeout=5)
         injected = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=late, timeout=60)
         t = float(injected["t"])  # type: ignore[arg-type]

@@ -400,7 +400,7 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._commit(reply)
         if self.backends.transcriber is not None and audio.size:
             self._spawn(
-                self._final_pass(reply, audio, self._user_id, self.turns, spoken is None), "final-asr"
+                self._final_pass(reply, audio, self._user_id, self.turns, self.results.routed), "final-asr"
             )
         self.turns += 1
 
@@ -452,7 +452,7 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self.track.play(reply.utterance)
 
     async def _final_pass(
-        self, reply: ReplyTask, audio: np.ndarray, user_id: int | None, turn: int, unrouted: bool
+        self, reply: ReplyTask, audio: np.ndarray, user_id: int | None, turn: int, routed: frozenset[str]
     ) -> None:
         assert self.backends.transcriber is not None
         text = await final_pass(self.backends.transcriber, reply, audio)
@@ -460,8 +460,9 @@ class Engine(FloorActions, BetweenTicks, Keypad):
             self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final")
         # pocketsphinx garbles a request now and then ("sky scout to leave" for "please calculate"):
         # work whisper's text asks for is dispatched late, its acknowledgement cutting that reply
-        if text and unrouted and turn == self.turns - 1 and self.caller.utt_start is None:
-            spoken = self.results.route(text)
+        # (and work of another kind than the streaming text's: "look up X and calculate Y")
+        if text and turn == self.turns - 1 and self.caller.utt_start is None:
+            spoken = self.results.route(text, skip=routed)
             if spoken is not None:
                 self._commit(self._fixed_reply(spoken))
 

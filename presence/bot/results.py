@@ -30,6 +30,7 @@ class CallResults:
         self.jobs: CallJobs | None = None  # set by the session when background jobs are on
         self._results: deque[tuple[JobResult, ReplyTask]] = deque()
         self._urgent: set[str] = set()
+        self.routed: frozenset[str] = frozenset()  # kinds the last route() dispatched
 
     @property
     def waiting(self) -> bool:
@@ -46,17 +47,20 @@ class CallResults:
         self._results.clear()
         self._urgent.clear()
 
-    def route(self, text: str) -> str | None:
-        """Dispatch the jobs the caller asked for; returns what to say instead of a reply."""
+    def route(self, text: str, skip: frozenset[str] = frozenset()) -> str | None:
+        """Dispatch the jobs the caller asked for (not those of a kind in ``skip``); returns
+        what to say instead of a reply. ``routed`` keeps the kinds just dispatched."""
         jobs = self.jobs
+        self.routed = frozenset()
         if jobs is None:
             return None
         if jobs.is_cancel_request(text) and jobs.unfinished():
             self.spawn(jobs.cancel_all("the caller said never mind"), "jobs-cancel")
             return "Okay, I've stopped that."
-        requests = jobs.route(text)
+        requests = [r for r in jobs.route(text) if r.kind not in skip]
         if not requests:
             return None
+        self.routed = frozenset(r.kind for r in requests)
         self._urgent.update(r.job_id for r in requests if r.urgent)
         self.spawn(jobs.dispatch(requests), "jobs-dispatch")
         for request in requests:
