@@ -210,6 +210,14 @@ def caller_factory(transport: str, server: ServerProcess) -> MakeCaller:
     return lambda: SipCaller(target=f"sip:presence@127.0.0.1:{server.sip_port}", codec=codec)
 
 
+async def _until_quiet(caller: Caller | SipCaller | TwilioCaller, deadline: float) -> None:
+    """Until the bot has been silent at the caller for 0.8 s (or ``deadline``)."""
+    while now() < deadline:
+        await asyncio.sleep(0.1)
+        if now() - (caller.recorder.last_voiced_at or 0.0) > 0.8:
+            return
+
+
 async def voice_to_voice(make: MakeCaller, clips: dict[str, Clip], trials: int, results: Results) -> None:
     caller = make()
     await caller.connect()
@@ -230,11 +238,7 @@ async def voice_to_voice(make: MakeCaller, clips: dict[str, Clip], trials: int, 
             results.voice_to_voice.append(first - speech_end)
             _progress("voice-to-voice", i + 1, trials, first - speech_end)
             # Let the reply finish before the next question (a new question would barge in).
-            while now() < first + 15.0:
-                await asyncio.sleep(0.1)
-                last = caller.recorder.last_voiced_at or 0.0
-                if now() - last > 0.8:
-                    break
+            await _until_quiet(caller, first + 15.0)
     finally:
         await caller.hangup()
 
@@ -254,10 +258,7 @@ async def pause_trials(make: MakeCaller, clips: list[PausedClip], trials: int, r
             took = first is not None and first < sent + clip.pause_end
             results.pause_taken.append(float(took))
             _progress("pause", i + 1, trials, float(took))
-            while True:  # the reply (to the whole sentence, or the cut one) ends first
-                await asyncio.sleep(0.1)
-                if now() - (caller.recorder.last_voiced_at or 0.0) > 0.8:
-                    break
+            await _until_quiet(caller, now() + 15.0)  # the reply (to the whole sentence, or the cut one)
     finally:
         await caller.hangup()
 

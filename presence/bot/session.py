@@ -113,18 +113,11 @@ class CallSession:
 
     # ------------------------------------------------------------------ peers
     async def add_peer(self, sdp: str, participant: str) -> Answer:
-        if self.closed:
-            raise CallRejected(409, "call_ended", "this call has ended")
+        self._check_room()
         s = self.settings
-        # checked and the peer added below with no await in between: concurrent offers cannot overfill
-        if len(self.peers) >= s.max_peers_per_room:
-            raise CallRejected(
-                409, "room_full", f"this room is full: at most {s.max_peers_per_room} participants"
-            )
         pc = new_peer_connection(s.ice_servers, s.ice_host_addresses)
         link = RtcLink(pc)
-        peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), link=link)
-        self.peers[peer.id] = peer
+        peer = self._new_peer(link, participant)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -179,6 +172,19 @@ class CallSession:
     async def add_link(self, link: PeerLink, participant: str) -> str:
         """Add a participant whose transport is already connected (a SIP call after its
         INVITE, a provider's media stream); returns the peer id."""
+        self._check_room()
+        peer = self._new_peer(link, participant)
+        link.on_dtmf = lambda digit, t: self.engine.on_dtmf(peer.participant, digit, t)
+        if link.audio is not None:
+            self._attach_track(peer, link.audio)
+        link.play(self.relay.subscribe(self.track, buffered=False))
+        await self._joined(peer)
+        self._on_connected(peer)  # connected already: the caller hears the greeting now
+        return peer.id
+
+    def _check_room(self) -> None:
+        """CallRejected when the call is over or full. The caller adds its peer with no await
+        in between (``_new_peer``): concurrent joins cannot overfill the room."""
         if self.closed:
             raise CallRejected(409, "call_ended", "this call has ended")
         if len(self.peers) >= self.settings.max_peers_per_room:
@@ -187,15 +193,11 @@ class CallSession:
                 "room_full",
                 f"this room is full: at most {self.settings.max_peers_per_room} participants",
             )
+
+    def _new_peer(self, link: PeerLink, participant: str) -> Peer:
         peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), link=link)
         self.peers[peer.id] = peer
-        link.on_dtmf = lambda digit, t: self.engine.on_dtmf(peer.participant, digit, t)
-        if link.audio is not None:
-            self._attach_track(peer, link.audio)
-        link.play(self.relay.subscribe(self.track, buffered=False))
-        await self._joined(peer)
-        self._on_connected(peer)  # connected already: the caller hears the greeting now
-        return peer.id
+        return peer
 
     async def _joined(self, peer: Peer) -> None:
         self._start()

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 
 _PERSON = re.compile(
-    r"\b(?:(?:a |an |to a |to an |with a |with an )?(?:human|real person|person|live agent|agent|"
-    r"operator|representative|someone real|somebody real))\b"
+    r"\b(?:human|real person|person|live agent|agent|operator|representative|someone real|somebody real)\b"
 )
 _ASKING = re.compile(r"\b(?:talk|speak|transfer|connect|put me through|get me|give me|want|need|can i)\b")
 

@@ -23,12 +23,13 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aiortc.codecs.g711 import PcmuDecoder, PcmuEncoder
+from aiortc.codecs.g711 import PcmuDecoder
 from aiortc.jitterbuffer import JitterFrame
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
 from presence.aio import log_this_drop
-from presence.media.rtp import MAX_TS_JUMP_S, RtpAudioTrack
+from presence.media.rtp import MAX_TS_JUMP_S, RtpAudioTrack, encoded
+from presence.signaling.sip.sdp import PCMU
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,8 @@ class MulawInbound:
 async def mulaw_payloads(track: MediaStreamTrack) -> AsyncIterator[str]:
     """The bot's voice as base64 mu-law payloads of 20 ms (160 bytes), paced by ``track``
     (20 ms frames at 48 kHz); ends when the track does."""
-    encoder = PcmuEncoder()  # resamples to 8 kHz in 160-sample frames itself
-    while True:
-        try:
-            frame = await track.recv()
-        except MediaStreamError:
-            return
-        payloads, _ = encoder.encode(frame)
-        for payload in payloads:
-            yield base64.b64encode(payload).decode("ascii")
+    async for payload in encoded(track, PCMU):
+        yield base64.b64encode(payload).decode("ascii")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import secrets
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import av
@@ -190,6 +190,22 @@ class _Protocol(asyncio.DatagramProtocol):
 
 def codec_parameters(c: RtpCodec) -> RTCRtpCodecParameters:
     return RTCRtpCodecParameters(f"audio/{c.name}", c.clock_rate, c.channels, c.payload_type)
+
+
+async def encoded(track: MediaStreamTrack, codec: RtpCodec) -> AsyncIterator[bytes]:
+    """The payloads of ``track`` (self-paced 20 ms frames, s16) in ``codec`` with aiortc's
+    encoder, which resamples (to 8/16/48 kHz) in 20 ms frames itself; ends with the track."""
+    encoder = aiortc_codecs.get_encoder(codec_parameters(codec))
+    if codec.name == "opus":
+        encoder.codec.bit_rate = OPUS_BITRATE  # read when the codec opens, at the first frame
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        payloads, _ = encoder.encode(frame)
+        for payload in payloads:
+            yield payload
 
 
 class RtpEndpoint:
@@ -402,21 +418,13 @@ class RtpEndpoint:
         self._send_task = asyncio.create_task(self._send(track), name=f"rtp-send-{self.port}")
 
     async def _send(self, track: MediaStreamTrack) -> None:
-        encoder = aiortc_codecs.get_encoder(codec_parameters(self.codec))
-        if self.codec.name == "opus":
-            encoder.codec.bit_rate = OPUS_BITRATE  # read when the codec opens, at the first frame
         step = self.codec.clock_rate * FRAME_MS // 1000
         marker = 1  # the first packet of a talkspurt
         try:
-            while True:
-                frame = await track.recv()
-                # The encoder resamples (to 8/16/48 kHz) in 20 ms frames itself.
-                payloads, _ = encoder.encode(frame)
-                for payload in payloads:
-                    # After a pause (hold) the next packet sent starts a talkspurt again.
-                    marker = 0 if self._send_packet(payload, marker) else 1
-                    self._out_ts = (self._out_ts + step) & 0xFFFFFFFF
-        except MediaStreamError:
+            async for payload in encoded(track, self.codec):
+                # After a pause (hold) the next packet sent starts a talkspurt again.
+                marker = 0 if self._send_packet(payload, marker) else 1
+                self._out_ts = (self._out_ts + step) & 0xFFFFFFFF
             log.debug("outbound track ended")
         except asyncio.CancelledError:
             raise

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -26,6 +24,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from presence.config import Settings
 from presence.signaling.errors import ApiError
 from presence.signaling.provider_link import TELNYX, TWILIO, Admit, Dialect, Grant, ProviderLink, Refusal
+from presence.signaling.recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +40,16 @@ class StreamTickets:
     """One-time tokens the Twilio webhook hands its stream: each is good for one ``start``,
     within ``ttl_s``; at most ``MAX_TICKETS`` are kept (a flood of webhooks costs no memory)."""
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._tickets: OrderedDict[str, tuple[float, Grant]] = OrderedDict()
+    def __init__(self, ttl_s: float) -> None:
+        self._tickets: Recent[str, Grant] = Recent(ttl_s, MAX_TICKETS)
 
     def issue(self, grant: Grant) -> str:
         token = secrets.token_urlsafe(24)
-        self._tickets[token] = (self.clock() + self.ttl_s, grant)
-        while len(self._tickets) > MAX_TICKETS:
-            self._tickets.popitem(last=False)
+        self._tickets.put(token, grant)
         return token
 
     def take(self, token: str) -> Grant | None:
-        expires, grant = self._tickets.pop(token, (0.0, None))
-        return grant if self.clock() < expires else None
+        return self._tickets.pop(token)
 
 
 TICKETS_KEY = web.AppKey("provider_stream_tickets", StreamTickets)

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sipmessage import URI, Address, CSeq, Parameters, Request, Response, Via
+from sipmessage import URI, Address, Parameters, Request, Response
 
 from presence.clock import now
 from presence.media.rtp import RtpEndpoint
 from presence.signaling.sip.call import SipCall
-from presence.signaling.sip.dialog import USER_AGENT, Dialog, new_branch, new_tag, target_addr
+from presence.signaling.sip.dialog import Dialog, new_request, new_tag, target_addr
 from presence.signaling.sip.digest import answer_challenge
 from presence.signaling.sip.sdp import SUPPORTED, SdpError, build_sdp, choose, parse_sdp
 
@@ -59,19 +59,7 @@ class DialProgress:
 def _request(
     ua: SipUserAgent, method: str, uri: URI, to: Address, local: Address, call_id: str, seq: int
 ) -> Request:
-    request = Request(method, uri)
-    host, port = ua.local
-    request.via = [
-        Via(transport="UDP", host=host, port=port, parameters=Parameters(branch=new_branch(), rport=None))
-    ]
-    request.headers.set("Max-Forwards", "70")
-    request.from_address = local
-    request.to_address = to
-    request.headers.set("Call-ID", call_id)
-    request.cseq = CSeq(sequence=seq, method=method)
-    request.contact = [Address(uri=ua.contact)]
-    request.headers.set("User-Agent", USER_AGENT)
-    return request
+    return new_request(method, uri, ua.local, local, to, call_id, seq, ua.contact)
 
 
 async def _with_auth(
@@ -238,18 +226,16 @@ async def dial(ua: SipUserAgent, target: str, progress: DialProgress, *, room: s
         if response.code >= 300:
             ua.send_ack(invite, response, addr)
             raise DialFailed(response.code, response.phrase)
+        dialog = Dialog.as_uac(invite, response, ua.contact, addr)
+        ua.send_ack_2xx(dialog, response, addr)
         try:
             answer = parse_sdp(response.body.decode("utf8", "replace"))
             codec = choose(answer, s.sip_codecs)
         except SdpError as exc:
-            dialog = Dialog.as_uac(invite, response, ua.contact, addr)
-            ua.send_ack_2xx(dialog, response, addr)
             ua.spawn_request(dialog.request("BYE", ua.local), dialog.next_hop(), 8.0)
             raise DialFailed(488, f"the answer's SDP: {exc}") from None
         rtp.set_codec(codec, answer.dtmf_payload_type)
         rtp.set_remote(answer.address, answer.port)
-        dialog = Dialog.as_uac(invite, response, ua.contact, addr)
-        ua.send_ack_2xx(dialog, response, addr)
         call = SipCall(ua, dialog, rtp, answer)
         ua.calls[(dialog.call_id, dialog.local_tag)] = call
         try:

@@ -117,18 +117,37 @@ class Dialog:
         """A new in-dialog request (RFC 3261 12.2.1.1; loose routing only)."""
         if method not in ("ACK", "CANCEL"):
             self.local_cseq += 1
-        request = Request(method, self.remote_target, body)
-        host, port = local_addr
-        request.via = [
-            Via(transport="UDP", host=host, port=port, parameters=Parameters(branch=new_branch(), rport=None))
-        ]
-        request.headers.set("Max-Forwards", "70")
-        request.from_address = self.local
-        request.to_address = self.remote
-        request.headers.set("Call-ID", self.call_id)
-        request.cseq = CSeq(sequence=self.local_cseq, method=method)
+        request = new_request(
+            method, self.remote_target, local_addr, self.local, self.remote, self.call_id, self.local_cseq,
+            self.contact, body,
+        )  # fmt: skip
         if self.route_set:
             request.route = list(self.route_set)
-        request.contact = [Address(uri=self.contact)]
-        request.headers.set("User-Agent", USER_AGENT)
         return request
+
+
+def new_request(
+    method: str,
+    uri: URI,
+    local_addr: Addr,
+    from_: Address,
+    to: Address,
+    call_id: str,
+    seq: int,
+    contact: URI,
+    body: bytes = b"",
+) -> Request:
+    """A request from us (RFC 3261 8.1.1): a fresh Via branch, our Contact and User-Agent."""
+    request = Request(method, uri, body)
+    host, port = local_addr
+    request.via = [
+        Via(transport="UDP", host=host, port=port, parameters=Parameters(branch=new_branch(), rport=None))
+    ]
+    request.headers.set("Max-Forwards", "70")
+    request.from_address = from_
+    request.to_address = to
+    request.headers.set("Call-ID", call_id)
+    request.cseq = CSeq(sequence=seq, method=method)
+    request.contact = [Address(uri=contact)]
+    request.headers.set("User-Agent", USER_AGENT)
+    return request

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +25,7 @@ from sipmessage import URI, Address, CSeq, Request, Response
 from presence.config import Settings
 from presence.media.rtp import RtpEndpoint
 from presence.signaling.contract import CallRejected, PeerLink
+from presence.signaling.recent import Recent
 from presence.signaling.sip.call import SipCall
 from presence.signaling.sip.client import DialProgress, Registration, dial
 from presence.signaling.sip.dialog import ALLOW, Addr, Dialog, new_tag, reply
@@ -88,9 +87,9 @@ class SipUserAgent:
         self.calls: dict[tuple[str, str], SipCall] = {}  # (Call-ID, our tag) -> call
         self._pending: dict[tuple[str, str], _Pending] = {}  # (Call-ID, INVITE branch) -> ringing
         self._answered: dict[tuple[str, str], _Answered] = {}  # awaiting ACK
-        self._responses: OrderedDict[tuple[str, str], tuple[float, Response]] = OrderedDict()
+        self._responses: Recent[tuple[str, str], Response] = Recent(_SEEN_S, 4096)
         self._clients: dict[str, _Client] = {}  # our requests, by Via branch
-        self._acks: OrderedDict[tuple[str, str], tuple[float, Request, Addr]] = OrderedDict()  # 2xx re-ACKs
+        self._acks: Recent[tuple[str, str], tuple[Request, Addr]] = Recent(_SEEN_S, 1024)  # 2xx re-ACKs
         self.registration: Registration | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         lo, _, hi = settings.sip_rtp_ports.partition("-")
@@ -150,7 +149,7 @@ class SipUserAgent:
         key = (request.call_id, request.via[0].parameters.get("branch") or "")
         seen = self._responses.get(key)
         if seen is not None and request.method != "CANCEL":  # a retransmission: say it again
-            self.transport.send(seen[1], addr)
+            self.transport.send(seen, addr)
             return
         if request.method == "CANCEL":
             self._on_cancel(request, addr)
@@ -174,7 +173,7 @@ class SipUserAgent:
             # a retransmitted 2xx to our INVITE: its ACK was lost (RFC 3261 13.2.2.4)
             ack = self._acks.get((response.call_id, response.to_address.parameters.get("tag") or ""))
             if ack is not None and 200 <= response.code < 300 and response.cseq.method == "INVITE":
-                self.transport.send(ack[1], ack[2])
+                self.transport.send(*ack)
             return
         if response.code >= 200:
             client.future.set_result(response)
@@ -185,12 +184,7 @@ class SipUserAgent:
 
     def _respond(self, key: tuple[str, str], response: Response, addr: Addr) -> None:
         if response.code >= 200:
-            self._responses[key] = (time.monotonic(), response)
-            while self._responses:
-                first = next(iter(self._responses.values()))
-                if time.monotonic() - first[0] < _SEEN_S and len(self._responses) < 4096:
-                    break
-                self._responses.popitem(last=False)
+            self._responses.put(key, response)
         self.transport.send(response, addr)
 
     # ------------------------------------------------------------------ INVITE
@@ -271,13 +265,10 @@ class SipUserAgent:
 
     async def _until_acked(self, answered: _Answered, addr: Addr) -> None:
         """Retransmit the 2xx until the ACK; a caller that never ACKs is hung up (13.3.1.4)."""
-        interval, waited = T1, 0.0
-        while waited < 64 * T1:
+        for step in _backoff(64 * T1):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(answered.acked.wait(), interval)
+                await asyncio.wait_for(answered.acked.wait(), step)
                 return
-            waited += interval
-            interval = min(interval * 2, T2)
             self.transport.send(answered.ok, addr)
         log.info("SIP: call %s never acknowledged our 200 OK; hanging up", answered.call.call_id)
         await answered.call.hang_up()
@@ -343,16 +334,12 @@ class SipUserAgent:
         branch = request.via[0].parameters.get("branch") or ""
         client = _Client(asyncio.get_running_loop().create_future(), on_provisional)
         self._clients[branch] = client
-        interval, waited = T1, 0.0
         try:
-            while waited < timeout:
+            for step in _backoff(timeout):
                 if not client.provisional:
                     self.transport.send(request, addr)
-                step = min(interval, timeout - waited)
                 with contextlib.suppress(TimeoutError):
                     return await asyncio.wait_for(asyncio.shield(client.future), step)
-                waited += step
-                interval = min(interval * 2, T2)
             return None
         finally:
             self._clients.pop(branch, None)
@@ -366,16 +353,23 @@ class SipUserAgent:
         ack = dialog.request("ACK", self.local)
         ack.cseq = CSeq(sequence=ok.cseq.sequence, method="ACK")
         hop = dialog.next_hop()
-        self._acks[(dialog.call_id, dialog.remote_tag)] = (time.monotonic(), ack, hop)
-        while self._acks and (
-            len(self._acks) > 1024 or time.monotonic() - next(iter(self._acks.values()))[0] > _SEEN_S
-        ):
-            self._acks.popitem(last=False)
+        self._acks.put((dialog.call_id, dialog.remote_tag), (ack, hop))
         self.transport.send(ack, hop)
 
     async def cancel(self, invite: Request, addr: Addr) -> None:
         """CANCEL an INVITE that rings too long (9.1): same Via branch, Call-ID, From, To."""
         self.transport.send(_in_transaction(invite, "CANCEL"), addr)
+
+
+def _backoff(timeout: float) -> Iterator[float]:
+    """The waits between retransmissions over UDP (RFC 3261 17.1.1.2): T1, doubling up to
+    T2, until ``timeout`` in all."""
+    interval, waited = T1, 0.0
+    while waited < timeout:
+        step = min(interval, timeout - waited)
+        yield step
+        waited += step
+        interval = min(interval * 2, T2)
 
 
 def _in_transaction(invite: Request, method: str, response: Response | None = None) -> Request:
