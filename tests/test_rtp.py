@@ -18,6 +18,7 @@ import pytest
 from aiortc.codecs.g711 import PcmuEncoder
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
+from conftest import need
 
 from presence.media.audio import FrameResampler, make_frame, read_wav, resample
 from presence.media.inbound import AudioReader
@@ -115,8 +116,8 @@ def test_parse_baresip_offer_and_choose() -> None:
 
 @pytest.mark.parametrize("live", [False, True], ids=["copy", "sipp"])
 def test_parse_sipp_uac_offer(live: bool) -> None:
-    if live and shutil.which("sipp") is None:
-        pytest.skip("sipp not installed")
+    if live:
+        need(shutil.which("sipp") is not None, "sipp (Debian sip-tester)")
     offer = parse_sdp(_sipp_sdp("uac") if live else SIPP_UAC)
     assert (offer.address, offer.port, offer.codecs, offer.dtmf_payload_type) == (
         "127.0.0.1",
@@ -128,8 +129,7 @@ def test_parse_sipp_uac_offer(live: bool) -> None:
 
 
 def test_parse_sipp_uac_pcap_offer_with_telephone_event() -> None:
-    if shutil.which("sipp") is None:
-        pytest.skip("sipp not installed")
+    need(shutil.which("sipp") is not None, "sipp (Debian sip-tester)")
     offer = parse_sdp(_sipp_sdp("uac_pcap"))
     assert offer.codecs == (PCMA,) and offer.dtmf_payload_type == DTMF_PT
 
