@@ -7,13 +7,20 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from presence import __version__, aio, malloc
 from presence.config import Settings
+
+if TYPE_CHECKING:
+    from presence.bot.calls import CallManager
+    from presence.seams import CallEvent
+    from presence.signaling.metrics import Metrics
 
 log = logging.getLogger("presence")
 
@@ -57,20 +64,15 @@ def _logging(level: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- serve
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+async def _start_bot(settings: Settings) -> tuple[CallManager, Metrics]:
+    """Models warmed up, background jobs, and the call manager: what serving and joining share."""
     from presence.bot.backends.factory import build_backends, warm_up
     from presence.bot.calls import CallManager
     from presence.bot.jobs.bridge import JobBridge
     from presence.bot.jobs.think import responder_think_fn
-    from presence.signaling.app import dev_join_url, run_server
     from presence.signaling.metrics import Metrics
 
-    problem = settings.exposure_problem()
-    if problem is not None:
-        raise SystemExit(f"presence serve: {problem}")
     malloc.tune()  # before the first video frame: see presence/malloc.py
-    if settings.insecure_dev and not settings.token_secret:
-        print(f"WARNING: insecure_dev: listening on {settings.host} with no token secret", flush=True)
     log.debug("settings: %s", settings.public_dict())  # secrets and URL passwords masked
     print(f"presence {__version__}: loading models (first start assembles the LLM, ~10 s)...", flush=True)
     started = time.monotonic()
@@ -83,18 +85,34 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     options = {} if settings.llm_url else {"think_fn": responder_think_fn(backends.responder)}
     jobs = await JobBridge.start(settings, metrics, worker_options=options)
     print(f"background jobs: {jobs.describe()['mode'] if jobs is not None else 'off'}", flush=True)
-    manager = CallManager(settings, backends, metrics, jobs)
+    return CallManager(settings, backends, metrics, jobs), metrics
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    from presence.signaling.app import dev_join_url, run_server
+
+    problem = settings.exposure_problem()
+    if problem is not None:
+        raise SystemExit(f"presence serve: {problem}")
+    if settings.insecure_dev and not settings.token_secret:
+        print(f"WARNING: insecure_dev: listening on {settings.host} with no token secret", flush=True)
+    manager, metrics = await _start_bot(settings)
     metrics.calls_active.set_function(lambda: manager.active_calls)
     runner = await run_server(settings, manager)
     print(f"Presence is listening on {settings.base_url}", flush=True)
     print(f"Open this URL to call the bot: {dev_join_url(settings)}", flush=True)
     if ready is not None:
         ready.set()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     background = [
         asyncio.create_task(malloc.trim_periodically()),
         asyncio.create_task(aio.watch_loop_lag(metrics.loop_lag.observe)),
@@ -106,6 +124,51 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         for task in background:
             task.cancel()
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------------- join
+async def join(settings: Settings, args: argparse.Namespace) -> int:
+    """Join a meeting on an SFU with a bot of this process; stay until it ends or Ctrl-C."""
+    from presence.signaling.janus.room import JanusMeeting
+    from presence.signaling.rooms import RoomJoinError, RoomRequest
+
+    if not args.url.startswith(("janus://", "janus+http://")):
+        print(f"presence join: {args.url!r} is not a janus://HOST:PORT/ROOM address", file=sys.stderr)
+        return 2
+    manager, _ = await _start_bot(settings)
+    request = RoomRequest(id="cli", url=args.url, pin=args.pin or "", display=args.display or "")
+    try:
+        meeting = await JanusMeeting.join(manager, request, settings)
+    except RoomJoinError as exc:
+        print(f"cannot join {args.url}: {exc}", file=sys.stderr)
+        await manager.close()
+        return 1
+    print(f"joined {args.url} as {meeting.display!r} (call {meeting.call_id}); Ctrl-C leaves", flush=True)
+    session = manager.get(meeting.call_id)
+    if session is not None:
+        session.events.listen(_print_caption)
+    stop = _stop_on_signals()
+    ended = asyncio.ensure_future(meeting.wait_closed())
+    await asyncio.wait({ended, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if not ended.done():
+        print("leaving (writing the notes)...", flush=True)
+        await meeting.leave()
+    print(f"left: {await ended}", flush=True)
+    if settings.notes_dir:
+        print(
+            f"notes: {os.path.join(os.path.expanduser(settings.notes_dir), f'meeting-{meeting.call_id}.md')}"
+        )
+    await manager.close()
+    return 0
+
+
+def _print_caption(event: CallEvent) -> None:
+    d = event.data
+    if event.name == "caption" and d.get("final") and d.get("pass_") != "final":
+        who = (d.get("speaker") or "someone") if d.get("who") == "caller" else "bot"
+        print(f"  {who}: {d.get('text')}", flush=True)
+    elif event.name == "not_addressed":
+        print(f"  {d.get('speaker') or 'someone'} (to the room): {d.get('text')}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- call
@@ -221,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_dial.add_argument("--room", help="put the answered call in this room")
     p_dial.add_argument("--timeout", type=float, default=60.0, help="seconds to follow the dial")
 
+    p_join = sub.add_parser(
+        "join", help="join a meeting on an SFU (janus://HOST:PORT/ROOM) with a bot of this process"
+    )
+    p_join.add_argument("url", help="janus://HOST:PORT/ROOM (HTTP API port, usually 8088)")
+    p_join.add_argument("--pin", default="", help="the room's PIN, if it has one")
+    p_join.add_argument("--display", default="", help="the bot's name in the room (default: bot_name)")
+    Settings.add_arguments(p_join)
     p_worker = sub.add_parser("worker", help="run a background-job worker (Redis Streams)")
     p_worker.add_argument("--kinds", default="search,code,think", help="job kinds to serve, comma separated")
     p_worker.add_argument(
@@ -311,6 +381,7 @@ OWN_PARSER = {
     "jobs": "presence.bench.jobs",
     "fdb": "presence.bench.fdb.cli",
     "narrowband": "presence.bench.narrowband",
+    "meeting": "presence.bench.meeting",
 }
 
 
@@ -335,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             _logging(settings.log_level)
             aio.run(serve(settings), settings.event_loop)
             return 0
+        if args.command == "join":
+            settings = Settings.from_args(args)
+            _logging(settings.log_level)
+            return aio.run(join(settings, args), settings.event_loop)
         if args.command == "call":
             _logging(args.log_level)
             return asyncio.run(call(args))

@@ -263,6 +263,10 @@ class Settings:
     greeting: str = _opt(
         "Hi, I'm Presence. How can I help?", "what the bot says when a call starts ('' = nothing)"
     )
+    notes_dir: str = _opt(
+        "~/.local/share/presence/notes",
+        "where the notes of a meeting the bot joined are written at its end ('' = nowhere)",
+    )
     # --- jobs (Redis Streams)
     jobs: str = _opt(
         "auto",
@@ -270,13 +274,38 @@ class Settings:
         choices=("auto", "redis", "off"),
     )
     redis_url: str = _opt(
-        "", "Redis URL for background jobs (empty = redis://127.0.0.1:6379/0 if it answers)"
+        "",
+        "Redis URL for background jobs and the room queue (empty = redis://127.0.0.1:6379/0 if it answers)",
     )
     jobs_docs_dir: str = _opt(
         "", "folder of documents the search job indexes (empty = the bundled docs/ folder)"
     )
     web_search_url: str = _opt("", "HTTP search API for the search job (empty = local documents only)")
     job_timeout_s: float = _opt(20.0, "deadline of one background job")
+    # --- rooms (the bot joins meetings on an SFU when asked through /api/rooms/join)
+    rooms: bool = _opt(
+        False,
+        "take requests to join meetings on an SFU (POST /api/rooms/join) and share them with the "
+        "other nodes through the Redis at redis_url",
+    )
+    rooms_capacity: int = _opt(
+        4, "rooms this node is in at once (0: it only queues requests for other nodes)"
+    )
+    rooms_lease_s: float = _opt(
+        6.0,
+        "a node that has not refreshed its hold on a room for this long is presumed dead; another takes over",
+    )
+    rooms_max_backlog: int = _opt(
+        100, "room requests waiting for a free node; past it new ones are refused with 503 and Retry-After"
+    )
+    rooms_handover: bool = _opt(
+        True,
+        "on a clean shutdown, leave this node's rooms for another node to rejoin (off: leave them for good)",
+    )
+    rooms_node_id: str = _opt("", "this node's name in the room queue (default: host-pid-random)")
+    rooms_prefix: str = _opt(
+        "presence", "prefix of the room queue's Redis keys (deployments sharing one Redis use different ones)"
+    )
     # --- process
     event_loop: str = _opt(
         "uvloop",
@@ -369,6 +398,12 @@ class Settings:
             problems.append("provider_stream_token_ttl_s must be positive")
         if self.offer_rate_per_min < 0 or self.offer_burst < 1:
             problems.append("offer_rate_per_min must not be negative and offer_burst must be at least 1")
+        if self.rooms_capacity < 0 or self.rooms_max_backlog < 1 or self.rooms_lease_s < 1.0:
+            problems.append("rooms_capacity must be 0 or more, rooms_max_backlog and rooms_lease_s 1 or more")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.rooms_prefix):
+            problems.append("rooms_prefix must be 1-64 letters, digits, '_', '.' or '-'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{0,128}", self.rooms_node_id):
+            problems.append("rooms_node_id must be up to 128 letters, digits, '_', '.' or '-'")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 

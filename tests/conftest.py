@@ -44,7 +44,13 @@ def _restore_aioice() -> object:
 
 
 def test_settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"port": 0, "greeting": "", "peer_timeout_s": 5.0, "jobs": "off"}
+    base: dict[str, object] = {
+        "port": 0,
+        "greeting": "",
+        "peer_timeout_s": 5.0,
+        "jobs": "off",
+        "notes_dir": "",
+    }
     base.update(overrides)
     return Settings.from_env({}, **base)
 

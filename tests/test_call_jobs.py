@@ -96,12 +96,16 @@ async def test_work_that_only_whispers_text_asks_for_is_dispatched_late(
         reply = engine._live
         assert reply is not None and engine.turns >= 1
         audio = resample(speech("Please calculate seventeen times twenty three."), SR_OUT, SAMPLE_RATE)
-        await engine._final_pass(reply, audio, None, engine.turns - 2, frozenset())  # an older turn
+        await engine._final_pass(
+            reply, audio, None, engine.turns - 2, (frozenset(), "", False)
+        )  # an older turn
         code = frozenset({"code"})
-        await engine._final_pass(reply, audio, None, engine.turns - 1, code)  # its job already went
+        await engine._final_pass(
+            reply, audio, None, engine.turns - 1, (code, "", False)
+        )  # its job already went
         assert not engine.events.named(Ev.JOB_DISPATCHED)
         late = engine.events.history[-1].t
-        await engine._final_pass(reply, audio, None, engine.turns - 1, frozenset({"search"}))
+        await engine._final_pass(reply, audio, None, engine.turns - 1, (frozenset({"search"}), "", False))
         await caller.wait_event(Ev.JOB_DISPATCHED, after=late, timeout=5)
         injected = await caller.wait_event(Ev.JOB_RESULT_INJECTED, after=late, timeout=60)
         t = float(injected["t"])  # type: ignore[arg-type]

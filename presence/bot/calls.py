@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from presence.bot.backends.factory import Backends
 from presence.bot.jobs.bridge import JobBridge
@@ -13,6 +13,9 @@ from presence.bot.session import CallSession
 from presence.config import Settings
 from presence.signaling.contract import Answer, CallRejected, PeerLink
 from presence.signaling.metrics import Metrics
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +89,31 @@ class CallManager:
             if room:
                 self._rooms[room] = session
         return session
+
+    def open_room(self, room: str) -> CallSession:
+        """The call of a meeting the bot joins on an SFU: it lives until ``end`` (an empty
+        meeting is not over), and its participants arrive through ``join``."""
+        session = self._session_for(room)
+        session.as_meeting()
+        return session
+
+    async def end(self, call_id: str) -> bool:
+        """End a call and release everything it holds; False when it is unknown."""
+        session = self.sessions.get(call_id)
+        if session is None:
+            return False
+        await self._ended(session)
+        return True
+
+    def peer_connection(self, peer_id: str) -> RTCPeerConnection | None:
+        session = self._peers.get(peer_id)
+        return session.peer_connection(peer_id) if session is not None else None
+
+    async def renegotiate(self, peer_id: str, sdp: str) -> Answer:
+        session = self._peers.get(peer_id)
+        if session is None:
+            raise CallRejected(404, "unknown_peer", "no such peer connection (or it has hung up)")
+        return await session.renegotiate(peer_id, sdp)
 
     async def hangup(self, peer_id: str) -> bool:
         session = self._peers.pop(peer_id, None)

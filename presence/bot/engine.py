@@ -91,6 +91,9 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._keys: list[str] = []
         self._keys_timer: asyncio.TimerHandle | None = None
         self.keys_taken: Callable[[str], bool] | None = None
+        # (speaker, words) -> what to say, from what the call itself holds ("what did I miss?"
+        # in a meeting), or None for an ordinary reply
+        self.answer_from_call: Callable[[str, str], str | None] | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
         self._turn_audio_end = 0.0  # bot clock at the end of the last turn audio kept
@@ -370,7 +373,9 @@ class Engine(FloorActions, BetweenTicks, Keypad):
                 )
             )
             if not verdict.addressed:
-                self.events.emit(Ev.NOT_ADDRESSED, text=text, reason=verdict.reason)
+                self.events.emit(
+                    Ev.NOT_ADDRESSED, text=text, reason=verdict.reason, speaker=", ".join(speakers)
+                )
         if verdict is None or not verdict.addressed:
             # Noise, a cough, "mm-hm", "and the" or talk to someone else: not a turn for the
             # bot. A reply that was cut by it carries on.
@@ -385,9 +390,15 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._bot_last_answered = speakers[0] if len(speakers) == 1 else None
         self._cut = None
         self._user_id = self.conversation.append(ChatMessage("user", text))
-        self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns)
+        self.events.emit(
+            Ev.CAPTION, who="caller", text=text, final=True, turn=self.turns, speaker=", ".join(speakers)
+        )
         reply = self._pending
         spoken = self.results.route(text)
+        speaker = ", ".join(speakers)
+        if spoken is None and self.answer_from_call is not None:
+            spoken = self.answer_from_call(speaker, text)
+        asked = (self.results.routed, speaker, spoken is not None)
         if spoken is not None:  # background work: acknowledge it and keep the conversation going
             if reply is not None:
                 self._spawn(reply.cancel(), "cancel-reply")
@@ -399,9 +410,7 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._pending = None
         self._commit(reply)
         if self.backends.transcriber is not None and audio.size:
-            self._spawn(
-                self._final_pass(reply, audio, self._user_id, self.turns, self.results.routed), "final-asr"
-            )
+            self._spawn(self._final_pass(reply, audio, self._user_id, self.turns, asked), "final-asr")
         self.turns += 1
 
     @property
@@ -452,17 +461,29 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self.track.play(reply.utterance)
 
     async def _final_pass(
-        self, reply: ReplyTask, audio: np.ndarray, user_id: int | None, turn: int, routed: frozenset[str]
+        self,
+        reply: ReplyTask,
+        audio: np.ndarray,
+        user_id: int | None,
+        turn: int,
+        asked: tuple[frozenset[str], str, bool],
     ) -> None:
+        """``asked``: the job kinds the streaming text routed, its speaker, and whether the call
+        itself answered it."""
         assert self.backends.transcriber is not None
+        routed, speaker, answered = asked
         text = await final_pass(self.backends.transcriber, reply, audio)
         if text and user_id is not None and self.conversation.replace(user_id, ChatMessage("user", text)):
-            self.events.emit(Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final")
+            self.events.emit(
+                Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final", speaker=speaker
+            )
         # pocketsphinx garbles a request now and then ("sky scout to leave" for "please calculate"):
         # work whisper's text asks for is dispatched late, its acknowledgement cutting that reply
         # (and work of another kind than the streaming text's: "look up X and calculate Y")
         if text and turn == self.turns - 1 and self.caller.utt_start is None:
             spoken = self.results.route(text, skip=routed)
+            if spoken is None and not answered and self.answer_from_call is not None:
+                spoken = self.answer_from_call(speaker, text)  # "what did I miss" heard as "mess"
             if spoken is not None:
                 self._commit(self._fixed_reply(spoken))
 

@@ -8,6 +8,7 @@ speech is ready.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ class CallResults:
         self._results: deque[tuple[JobResult, ReplyTask]] = deque()
         self._urgent: set[str] = set()
         self.routed: frozenset[str] = frozenset()  # kinds the last route() dispatched
+        # results awaited by the call itself (a meeting's notes), never spoken
+        self.collect: dict[str, asyncio.Future[JobResult]] = {}
 
     @property
     def waiting(self) -> bool:
@@ -69,6 +72,11 @@ class CallResults:
 
     def add(self, result: JobResult) -> bool:
         """A result came back; its speech starts rendering now. False: nothing to say."""
+        waiting = self.collect.pop(result.job_id, None)
+        if waiting is not None:
+            if not waiting.done():
+                waiting.set_result(result)
+            return False
         text = self.jobs.speakable(result) if self.jobs is not None else ""
         if not text:
             return False

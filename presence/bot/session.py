@@ -18,14 +18,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiortc import RTCDataChannel, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
 
 from presence.bot.backends.factory import Backends
 from presence.bot.engine import Engine
 from presence.bot.jobs.bridge import JobBridge
+from presence.bot.jobs.types import JobRequest
 from presence.bot.manners import CallManners, Manner, MannerOptions
+from presence.bot.meeting import MeetingLog
 from presence.bot.policy import build_policy
 from presence.bot.transfer import SAY_FAILED, SAY_TRANSFER, wants_a_person
 from presence.clock import now
@@ -58,6 +61,21 @@ class Peer:
         decode it seconds later, and the peer must not be taken for gone meanwhile), else a frame."""
         frame = self.audio.last_frame_at if self.audio is not None else self.created
         return max(frame, self.link.last_heard())
+
+
+def _one_track_of_each_kind(pc: RTCPeerConnection) -> None:
+    """Answer every audio or video section after the first of its kind inactive: the bot reads
+    one track of each kind, and aiortc would queue an unread track's frames without bound.
+    (Signaling lets one such section through: the screen-share video of a SmallWebRTC client.)"""
+    seen: set[str] = set()
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind in seen:
+            transceiver.direction = "inactive"
+        seen.add(transceiver.kind)
+
+
+def _ice_credentials(sdp: str) -> set[tuple[str | None, str | None]]:
+    return {(m.ice.usernameFragment, m.ice.password) for m in SessionDescription.parse(sdp).media}
 
 
 class CallSession:
@@ -107,6 +125,10 @@ class CallSession:
         self._manner_task: asyncio.Task[None] | None = None
         self._transfer_task: asyncio.Task[None] | None = None
         self._removing: set[str] = set()
+        # A meeting on an SFU lives until its connector leaves, even with nobody in it for a
+        # while (everyone stepped out, the SFU restarted): its transcript and context stay.
+        self.persistent = False
+        self.meeting: MeetingLog | None = None
         self.events.listen(self._forward)
         self.events.listen(self._on_call_event)
         self.engine.keys_taken = self._keys_taken
@@ -149,13 +171,14 @@ class CallSession:
             kinds = [t.kind for t in pc.getTransceivers()]
             if "audio" not in kinds:
                 raise CallRejected(400, "no_audio", "the offer has no audio media section")
+            _one_track_of_each_kind(pc)
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
                     buffer = configure_receiver(
                         transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc
                     )
                     link.rx_buffer = link.rx_buffer or buffer
-            link.play(self.relay.subscribe(self.track, buffered=False))
+            link.play(self.voice())
             await pc.setLocalDescription(await pc.createAnswer())
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
@@ -169,6 +192,35 @@ class CallSession:
         await self._joined(peer)
         return Answer(call_id=self.call_id, peer_id=peer.id, sdp=pc.localDescription.sdp)
 
+    def peer_connection(self, peer_id: str) -> RTCPeerConnection | None:
+        """A live WebRTC peer's connection; None for another transport or a peer that is gone."""
+        peer = self.peers.get(peer_id)
+        if peer is None or peer_id in self._removing or not isinstance(peer.link, RtcLink):
+            return None
+        return peer.link.pc
+
+    async def renegotiate(self, peer_id: str, sdp: str) -> Answer:
+        """Answer a new offer on a peer's own connection (a SmallWebRTC client re-offering with
+        its pc_id): its tracks and the call go on. aiortc cannot restart ICE on a connection, so
+        an offer with new ICE credentials is refused (409): the client re-offers with restart_pc."""
+        pc = self.peer_connection(peer_id)
+        if pc is None or pc.remoteDescription is None:
+            raise CallRejected(404, "unknown_peer", "no such peer connection (or it has hung up)")
+        if _ice_credentials(sdp) != _ice_credentials(pc.remoteDescription.sdp):
+            raise CallRejected(
+                409,
+                "ice_restart_not_supported",
+                "this offer restarts ICE, which the bot cannot do on a live connection: "
+                "send a new peer connection's offer with restart_pc true instead",
+            )
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            _one_track_of_each_kind(pc)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            raise CallRejected(400, "bad_offer", f"cannot renegotiate with this offer: {exc}") from exc
+        return Answer(call_id=self.call_id, peer_id=peer_id, sdp=pc.localDescription.sdp)
+
     async def add_link(self, link: PeerLink, participant: str) -> str:
         """Add a participant whose transport is already connected (a SIP call after its
         INVITE, a provider's media stream); returns the peer id."""
@@ -177,10 +229,14 @@ class CallSession:
         link.on_dtmf = lambda digit, t: self.engine.on_dtmf(peer.participant, digit, t)
         if link.audio is not None:
             self._attach_track(peer, link.audio)
-        link.play(self.relay.subscribe(self.track, buffered=False))
+        link.play(self.voice())
         await self._joined(peer)
         self._on_connected(peer)  # connected already: the caller hears the greeting now
         return peer.id
+
+    def voice(self) -> MediaStreamTrack:
+        """The bot's voice for one more listener (a peer, an SFU publisher)."""
+        return self.relay.subscribe(self.track, buffered=False)
 
     def _check_room(self) -> None:
         """CallRejected when the call is over or full. The caller adds its peer with no await
@@ -257,7 +313,7 @@ class CallSession:
                 self.events.emit(Ev.PARTICIPANT_LEFT, participant=peer.participant)
         finally:
             self._removing.discard(peer_id)
-        if not self.peers and not self.closed:
+        if not self.peers and not self.closed and not self.persistent:
             await self.on_empty(self)
         return True
 
@@ -376,6 +432,37 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await self.engine.jobs.close()
         self.track.stop()
+
+    # ------------------------------------------------------------------ meetings
+    def as_meeting(self) -> MeetingLog:
+        """This call is a meeting on an SFU: it outlives an empty room, keeps a transcript with
+        speaker names, and answers "what did I miss?" from it."""
+        self.persistent = True
+        if self.meeting is None:
+            self.meeting = MeetingLog(self.settings.bot_name)
+            self.events.listen(self.meeting.on_event)
+            self.engine.answer_from_call = self.meeting.recap
+        return self.meeting
+
+    async def meeting_notes(self, timeout: float) -> str:
+        """The notes of this meeting; their summary comes from a background ``think`` job
+        (up to ``timeout`` seconds), and without one the notes are the transcript alone."""
+        meeting = self.meeting or MeetingLog(self.settings.bot_name)
+        jobs, summary = self.engine.jobs, ""
+        if jobs is not None and meeting.lines and timeout > 0:
+            request = JobRequest.new(self.call_id, "think", meeting.notes_prompt(), timeout_s=timeout)
+            waiting = asyncio.get_running_loop().create_future()
+            self.engine.results.collect[request.job_id] = waiting
+            try:
+                if await jobs.dispatch([request]):
+                    result = await asyncio.wait_for(waiting, timeout)
+                    if result.ok and isinstance(result.value, dict):
+                        summary = str(result.value.get("text", ""))
+            except TimeoutError:
+                log.warning("call %s: no notes summary within %.0f s", self.call_id, timeout)
+            finally:
+                self.engine.results.collect.pop(request.job_id, None)
+        return meeting.notes(summary)
 
     # ------------------------------------------------------------------ events out
     def _forward(self, event: CallEvent) -> None:

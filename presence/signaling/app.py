@@ -1,5 +1,9 @@
 """The HTTP side of Presence: the call page, WHIP and JSON offer/answer, health and metrics.
 
+``/api/offer`` also answers Pipecat's SmallWebRTC clients unchanged: their offer's ``pc_id``,
+``restart_pc`` and ``request_data`` (renegotiation, restart and our name/room/token), and their
+``PATCH`` of trickled ICE candidates.
+
 Everything a client sends is checked here (offer rate, size, content type, token and room,
 SDP shape) before any of it reaches aiortc, and every error leaves as
 ``{"error": {"code", "message"}}`` with a stable code, so the page, WHIP clients and tests can
@@ -19,15 +23,15 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
-from aiortc.sdp import SessionDescription
 
 from presence.config import Settings
-from presence.signaling import dial_api, provider_ws, tokens
+from presence.signaling import dial_api, provider_ws, rooms_api, tokens
 from presence.signaling.contract import CallHost, CallRejected
 from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
 from presence.signaling.limits import RateLimiter
 from presence.signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from presence.signaling.metrics import Metrics
+from presence.signaling.offer_checks import MAX_TRICKLED_CANDIDATES, parse_candidate, validate_offer_sdp
 from presence.web import STATIC_DIR
 
 log = logging.getLogger(__name__)
@@ -41,12 +45,15 @@ SIP_KEY = web.AppKey("sip", object)  # the SIP user agent, when sip_port >= 0
 
 # Route names whose errors count as rejected offers in presence_offers_rejected_total.
 OFFER_ROUTES = frozenset({"whip_offer", "whip_offer_room", "api_offer"})
-MAX_MEDIA_SECTIONS = 16  # a browser sends 2-3; hundreds would only be an attack on the parser
 ROOM_RE = tokens.ROOM_RE
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_NAME_CHARS = 64
 # The WHIP answer's header carrying the resource token: DELETE needs it as a Bearer token.
 RESOURCE_TOKEN_HEADER = "X-Presence-Resource-Token"
+# Pipecat's SmallWebRTC: the offer's free-form data (the JS client spells it "requestData"), and
+# the keys of it that stand in for ours when the body does not give them at the top level.
+REQUEST_DATA_KEYS = ("request_data", "requestData")
+REQUEST_DATA_FIELDS = ("name", "room", "token")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,7 +113,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.warning("%s %s -> %d %s", request.method, request.path, error.status, error.code)
         else:
             log.info("%s %s -> %d %s", request.method, request.path, error.status, error.code)
-        if _route_name(request) in OFFER_ROUTES:
+        if _route_name(request) in OFFER_ROUTES and request.method == "POST":
             metrics.offers_rejected.labels(error.code).inc()
         response = error_response(error.status, error.code, error.message, error.headers)
     metrics.http_requests.labels(_route_label(request), str(response.status)).inc()
@@ -130,50 +137,25 @@ def _require_type(request: web.Request, expected: str) -> None:
         raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, got {got}")
 
 
+async def _read_json_object(request: web.Request) -> dict[str, Any]:
+    _check_length(request)
+    _require_type(request, "application/json")
+    body = await _read_body(request)
+    try:
+        data: Any = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "expected a JSON object")
+    return data
+
+
 async def _read_body(request: web.Request) -> bytes:
     body = await request.read()  # raises 413 past client_max_size (chunked uploads)
     limit = request.app[SETTINGS_KEY].max_body_bytes
     if len(body) > limit:
         raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
     return body
-
-
-def validate_offer_sdp(sdp: str) -> str:
-    """The offer unchanged when it looks like a usable SDP offer, else ``malformed_sdp``."""
-
-    def bad(message: str) -> ApiError:
-        return ApiError(400, "malformed_sdp", message)
-
-    if not sdp.strip():
-        raise bad("the SDP offer is empty")
-    if not sdp.startswith("v=0"):
-        raise bad("an SDP offer must start with v=0")
-    media_lines = sum(1 for line in sdp.splitlines() if line.startswith("m="))
-    if media_lines == 0:
-        raise bad("the SDP offer has no m= line")
-    if media_lines > MAX_MEDIA_SECTIONS:
-        raise bad(f"the SDP offer has more than {MAX_MEDIA_SECTIONS} m= lines")
-    try:
-        parsed = SessionDescription.parse(sdp)
-    except Exception:  # aiortc's parser raises assorted errors (and asserts) on junk
-        raise bad("the SDP offer cannot be parsed") from None
-    # One track of each kind per caller: aiortc would queue the frames of any other without
-    # bound, since the bot reads only the first (a rejected section has port 0).
-    for kind in ("audio", "video", "application"):
-        count = sum(1 for m in parsed.media if m.kind == kind and m.port != 0)
-        if count > 1:
-            raise ApiError(
-                400,
-                "too_many_tracks",
-                f"the SDP offer has {count} {kind} sections; the bot takes one of each kind per caller",
-            )
-    for media in parsed.media:
-        # without these aiortc fails deep inside setRemoteDescription; say so here instead
-        if not (media.ice.usernameFragment and media.ice.password):
-            raise bad(f"the {media.kind} section lacks ICE credentials")
-        if not media.dtls.fingerprints:
-            raise bad(f"the {media.kind} section lacks a DTLS fingerprint")
-    return sdp
 
 
 def _decode_sdp(body: bytes) -> str:
@@ -207,6 +189,15 @@ def _bearer(request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+def _join_token(request: web.Request, given: object) -> str | None:
+    """The JSON API's join token: from the body, else ``Authorization: Bearer``, else ``?token=``
+    (a SmallWebRTC client sends its configured headers and URL with the offer and the PATCH)."""
+    token = given or _bearer(request) or request.query.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ApiError(400, "bad_request", "token must be a string")
+    return token
 
 
 def _pick_room(claims: tokens.TokenClaims | None, requested: object) -> str | None:
@@ -361,38 +352,76 @@ async def whip_resource_options(request: web.Request) -> web.Response:
 
 
 async def api_offer(request: web.Request) -> web.Response:
+    """The page's offer, and Pipecat SmallWebRTC's: a ``pc_id`` naming a live WebRTC peer
+    renegotiates that peer's connection, or with ``restart_pc`` hangs it up and answers the offer
+    as a new peer; any other ``pc_id`` (or none) is a new peer. The answer's ``pc_id`` is its peer id."""
     _rate_limit(request)
-    _check_length(request)
-    _require_type(request, "application/json")
-    body = await _read_body(request)
-    try:
-        data: Any = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "expected a JSON object")
-    token = data.get("token") or request.query.get("token")
-    if token is not None and not isinstance(token, str):
-        raise ApiError(400, "bad_request", "token must be a string")
-    claims = _authorize(request, token)
+    data = await _read_json_object(request)
+    request_data = next((data[k] for k in REQUEST_DATA_KEYS if data.get(k) is not None), None)
+    # SmallWebRTC's request_data may carry our name, room and token; the body's own keys win
+    given = {k: request_data.get(k) for k in REQUEST_DATA_FIELDS} if isinstance(request_data, dict) else {}
+    given.update({k: data[k] for k in REQUEST_DATA_FIELDS if data.get(k) is not None})
+    claims = _authorize(request, _join_token(request, given.get("token")))
     if data.get("type") != "offer":
         raise ApiError(400, "bad_request", 'type must be "offer"')
     sdp = data.get("sdp")
     if not isinstance(sdp, str):
         raise ApiError(400, "bad_request", "sdp must be a string")
-    room = _pick_room(claims, data.get("room"))
-    name = _pick_name(data.get("name"), claims, default="caller")
-    answer = await request.app[HOST_KEY].answer(validate_offer_sdp(sdp), participant=name, room=room)
+    pc_id, restart = data.get("pc_id"), data.get("restart_pc")
+    if pc_id is not None and not isinstance(pc_id, str):
+        raise ApiError(400, "bad_request", "pc_id must be a string or null")
+    if restart is not None and not isinstance(restart, bool):
+        raise ApiError(400, "bad_request", "restart_pc must be true, false or null")
+    room = _pick_room(claims, given.get("room"))
+    name = _pick_name(given.get("name"), claims, default="caller")
+    sdp = validate_offer_sdp(sdp)
+    host = request.app[HOST_KEY]
+    answer = None
+    if pc_id and host.peer_connection(pc_id) is not None:
+        if restart:
+            await host.hangup(pc_id)  # the client's old connection; its new one is answered below
+        else:
+            answer = await host.renegotiate(pc_id, sdp)
+    if answer is None:
+        answer = await host.answer(sdp, participant=name, room=room)
     return web.json_response(
         {
             "sdp": answer.sdp,
             "type": answer.type,
+            "pc_id": answer.peer_id,
             "call_id": answer.call_id,
             "peer_id": answer.peer_id,
             "resource": f"/whip/resource/{answer.peer_id}",
             "resource_token": request.app[RESOURCES_KEY].issue(answer.peer_id),
         }
     )
+
+
+async def api_offer_candidates(request: web.Request) -> web.Response:
+    """SmallWebRTC's trickle ICE: ``PATCH /api/offer`` with ``{"pc_id", "candidates": [...]}``
+    adds the caller's candidates to its peer connection. Not an offer, so not rate limited
+    (a client sends several), except that naming no live peer spends an offer's worth: guessing
+    pc_ids costs what offers do. With a token secret it needs the join token like the offer."""
+    data = await _read_json_object(request)
+    _authorize(request, _join_token(request, data.get("token")))
+    pc_id, items = data.get("pc_id"), data.get("candidates")
+    if not isinstance(pc_id, str) or not pc_id:
+        raise ApiError(400, "bad_request", "pc_id must be the pc_id of the offer's answer")
+    if not isinstance(items, list):
+        raise ApiError(400, "bad_request", "candidates must be a list")
+    if len(items) > MAX_TRICKLED_CANDIDATES:
+        raise ApiError(400, "bad_request", f"at most {MAX_TRICKLED_CANDIDATES} candidates at a time")
+    candidates = [parse_candidate(item) for item in items]
+    pc = request.app[HOST_KEY].peer_connection(pc_id)
+    if pc is None:
+        _rate_limit(request)
+        raise ApiError(404, "unknown_peer", "no such peer connection (or it has hung up)")
+    for candidate in candidates:
+        try:
+            await pc.addIceCandidate(candidate)
+        except OSError as exc:  # an mDNS name this host cannot resolve: the others still count
+            log.info("peer %s: candidate not added: %s", pc_id, exc)
+    return web.json_response({"status": "success"})
 
 
 async def api_hangup(request: web.Request) -> web.Response:
@@ -436,7 +465,9 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
     r.add_get("/healthz", healthz, name="healthz")
     r.add_get("/metrics", metrics_handler, name="metrics")
     r.add_get("/api/config", api_config, name="api_config")
-    r.add_post("/api/offer", api_offer, name="api_offer")
+    offer = r.add_resource("/api/offer", name="api_offer")
+    offer.add_route("POST", api_offer)
+    offer.add_route("PATCH", api_offer_candidates)  # SmallWebRTC's trickled ICE candidates
     r.add_delete("/api/calls/{peer_id}", api_hangup, name="api_hangup")
     # the resource route first: /whip/{room} must not swallow /whip/resource/...
     resource = r.add_resource("/whip/resource/{peer_id}", name="whip_resource")
@@ -451,6 +482,7 @@ def create_app(settings: Settings, host: CallHost) -> web.Application:
     whip_room.add_route("OPTIONS", whip_options)
     r.add_get("/static/{path:.+}", static_file, name="static")
     dial_api.add_routes(app)
+    rooms_api.add_routes(app)
     provider_ws.add_routes(app)
 
     async def close_host(app: web.Application) -> None:

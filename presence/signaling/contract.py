@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
     from aiortc.mediastreams import MediaStreamTrack
 
     from presence.seams import CallEvent
@@ -47,6 +48,16 @@ class CallHost(Protocol):
 
     async def hangup(self, peer_id: str) -> bool:
         """Hang one peer up; False when it is unknown or already gone."""
+        ...
+
+    def peer_connection(self, peer_id: str) -> RTCPeerConnection | None:
+        """A live WebRTC peer's connection (to add the ICE candidates a client trickles);
+        None when the peer is unknown, gone, or not on WebRTC."""
+        ...
+
+    async def renegotiate(self, peer_id: str, sdp: str) -> Answer:
+        """Answer a new offer on a live WebRTC peer's own connection; CallRejected 404 when
+        there is no such peer, 409 when the offer restarts ICE (aiortc cannot)."""
         ...
 
     async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Meetings on a Janus WebRTC server (VideoRoom plugin)."""
