@@ -109,13 +109,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in _tree(self.proc.pid):
-            with contextlib.suppress(OSError, IndexError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-        return total
+        return cpu_seconds(self.proc.pid)
 
     def memory_mb(self, pss: bool = False, main_only: bool = False) -> float:
         """Memory of the process tree in MB (or of the server process alone): summed RSS, or
@@ -123,7 +117,7 @@ class ServerProcess:
         assert self.proc is not None
         path, key = ("smaps_rollup", "Pss:") if pss else ("status", "VmRSS:")
         total = 0
-        for pid in [self.proc.pid] if main_only else _tree(self.proc.pid):
+        for pid in [self.proc.pid] if main_only else process_tree(self.proc.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
                     if line.startswith(key):
@@ -139,7 +133,8 @@ class ServerProcess:
                 self.proc.kill()
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -149,6 +144,20 @@ def _tree(pid: int) -> list[int]:
                 children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
                 todo.extend(int(c) for c in children)
     return pids
+
+
+def cpu_seconds(pid: int, skip: tuple[int | None, ...] = ()) -> float:
+    """User + system CPU of ``pid`` and its live descendants, less the trees rooted at ``skip``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    left = {p for s in skip if s for p in process_tree(s)}
+    total = 0.0
+    for p in process_tree(pid):
+        if p in left:
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _env(**settings: object) -> dict[str, str]:

@@ -47,6 +47,7 @@ from presence.bench.janus_lab import (
     remove_stale_namespaces,
 )
 from presence.bench.janus_media import Recording
+from presence.bench.latency import cpu_seconds
 from presence.bench.meeting_report import summarise, table, turn_table
 from presence.bot.addressee import AddresseeOptions, AddresseeTracker
 from presence.caller import Caller
@@ -285,33 +286,6 @@ async def direct_call(url: str, clips: dict[str, Clip], texts: list[str]) -> lis
 
 
 # ---------------------------------------------------------------------------------- CPU
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
-    return pids
-
-
-def cpu_seconds(pid: int, skip: tuple[int | None, ...] = ()) -> float:
-    """User + system CPU of ``pid`` and its live descendants, less the trees rooted at ``skip``."""
-    left = {p for s in skip if s for p in process_tree(s)}
-    total = 0.0
-    for p in process_tree(pid):
-        if p in left:
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
-
-
 class CpuMeter:
     def __init__(self, janus: JanusServer) -> None:
         self.janus = janus

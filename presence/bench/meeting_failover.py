@@ -21,8 +21,7 @@ from typing import Any
 import aiohttp
 
 from presence.bench.janus_lab import OPEN_ROOM, JanusHuman, JanusServer
-from presence.bench.latency import ServerProcess, _env
-from presence.bench.meeting import process_tree
+from presence.bench.latency import ServerProcess, _env, process_tree
 from presence.clock import now
 
 NODES = ("node-a", "node-b")

@@ -10,7 +10,6 @@ from the GET, which ``presence dial`` polls.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from collections import OrderedDict
@@ -46,14 +45,7 @@ async def api_dial(request: web.Request) -> web.Response:
     from presence.signaling import app as api  # the shared request checks live with the app
 
     api._rate_limit(request)
-    api._check_length(request)
-    api._require_type(request, "application/json")
-    try:
-        data: Any = json.loads((await api._read_body(request)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "expected a JSON object")
+    data = await api._read_json_object(request)
     claims = api._authorize(request, api._bearer(request) or data.get("token"))
     if claims is not None and claims.role != OPERATOR_ROLE:
         raise ApiError(403, "not_operator", f"dialling out needs a token with role {OPERATOR_ROLE!r}")

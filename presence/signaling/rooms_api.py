@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 import logging
 import uuid
 from typing import Any
@@ -63,14 +62,7 @@ async def api_room_join(request: web.Request) -> web.Response:
     from presence.signaling import app as api
 
     api._rate_limit(request)
-    api._check_length(request)
-    api._require_type(request, "application/json")
-    try:
-        data: Any = json.loads((await api._read_body(request)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", 'expected a JSON object such as {"url": "' + URL_EXAMPLE + '"}')
+    data = await api._read_json_object(request, '{"url": "' + URL_EXAMPLE + '"}')
     dispatcher = _dispatcher(request, data.get("token"))
     url = _string(data, "url", MAX_URL_CHARS).strip()
     if not url:
