@@ -219,6 +219,8 @@ class Caller:
     token: str = ""
     room: str | None = None
     name: str = "caller"
+    language: str | None = None  # an interpreter room: the language this caller speaks and hears
+    original: bool = True  # with an interpreter: also hear the speaker's own voice, ducked
     rx_prefetch_packets: int = 2  # ~40 ms, what Chromium's jitter buffer showed on loopback
     video: MediaStreamTrack | None = None
     inbox: EventInbox = field(default_factory=EventInbox)
@@ -276,6 +278,10 @@ class Caller:
             payload["token"] = self.token
         if self.room:
             payload["room"] = self.room
+        if self.language:
+            payload["language"] = self.language
+        if not self.original:
+            payload["original"] = False
         async with self._session.post(self.url.rstrip("/") + "/api/offer", json=payload) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 200:

@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAD, end-of-turn detector and ASR on phone audio (G.711, G.722) against wideband",
         add_help=False,
     )
+    bench_sub.add_parser(
+        "interpret",
+        help="the live interpreter: StartOffset, EndOffset, LAAL, ASR-BLEU per policy (see --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -382,6 +387,7 @@ OWN_PARSER = {
     "fdb": "presence.bench.fdb.cli",
     "narrowband": "presence.bench.narrowband",
     "meeting": "presence.bench.meeting",
+    "interpret": "presence.bench.interpret",
 }
 
 

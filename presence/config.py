@@ -306,6 +306,42 @@ class Settings:
     rooms_prefix: str = _opt(
         "presence", "prefix of the room queue's Redis keys (deployments sharing one Redis use different ones)"
     )
+    # --- the interpreter (a room whose participants declare their languages)
+    interpret_languages: list[str] = _opt(
+        ["en", "es"], "languages a participant may declare (ISO 639-1; each pair needs a translator)"
+    )
+    interpret_default_language: str = _opt(
+        "en", "language of an interpreter room's participants who declare none"
+    )
+    interpret_policy: str = _opt(
+        "simultaneous",
+        "simultaneous (speak committed clauses while the source talks) or consecutive (after the turn)",
+        choices=("simultaneous", "consecutive"),
+    )
+    interpret_speech_translate: bool = _opt(
+        False,
+        "into English: whisper's translate task on the speech instead of transcript + translator "
+        "(on espeak-ng Spanish, clause by clause: BLEU 22.6 against 25.4 for Apertium's)",
+    )
+    interpret_speech_rate: float = _opt(
+        1.15, "the interpreter's voices speak this much faster than the bot's"
+    )
+    interpret_duck_db: float = _opt(-14.0, "level of the original speaker under an interpretation, in dB")
+    interpret_max_lag_s: float = _opt(8.0, "an interpretation segment waiting longer than this is dropped")
+    translator: str = _opt(
+        "auto",
+        "machine translation: auto (apertium where it has the pair, else openai with translate_url), "
+        "apertium, openai (an OpenAI-compatible endpoint), transformers (translate_model by hub id)",
+        choices=("auto", "apertium", "openai", "transformers"),
+    )
+    translate_url: str = _opt("", "OpenAI-compatible base URL for translation (default: llm_url)")
+    translate_model: str = _opt("", "model name at translate_url, or a transformers hub id or path")
+    multilingual_whisper_model: str = _opt(
+        "", "faster-whisper model for languages other than English (default: bundled base, 99 languages)"
+    )
+    room_mix_max_peers: int = _opt(
+        8, "a bot-hosted room mixes this many people for each other (and takes at most that many); 0: no mix"
+    )
     # --- process
     event_loop: str = _opt(
         "uvloop",
@@ -404,6 +440,10 @@ class Settings:
             problems.append("rooms_prefix must be 1-64 letters, digits, '_', '.' or '-'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{0,128}", self.rooms_node_id):
             problems.append("rooms_node_id must be up to 128 letters, digits, '_', '.' or '-'")
+        if not 0.5 <= self.interpret_speech_rate <= 2.0 or self.interpret_max_lag_s <= 0:
+            problems.append("interpret_speech_rate must lie in 0.5-2.0 and interpret_max_lag_s be positive")
+        if self.interpret_default_language not in self.interpret_languages:
+            problems.append("interpret_default_language must be one of interpret_languages")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 

@@ -36,6 +36,9 @@ class Ev(enum.StrEnum):
     BOT_SPEECH_START = "bot_speech_start"
     BOT_SPEECH_END = "bot_speech_end"
     TRANSFER = "transfer"  # {"participant", "target", "ok"}: handed over to a person (SIP REFER)
+    # {"speaker", "source_language", "target_language", "source_text", "text", "source_start",
+    # "source_end", "committed_at", "dropped"}: a piece of interpretation queued, or dropped and why
+    INTERPRETATION_SEGMENT = "interpretation_segment"
     DTMF = "dtmf"  # {"digit", "participant"}: a key the caller pressed (RFC 4733, a provider's event)
     # page-facing, not timing marks
     STATE = "state"  # listening | thinking | speaking

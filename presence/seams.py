@@ -248,6 +248,19 @@ class Responder(Protocol):
 
 
 @runtime_checkable
+class Translator(Protocol):
+    """Text from ``source`` to ``target`` language (ISO 639-1 codes), one segment at a time
+    (blocking; run in an executor). A segment is a clause or sentence of committed speech."""
+
+    source: str
+    target: str
+
+    def translate(self, text: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
 class TTS(Protocol):
     """Synthesises text to mono float32 chunks at ``sample_rate`` (blocking; run in executor)."""
 

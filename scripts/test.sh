@@ -25,6 +25,9 @@ command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_apt+=(kamailio)  # sbin: off a user PATH
 # a real SFU for the meeting tests (started by the tests inside a network namespace they create)
 command -v janus >/dev/null 2>&1 || need_apt+=(janus)
+# the interpreter's offline machine translation (English <-> Spanish)
+command -v apertium >/dev/null 2>&1 || need_apt+=(apertium)
+[ -e /usr/share/apertium/modes/eng-spa.mode ] || need_apt+=(apertium-eng-spa)
 [[ "$( (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null)" == *libopus.so.0* ]] || need_apt+=(libopus0)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"

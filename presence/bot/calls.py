@@ -11,7 +11,7 @@ from presence.bot.backends.factory import Backends
 from presence.bot.jobs.bridge import JobBridge
 from presence.bot.session import CallSession
 from presence.config import Settings
-from presence.signaling.contract import Answer, CallRejected, PeerLink
+from presence.signaling.contract import PLAIN, Answer, CallRejected, JoinOptions, PeerLink
 from presence.signaling.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -47,18 +47,22 @@ class CallManager:
     def get(self, call_id: str) -> CallSession | None:
         return self.sessions.get(call_id)
 
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+    async def answer(
+        self, sdp: str, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> Answer:
         session = self._session_for(room)
-        answer = await self._admit(session, session.add_peer(sdp, participant))
+        answer = await self._admit(session, session.add_peer(sdp, participant, options))
         self._peers[answer.peer_id] = session
         log.info("call %s: %s joined (peer %s, room %s)", session.call_id, participant, answer.peer_id, room)
         return answer
 
-    async def join(self, link: PeerLink, *, participant: str, room: str | None) -> tuple[str, str]:
+    async def join(
+        self, link: PeerLink, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> tuple[str, str]:
         """A participant whose transport is connected already (a SIP call, a provider's
         media stream): (call id, peer id). Raises CallRejected like ``answer``."""
         session = self._session_for(room)
-        peer_id = await self._admit(session, session.add_link(link, participant))
+        peer_id = await self._admit(session, session.add_link(link, participant, options))
         self._peers[peer_id] = session
         log.info(
             "call %s: %s joined over %s (peer %s)", session.call_id, participant, link.transport, peer_id

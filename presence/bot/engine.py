@@ -94,6 +94,8 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         # (speaker, words) -> what to say, from what the call itself holds ("what did I miss?"
         # in a meeting), or None for an ordinary reply
         self.answer_from_call: Callable[[str, str], str | None] | None = None
+        # An interpreter's room: people talk to each other, and the bot only to its name.
+        self.name_only = False
         self._preroll: deque[np.ndarray] = deque(maxlen=2)
         self._turn_audio: deque[np.ndarray] = deque(maxlen=int(MAX_TURN_AUDIO_S / assembler.duration))
         self._turn_audio_end = 0.0  # bot clock at the end of the last turn audio kept
@@ -338,6 +340,8 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         if self._commit_when_ready:
             self._take_turn(text)
             return
+        if self.name_only and self.settings.bot_name.lower() not in text.lower():
+            text = ""  # not for the bot: nothing is judged or prepared (the interpreter needs the CPU)
         if self._pending is None and text and not is_backchannel(text, self._bc_words):
             if self.state.text_eot_pending and not is_filler(text):
                 self._spawn(self._judge_words(fut, text), "text-turn")  # then prepares the reply

@@ -22,6 +22,7 @@ from presence.bot.turn_probe import TurnProbe
 from presence.clock import now
 from presence.config import Settings
 from presence.events import Ev, EventLog
+from presence.media.microturn import MicroTurnAssembler
 from presence.media.speech import SpeechTrack, Utterance
 from presence.seams import Action, Floor, FloorState, MicroTurn
 
@@ -40,6 +41,7 @@ class FloorActions:
     state: FloorState
     track: SpeechTrack
     events: EventLog
+    assembler: MicroTurnAssembler
     caller: CallerState
     probe: TurnProbe
     asr: ASRFeed
@@ -98,7 +100,9 @@ class FloorActions:
             # checkpoint stores its own): the event reports what the caller heard.
             text = self.settings.backchannel_text
             clip = _BC_CLIPS.get((id(self.backends.tts), text))
-            if clip is not None and turn is not None and self.track.backchannel(clip, text):
+            # Among several people the talk is mostly to each other: an "uh-huh" there intrudes.
+            alone = len(self.assembler.participants) <= 1
+            if clip is not None and turn is not None and alone and self.track.backchannel(clip, text):
                 self.state.last_backchannel_at = turn.start
         elif floor is Floor.YIELD:
             self.events.emit(Ev.BARGE_IN_DETECTED, reason=action.reason or "")

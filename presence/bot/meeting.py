@@ -9,13 +9,22 @@ anything. The notes are that transcript, plus a summary written by a background 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from presence.bot.jobs.types import JobRequest
 from presence.events import Ev
 from presence.seams import CallEvent
+
+if TYPE_CHECKING:
+    from presence.bot.engine import Engine
+
+log = logging.getLogger(__name__)
 
 # the streaming ASR often hears "miss" as "mess" or "mist"
 MISSED = re.compile(
@@ -116,3 +125,22 @@ class MeetingLog:
             "system": "You write short meeting notes: decisions, action items with owners, open questions.",
             "prompt": f"Transcript of a meeting:\n{text}\n\nWrite the notes.",
         }
+
+    async def summarised(self, engine: Engine, call_id: str, timeout: float) -> str:
+        """The notes, their summary from a background ``think`` job (up to ``timeout`` s);
+        without one the notes are the transcript alone."""
+        jobs, summary = engine.jobs, ""
+        if jobs is not None and self.lines and timeout > 0:
+            request = JobRequest.new(call_id, "think", self.notes_prompt(), timeout_s=timeout)
+            waiting = asyncio.get_running_loop().create_future()
+            engine.results.collect[request.job_id] = waiting
+            try:
+                if await jobs.dispatch([request]):
+                    result = await asyncio.wait_for(waiting, timeout)
+                    if result.ok and isinstance(result.value, dict):
+                        summary = str(result.value.get("text", ""))
+            except TimeoutError:
+                log.warning("call %s: no notes summary within %.0f s", call_id, timeout)
+            finally:
+                engine.results.collect.pop(request.job_id, None)
+        return self.notes(summary)

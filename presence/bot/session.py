@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
@@ -26,10 +27,10 @@ from aiortc.sdp import SessionDescription
 from presence.bot.backends.factory import Backends
 from presence.bot.engine import Engine
 from presence.bot.jobs.bridge import JobBridge
-from presence.bot.jobs.types import JobRequest
 from presence.bot.manners import CallManners, Manner, MannerOptions
 from presence.bot.meeting import MeetingLog
 from presence.bot.policy import build_policy
+from presence.bot.room_audio import RoomAudio
 from presence.bot.transfer import SAY_FAILED, SAY_TRANSFER, wants_a_person
 from presence.clock import now
 from presence.config import Settings
@@ -37,10 +38,11 @@ from presence.events import Ev, EventLog
 from presence.media.echo import ECHO_TRANSPORTS, EchoStage, ReferenceBuffer, echo_wanted
 from presence.media.inbound import AudioReader, VideoReader
 from presence.media.microturn import MicroTurnAssembler
+from presence.media.mix import VoiceQueue
 from presence.media.opus_plc import configure_receiver, configure_sender
 from presence.media.speech import SpeechTrack
 from presence.seams import CallEvent, VideoFrame
-from presence.signaling.contract import Answer, CallRejected, PeerLink
+from presence.signaling.contract import PLAIN, Answer, CallRejected, JoinOptions, PeerLink
 from presence.signaling.metrics import Metrics
 from presence.signaling.rtc import RtcLink, new_peer_connection
 
@@ -55,6 +57,7 @@ class Peer:
     created: float = field(default_factory=now)
     audio: AudioReader | None = None
     video: VideoReader | None = None
+    mix: VoiceQueue | None = None  # their voice in the room's mixes (rooms the bot hosts)
 
     def last_heard(self) -> float:
         """When the participant last sent audio: media off the network (a busy machine may
@@ -129,17 +132,18 @@ class CallSession:
         # while (everyone stepped out, the SFU restarted): its transcript and context stay.
         self.persistent = False
         self.meeting: MeetingLog | None = None
+        self._room_audio: RoomAudio | None = None
         self.events.listen(self._forward)
         self.events.listen(self._on_call_event)
         self.engine.keys_taken = self._keys_taken
 
     # ------------------------------------------------------------------ peers
-    async def add_peer(self, sdp: str, participant: str) -> Answer:
-        self._check_room()
+    async def add_peer(self, sdp: str, participant: str, options: JoinOptions = PLAIN) -> Answer:
+        self._check_room(options)
         s = self.settings
         pc = new_peer_connection(s.ice_servers, s.ice_host_addresses)
         link = RtcLink(pc)
-        peer = self._new_peer(link, participant)
+        peer = self._new_peer(link, participant, options)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -178,7 +182,7 @@ class CallSession:
                         transceiver.receiver, s.rx_prefetch_packets, conceal=s.opus_plc
                     )
                     link.rx_buffer = link.rx_buffer or buffer
-            link.play(self.voice())
+            link.play(self._voice_for(peer))
             await pc.setLocalDescription(await pc.createAnswer())
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
@@ -221,15 +225,15 @@ class CallSession:
             raise CallRejected(400, "bad_offer", f"cannot renegotiate with this offer: {exc}") from exc
         return Answer(call_id=self.call_id, peer_id=peer_id, sdp=pc.localDescription.sdp)
 
-    async def add_link(self, link: PeerLink, participant: str) -> str:
+    async def add_link(self, link: PeerLink, participant: str, options: JoinOptions = PLAIN) -> str:
         """Add a participant whose transport is already connected (a SIP call after its
         INVITE, a provider's media stream); returns the peer id."""
-        self._check_room()
-        peer = self._new_peer(link, participant)
+        self._check_room(options)
+        peer = self._new_peer(link, participant, options)
         link.on_dtmf = lambda digit, t: self.engine.on_dtmf(peer.participant, digit, t)
         if link.audio is not None:
             self._attach_track(peer, link.audio)
-        link.play(self.voice())
+        link.play(self._voice_for(peer))
         await self._joined(peer)
         self._on_connected(peer)  # connected already: the caller hears the greeting now
         return peer.id
@@ -238,21 +242,45 @@ class CallSession:
         """The bot's voice for one more listener (a peer, an SFU publisher)."""
         return self.relay.subscribe(self.track, buffered=False)
 
-    def _check_room(self) -> None:
+    def _voice_for(self, peer: Peer) -> MediaStreamTrack:
+        """What one participant hears: in a room, their own mix (the others and the bot)."""
+        return self.room_audio.listen(peer.participant) if peer.mix is not None else self.voice()
+
+    @property
+    def room_audio(self) -> RoomAudio:
+        """The room's mixes and interpreter (rooms the bot hosts; not on an SFU)."""
+        if self._room_audio is None:
+            self._room_audio = RoomAudio(
+                self.settings, self.backends.languages, self.events, self.track, self.engine
+            )
+        return self._room_audio
+
+    @property
+    def mixes(self) -> bool:
+        return self.room is not None and not self.persistent and self.settings.room_mix_max_peers > 0
+
+    def _check_room(self, options: JoinOptions = PLAIN) -> None:
         """CallRejected when the call is over or full. The caller adds its peer with no await
         in between (``_new_peer``): concurrent joins cannot overfill the room."""
         if self.closed:
             raise CallRejected(409, "call_ended", "this call has ended")
-        if len(self.peers) >= self.settings.max_peers_per_room:
-            raise CallRejected(
-                409,
-                "room_full",
-                f"this room is full: at most {self.settings.max_peers_per_room} participants",
-            )
+        cap = self.room_audio.cap if self.mixes else self.settings.max_peers_per_room
+        if len(self.peers) >= cap:
+            raise CallRejected(409, "room_full", f"this room is full: at most {cap} participants")
+        if options.language is not None:
+            if not self.mixes:
+                raise CallRejected(
+                    400,
+                    "interpreter_needs_a_room",
+                    "an interpreter serves a room: join one (room) to declare a language",
+                )
+            self.room_audio.admit(options)
 
-    def _new_peer(self, link: PeerLink, participant: str) -> Peer:
+    def _new_peer(self, link: PeerLink, participant: str, options: JoinOptions = PLAIN) -> Peer:
         peer = Peer(id=uuid.uuid4().hex[:16], participant=self._unique_name(participant), link=link)
         self.peers[peer.id] = peer
+        if self.mixes:
+            peer.mix = self.room_audio.add(peer.participant, options)
         return peer
 
     async def _joined(self, peer: Peer) -> None:
@@ -277,13 +305,23 @@ class CallSession:
             if wanted and self.echo_reference is not None and self.backends.echo_factory is not None:
                 echo = EchoStage(self.backends.echo_factory(), self.echo_reference)
             peer.audio = AudioReader(
-                peer.participant, track, buffer, self.backends.vad_factory(), self.engine.on_voice, echo=echo
+                peer.participant,
+                track,
+                buffer,
+                self.backends.vad_factory(),
+                self._on_voice if peer.mix is not None else self.engine.on_voice,
+                echo=echo,
+                mix=peer.mix,
             )
             peer.audio.start()
         elif track.kind == "video" and peer.video is None:
             # Even with sampling off the track is drained: aiortc queues every decoded frame.
             peer.video = VideoReader(peer.participant, track, s.video_fps, s.video_max_width, self._on_video)
             peer.video.start()
+
+    def _on_voice(self, participant: str, prob: float, t: float, piece: np.ndarray) -> None:
+        self.engine.on_voice(participant, prob, t, piece)
+        self.room_audio.on_voice(participant, prob, t, piece)
 
     def _on_video(self, frame: VideoFrame) -> None:
         self.assembler.add_video(frame)
@@ -307,6 +345,8 @@ class CallSession:
                     await reader.stop()
             self.assembler.remove_participant(peer.participant)
             self.engine.remove_participant(peer.participant)
+            if peer.mix is not None:
+                self.room_audio.remove(peer.participant)
             await peer.link.close()
             self.peers.pop(peer_id, None)
             if notify:
@@ -428,6 +468,8 @@ class CallSession:
         for peer_id in list(self.peers):
             await self.remove_peer(peer_id)
         await self.engine.stop()
+        if self._room_audio is not None:
+            await self._room_audio.close()
         if self.engine.jobs is not None:
             with contextlib.suppress(Exception):
                 await self.engine.jobs.close()
@@ -448,21 +490,7 @@ class CallSession:
         """The notes of this meeting; their summary comes from a background ``think`` job
         (up to ``timeout`` seconds), and without one the notes are the transcript alone."""
         meeting = self.meeting or MeetingLog(self.settings.bot_name)
-        jobs, summary = self.engine.jobs, ""
-        if jobs is not None and meeting.lines and timeout > 0:
-            request = JobRequest.new(self.call_id, "think", meeting.notes_prompt(), timeout_s=timeout)
-            waiting = asyncio.get_running_loop().create_future()
-            self.engine.results.collect[request.job_id] = waiting
-            try:
-                if await jobs.dispatch([request]):
-                    result = await asyncio.wait_for(waiting, timeout)
-                    if result.ok and isinstance(result.value, dict):
-                        summary = str(result.value.get("text", ""))
-            except TimeoutError:
-                log.warning("call %s: no notes summary within %.0f s", self.call_id, timeout)
-            finally:
-                self.engine.results.collect.pop(request.job_id, None)
-        return meeting.notes(summary)
+        return await meeting.summarised(self.engine, self.call_id, timeout)
 
     # ------------------------------------------------------------------ events out
     def _forward(self, event: CallEvent) -> None:

@@ -28,6 +28,7 @@ from presence.seams import FRAME_SAMPLES, SAMPLE_RATE, VAD, VideoFrame
 
 if TYPE_CHECKING:
     from presence.media.echo import EchoStage
+    from presence.media.mix import VoiceQueue
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class AudioReader(_Reader):
         on_voice: VoiceCallback,
         executor: Executor | None = None,
         echo: EchoStage | None = None,
+        mix: VoiceQueue | None = None,
     ) -> None:
         self.participant = participant
+        self.mix = mix  # a room's mixes: the others hear this cleaned voice too
         self.track = track
         self.buffer = buffer
         self.vad = vad
@@ -152,6 +155,8 @@ class AudioReader(_Reader):
                 scored = []
             for piece, prob, arrival, pos in scored:
                 self.buffer.push(piece, prob, arrival, pos)
+                if self.mix is not None:
+                    self.mix.push(piece)
                 self.on_voice(self.participant, prob, now(), piece)
             if ended:
                 return

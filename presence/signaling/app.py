@@ -28,6 +28,7 @@ from presence.config import Settings
 from presence.signaling import dial_api, provider_ws, rooms_api, tokens
 from presence.signaling.contract import CallHost, CallRejected
 from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
+from presence.signaling.join_options import LANGUAGES, pick_join_options
 from presence.signaling.limits import RateLimiter
 from presence.signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from presence.signaling.metrics import Metrics
@@ -53,7 +54,7 @@ RESOURCE_TOKEN_HEADER = "X-Presence-Resource-Token"
 # Pipecat's SmallWebRTC: the offer's free-form data (the JS client spells it "requestData"), and
 # the keys of it that stand in for ours when the body does not give them at the top level.
 REQUEST_DATA_KEYS = ("request_data", "requestData")
-REQUEST_DATA_FIELDS = ("name", "room", "token")
+REQUEST_DATA_FIELDS = ("name", "room", "token", "language", "original")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -305,6 +306,11 @@ async def api_config(request: web.Request) -> web.Response:
             # what the bot samples of a camera; the page sends no more than that
             "video_fps": settings.video_fps,
             "video_max_width": settings.video_max_width,
+            # the page's interpreter selector
+            "interpret_languages": [
+                {"code": code, "name": LANGUAGES.get(code, code).title()}
+                for code in settings.interpret_languages
+            ],
         }
     )
 
@@ -317,7 +323,10 @@ async def whip_offer(request: web.Request) -> web.Response:
     sdp = _decode_sdp(await _read_body(request))
     room = _pick_room(claims, request.match_info.get("room") or request.query.get("room"))
     name = _pick_name(request.query.get("name"), claims, default="whip")
-    answer = await request.app[HOST_KEY].answer(sdp, participant=name, room=room)
+    options = pick_join_options(
+        request.app[SETTINGS_KEY], claims, request.query.get("language"), request.query.get("original")
+    )
+    answer = await request.app[HOST_KEY].answer(sdp, participant=name, room=room, options=options)
     return web.Response(
         status=201,
         body=answer.sdp.encode("utf-8"),
@@ -377,6 +386,9 @@ async def api_offer(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "restart_pc must be true, false or null")
     room = _pick_room(claims, given.get("room"))
     name = _pick_name(given.get("name"), claims, default="caller")
+    options = pick_join_options(
+        request.app[SETTINGS_KEY], claims, given.get("language"), given.get("original")
+    )
     sdp = validate_offer_sdp(sdp)
     host = request.app[HOST_KEY]
     answer = None
@@ -386,7 +398,7 @@ async def api_offer(request: web.Request) -> web.Response:
         else:
             answer = await host.renegotiate(pc_id, sdp)
     if answer is None:
-        answer = await host.answer(sdp, participant=name, room=room)
+        answer = await host.answer(sdp, participant=name, room=room, options=options)
     return web.json_response(
         {
             "sdp": answer.sdp,

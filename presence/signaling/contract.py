@@ -24,6 +24,17 @@ class CallRejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class JoinOptions:
+    """How a participant takes part, beyond who they are and which room."""
+
+    language: str | None = None  # the language they speak and hear: the room gets an interpreter
+    original: bool = True  # with an interpreter: also hear the other speakers' own voices, ducked
+
+
+PLAIN = JoinOptions()  # no language declared, the others' voices heard
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     call_id: str  # the session (one per room)
     peer_id: str  # this participant's peer connection; the WHIP resource id
@@ -37,11 +48,15 @@ class CallHost(Protocol):
     @property
     def active_calls(self) -> int: ...
 
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+    async def answer(
+        self, sdp: str, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> Answer:
         """Answer an offer (raises CallRejected for a bad offer or when full)."""
         ...
 
-    async def join(self, link: PeerLink, *, participant: str, room: str | None) -> tuple[str, str]:
+    async def join(
+        self, link: PeerLink, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> tuple[str, str]:
         """Add a participant whose transport is connected already (a SIP call, a provider's
         media stream) to a call, a new one when ``room`` is None: (call id, peer id)."""
         ...

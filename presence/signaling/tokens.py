@@ -59,6 +59,7 @@ class TokenClaims:
     name: str | None = None  # the display name the server uses, whatever the client asks for
     role: str = DEFAULT_ROLE
     iat: int | None = None
+    language: str | None = None  # an interpreter room: the language this participant speaks
 
 
 def short_secret(secret: str) -> bool:
@@ -75,6 +76,7 @@ def mint(
     now: float | None = None,
     name: str | None = None,
     role: str = DEFAULT_ROLE,
+    language: str | None = None,
 ) -> str:
     """A token for ``sub`` (bound to ``room`` when given) valid for ``ttl_s`` seconds."""
     if not secret:
@@ -87,6 +89,8 @@ def mint(
         payload["room"] = room
     if name is not None:
         payload["name"] = name
+    if language is not None:
+        payload["language"] = language
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -147,7 +151,10 @@ def _claims(payload: dict[str, Any]) -> TokenClaims:
         raise bad("name must be a string")
     if not isinstance(role, str) or not role or len(role) > MAX_ROLE_CHARS:
         raise bad(f"role must be a string of 1-{MAX_ROLE_CHARS} characters")
-    return TokenClaims(room=room, sub=sub, exp=exp, name=name or None, role=role, iat=iat)
+    language = payload.get("language")
+    if language is not None and (not isinstance(language, str) or not 2 <= len(language) <= 16):
+        raise bad("language must be a language code such as 'es'")
+    return TokenClaims(room=room, sub=sub, exp=exp, name=name or None, role=role, iat=iat, language=language)
 
 
 class ResourceTokens:

@@ -21,11 +21,13 @@ from presence.aio import run_blocking
 from presence.bot.backends import looks_like_path
 from presence.bot.backends.asr import WhisperTranscriber
 from presence.bot.backends.isolated import HostPool
+from presence.bot.backends.languages import BackendMissing
 from presence.bot.backends.llama import LlamaResponder, runtime_problem
 from presence.bot.backends.responder import OpenAIResponder, RuleResponder
 from presence.bot.backends.tts import EspeakTTS, PiperTTS
 from presence.bot.backends.turn import SmartTurnDetector, is_local_path
 from presence.bot.backends.vad import EnergyVAD, SileroVAD
+from presence.bot.interpret.kit import LanguageKit
 from presence.config import Settings
 from presence.seams import (
     SAMPLE_RATE,
@@ -60,6 +62,8 @@ class Backends:
     text_turn_detector: TextTurnDetector | None = None  # the words' end of turn; None: word list only
     # A per-stream echo canceller (None: echo_cancel=off); echo_cancel says which peers use it.
     echo_factory: Callable[[], EchoCanceller] | None = None
+    # The interpreter's ASR/TTS per language and translators per pair, loaded on first use.
+    languages: LanguageKit | None = None
 
 
 def _llama_usable(settings: Settings) -> tuple[bool, str]:
@@ -271,6 +275,7 @@ def build_backends(settings: Settings) -> Backends:
             else None
         ),
     )
+    backends.languages = LanguageKit(settings, backends.transcriber, backends.tts)
     log.info(
         "backends: vad=%s asr=%s transcriber=%s tts=%s responder=%s turn_detector=%s text_turn_detector=%s"
         " echo=%s",
@@ -367,4 +372,14 @@ async def warm_up(backends: Backends) -> dict[str, float]:
         detector = backends.turn_detector
         await timed(f"turn:{detector.name}", lambda: run_blocking(_warm_turn_detector, detector))
     await timed(f"responder:{backends.responder.name}", lambda: _warm_responder(backends.responder))
+    kit = backends.languages
+    if kit is not None and len(kit.settings.interpret_languages) > 1:
+        languages = list(kit.settings.interpret_languages)
+        try:
+            kit.check(languages)
+        except BackendMissing as exc:  # plain calls still work; such a language is refused at the offer
+            log.warning("interpreter: %s", exc)
+        else:
+            speech = kit.settings.interpret_speech_translate
+            await timed("interpreter", lambda: run_blocking(kit.prepare, languages, speech))
     return timings

@@ -89,7 +89,7 @@ function setConnection(state) {
 function setInCall(inCall) {
   $("join").disabled = inCall;
   $("hangup").disabled = !inCall;
-  for (const id of ["mode", "room", "name"]) $(id).disabled = inCall;
+  for (const id of ["mode", "room", "name", "language", "original"]) $(id).disabled = inCall;
 }
 
 function fmtT(t) {
@@ -134,7 +134,7 @@ function renderCaptions() {
       li.className = `caption ${c.who === "bot" ? "bot" : "caller"} ${c.final ? "final" : "partial"}`;
       const who = document.createElement("span");
       who.className = "who";
-      who.textContent = c.who === "bot" ? "Presence" : "You";
+      who.textContent = c.who === "bot" ? "Presence" : c.who === "interpreter" ? `Interpreter (${c.language})` : "You";
       const text = document.createElement("span");
       text.className = "text";
       text.textContent = c.text;
@@ -146,8 +146,10 @@ function renderCaptions() {
 }
 
 function onCaption(data) {
-  const who = data.who === "bot" ? "bot" : "caller";
-  const entry = { who, text: String(data.text ?? ""), final: Boolean(data.final) };
+  const who = data.who === "bot" || data.who === "interpreter" ? data.who : "caller";
+  // each listener reads the interpretation in their own language only
+  if (who === "interpreter" && data.language !== $("language").value) return;
+  const entry = { who, text: String(data.text ?? ""), final: Boolean(data.final), language: data.language };
   // a partial replaces this speaker's previous partial in place; a final settles it
   const list = presence.captions;
   let open = -1;
@@ -291,6 +293,15 @@ async function loadConfig() {
   const res = await fetch("/api/config", { cache: "no-store" });
   if (!res.ok) throw new JoinError(`http_${res.status}`, "could not read /api/config");
   presence.config = await res.json();
+  const select = $("language");
+  for (const lang of presence.config.interpret_languages ?? []) {
+    const option = document.createElement("option");
+    option.value = lang.code;
+    option.textContent = `${lang.name} (${lang.code})`;
+    select.append(option);
+  }
+  const wanted = params.get("language");
+  if (wanted) select.value = wanted;
   return presence.config;
 }
 
@@ -361,6 +372,12 @@ async function join() {
     if (token) body.token = token;
     const room = $("room").value.trim();
     if (room) body.room = room;
+    const language = $("language").value;
+    if (language) {
+      body.language = language;
+      body.original = $("original").checked;
+      if (!body.room) throw new JoinError("room_needed", "the interpreter serves a room: enter a room name");
+    }
     const name = $("name").value.trim();
     if (name) {
       body.name = name;
