@@ -894,6 +894,8 @@ async def test_warm_up_light_backends() -> None:
             tts="espeak",
             responder="rules",
             turn_detector="none",
+            interpret_languages=["en"],  # one language: no interpreter to warm
+            interpret_default_language="en",
         )
     )
     timings = await warm_up(backends)

@@ -39,7 +39,7 @@ from presence.signaling.app import (
     run_server,
     validate_offer_sdp,
 )
-from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.contract import PLAIN, Answer, CallRejected, JoinOptions
 from presence.signaling.errors import ApiError
 from presence.signaling.limits import RateLimiter
 
@@ -112,7 +112,9 @@ class HarnessCallHost:
     def active_calls(self) -> int:
         return len({call_id for call_id, _ in self.peers.values()})
 
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+    async def answer(
+        self, sdp: str, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> Answer:
         if room == "full":
             raise CallRejected(503, "too_many_calls", "the harness is full")
         if room == "boom":
@@ -706,10 +708,12 @@ class CappedHarness(HarnessCallHost):
         super().__init__()
         self.cap = cap
 
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+    async def answer(
+        self, sdp: str, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> Answer:
         if room and sum(1 for call_id, _ in self.peers.values() if call_id == f"call-{room}") >= self.cap:
             raise CallRejected(409, "room_full", f"this room is full: at most {self.cap} participants")
-        return await super().answer(sdp, participant=participant, room=room)
+        return await super().answer(sdp, participant=participant, room=room, options=options)
 
 
 async def test_room_full_is_a_clear_409(serve: Serve, http: aiohttp.ClientSession) -> None:

@@ -15,7 +15,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 
 from presence.config import Settings
-from presence.signaling.contract import Answer, CallRejected
+from presence.signaling.contract import PLAIN, Answer, CallRejected, JoinOptions
 from presence.signaling.rtc import new_peer_connection
 
 
@@ -37,7 +37,9 @@ class EchoHost:
     def active_calls(self) -> int:
         return len(self.peers)
 
-    async def answer(self, sdp: str, *, participant: str, room: str | None) -> Answer:
+    async def answer(
+        self, sdp: str, *, participant: str, room: str | None, options: JoinOptions = PLAIN
+    ) -> Answer:
         pc = new_peer_connection(self.ice_servers, self.host_addresses)
         peer_id = secrets.token_hex(8)
         self.peers[peer_id] = pc

@@ -149,7 +149,8 @@ function onCaption(data) {
   const who = data.who === "bot" || data.who === "interpreter" ? data.who : "caller";
   // each listener reads the interpretation in their own language only
   if (who === "interpreter" && data.language !== $("language").value) return;
-  const entry = { who, text: String(data.text ?? ""), final: Boolean(data.final), language: data.language };
+  const entry = { who, text: String(data.text ?? ""), final: Boolean(data.final) };
+  if (who === "interpreter") entry.language = data.language;
   // a partial replaces this speaker's previous partial in place; a final settles it
   const list = presence.captions;
   let open = -1;
