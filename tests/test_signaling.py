@@ -461,6 +461,7 @@ async def test_page_config_and_static(serve: Serve, http: aiohttp.ClientSession)
             "micro_turn_ms": 160,
             "video_fps": 2.0,
             "video_max_width": 320,
+            "interpret_languages": [{"code": "en", "name": "English"}, {"code": "es", "name": "Spanish"}],
         }
 
 
