@@ -36,8 +36,8 @@ class _Raised:
 
 _DONE = _Done()
 
-_media: ThreadPoolExecutor | None = None
-_media_lock = threading.Lock()
+_executors: dict[str, ThreadPoolExecutor] = {}
+_executors_lock = threading.Lock()
 
 
 def log_this_drop(count: int) -> bool:
@@ -53,11 +53,21 @@ def media_executor() -> ThreadPoolExecutor:
     hold threads for hundreds of milliseconds: frames queued behind them arrive late for
     every call. One thread per core: this work is short and never waits on anything.
     """
-    global _media
-    with _media_lock:
-        if _media is None:
-            _media = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="presence-media")
-        return _media
+    return _shared_executor("media", os.cpu_count() or 2)
+
+
+def interpret_executor() -> ThreadPoolExecutor:
+    """The interpreter's whisper passes: two threads for the whole process, apart from the
+    loop's default executor (replies' TTS and LLM) so neither starves the other's queue."""
+    return _shared_executor("interpret", 2)
+
+
+def _shared_executor(name: str, workers: int) -> ThreadPoolExecutor:
+    """One executor of this name per process, made on first use."""
+    with _executors_lock:
+        if name not in _executors:
+            _executors[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"presence-{name}")
+        return _executors[name]
 
 
 async def iterate_in_thread(

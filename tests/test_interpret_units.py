@@ -90,7 +90,7 @@ def _tone(freq: float, n: int = 320) -> np.ndarray:
 
 def test_each_listener_hears_the_others_and_never_themselves() -> None:
     mix = RoomMix(lambda: np.zeros(960, dtype=np.float32))
-    a, b = mix.add_voice("a"), mix.add_voice("b")
+    a, b = mix.add(Hearing("a")), mix.add(Hearing("b"))
     t0 = now() - 1.2  # 1.2 s of both voices, arrived as on a live call up to now
     for k in range(60):
         a.push(_tone(500), 0.9, t0 + k * 0.02, k * 320)
@@ -107,8 +107,8 @@ def test_the_original_is_ducked_under_the_interpretation_and_muted_on_request() 
     busy = {"on": False}
     mix = RoomMix(lambda: np.zeros(960, dtype=np.float32), duck_db=-20.0)
     mix.add_channel("en", lambda: np.full(960, 0.1, dtype=np.float32), lambda: busy["on"])
-    voice = mix.add_voice("ana", "es")
-    mix.add_voice("ben", "en")
+    voice = mix.add(Hearing("ana", "es"))
+    mix.add(Hearing("ben", "en"))
     t0 = now() - 1.2
     for k in range(62):
         voice.push(np.full(320, 0.5, dtype=np.float32), 0.9, t0 + k * 0.02, k * 320)

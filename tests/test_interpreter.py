@@ -241,9 +241,9 @@ async def test_an_interpreter_that_falls_behind_drops_and_says_so(backends) -> N
     interpreter keeps at most ``interpret_max_lag_s`` of speech waiting, never more."""
     from conftest import test_settings
 
+    from presence.aio import interpret_executor
     from presence.bot.interpret.interpreter import QUEUE_SEGMENTS, Interpreter
     from presence.bot.interpret.stable import Word
-    from presence.bot.room_audio import interpret_executor
     from presence.events import EventLog
 
     settings = test_settings(interpret_max_lag_s=4.0)

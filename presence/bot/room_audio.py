@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from presence.aio import interpret_executor
 from presence.bot.backends.languages import BackendMissing
 from presence.bot.engine import Engine
 from presence.bot.interpret.interpreter import Channel, Interpreter
@@ -28,19 +27,6 @@ from presence.media.speech import SpeechTrack
 from presence.signaling.contract import CallRejected, JoinOptions
 
 log = logging.getLogger(__name__)
-
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def interpret_executor() -> ThreadPoolExecutor:
-    """The interpreter's whisper passes: two threads for the whole process, apart from the
-    loop's default executor (replies' TTS and LLM) so neither starves the other's queue."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(2, thread_name_prefix="presence-interpret")
-        return _executor
 
 
 class RoomAudio:
@@ -57,9 +43,7 @@ class RoomAudio:
         self.events = events
         self.engine = engine
         self.mix = RoomMix(track.next_samples, settings.interpret_duck_db)
-        self.hearing: dict[str, Hearing] = {}
         self.interpreter: Interpreter | None = None
-        self._prepared: set[str] = set()
 
     @property
     def cap(self) -> int:
@@ -72,7 +56,8 @@ class RoomAudio:
             return
         if self.kit is None:
             raise CallRejected(400, "no_interpreter", "this server has no interpreter backends")
-        languages = {h.language or self.settings.interpret_default_language for h in self.hearing.values()}
+        default = self.settings.interpret_default_language
+        languages = {h.language or default for h in self.mix.people.values()}
         try:
             self.kit.check([*languages, options.language])
         except BackendMissing as exc:
@@ -85,19 +70,17 @@ class RoomAudio:
         language = options.language
         if self.interpreter is not None and language is None:
             language = self.settings.interpret_default_language
-        self.hearing[participant] = Hearing(participant, language, options.original)
+        queue = self.mix.add(Hearing(participant, language, options.original))
         if self.interpreter is not None and language is not None:
             self.interpreter.join(participant, language)
-            self.mix.languages[participant] = language
             self._prepare()
-        return self.mix.add_voice(participant, language)
+        return queue
 
     def listen(self, participant: str) -> MixTrack:
-        return self.mix.listen(self.hearing[participant])
+        return self.mix.listen(participant)
 
     def remove(self, participant: str) -> None:
-        self.mix.remove_voice(participant)
-        self.hearing.pop(participant, None)
+        self.mix.remove(participant)
         if self.interpreter is not None:
             self.interpreter.leave(participant)
 
@@ -125,26 +108,27 @@ class RoomAudio:
         self.engine.answer_from_call = command
         self.engine.name_only = True
         # Those who joined before anyone declared a language speak the room's default.
-        for hearing in self.hearing.values():
+        for hearing in self.mix.people.values():
             hearing.language = self.settings.interpret_default_language
             self.interpreter.join(hearing.participant, hearing.language)
-            self.mix.languages[hearing.participant] = hearing.language
 
     def _add_channel(self, channel: Channel) -> None:
         self.mix.add_channel(channel.language, channel.track.next_samples, lambda: channel.track.speaking)
 
     def _prepare(self) -> None:
-        """Load the models this room's languages need in the background (the first segment
-        would wait for them otherwise)."""
+        """Load what this room's languages need in the background (the first segment would
+        wait for it otherwise); the kit skips what it has prepared before."""
         assert self.interpreter is not None and self.kit is not None
         languages = sorted(set(self.interpreter.languages.values()))
-        if len(languages) < 2 or set(languages) <= self._prepared:
+        if len(languages) < 2:
             return
-        self._prepared |= set(languages)
-        kit, speech = self.kit, self.settings.interpret_speech_translate
+        speech = self.settings.interpret_speech_translate
         task = asyncio.get_running_loop().run_in_executor(
-            interpret_executor(), kit.prepare, languages, speech
+            interpret_executor(), self.kit.prepare, languages, speech
         )
-        task.add_done_callback(
-            lambda f: f.exception() and log.error("interpreter warm-up failed: %s", f.exception())
-        )
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("interpreter warm-up failed (the first segments will load it): %s", done.exception())

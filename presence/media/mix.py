@@ -92,7 +92,7 @@ class Hearing:
     """What one listener hears besides the bot."""
 
     participant: str
-    language: str | None = None  # the interpretation channel they hear (None: no interpreter)
+    language: str | None = None  # they speak it and hear its interpretation channel (None: no interpreter)
     original: bool = True  # the other speakers' own voices (ducked under the interpretation)
 
 
@@ -110,29 +110,29 @@ class RoomMix:
     def __init__(self, bot: Source, duck_db: float = -14.0) -> None:
         self.bot = bot
         self.duck = float(10 ** (duck_db / 20))
+        self.people: dict[str, Hearing] = {}  # each participant speaks and listens
         self.voices: dict[str, VoiceQueue] = {}
-        self.languages: dict[str, str] = {}  # participant -> language spoken (interpreter rooms)
         self.channels: dict[str, tuple[Source, Callable[[], bool]]] = {}  # language -> (next, busy)
         self._frames: deque[tuple[int, MixFrame]] = deque(maxlen=HISTORY)
         self._t0: float | None = None
 
     # ------------------------------------------------------------------ sources (event loop)
-    def add_voice(self, participant: str, language: str | None = None) -> VoiceQueue:
-        buffer = VoiceQueue()
-        self.voices[participant] = buffer
-        if language:
-            self.languages[participant] = language
+    def add(self, hearing: Hearing) -> VoiceQueue:
+        """A participant: their voice goes into the others' mixes (the queue their reader
+        fills); ``hearing`` says what they hear, and in which language they speak."""
+        self.people[hearing.participant] = hearing
+        buffer = self.voices[hearing.participant] = VoiceQueue()
         return buffer
 
-    def remove_voice(self, participant: str) -> None:
+    def remove(self, participant: str) -> None:
+        self.people.pop(participant, None)
         self.voices.pop(participant, None)
-        self.languages.pop(participant, None)
 
     def add_channel(self, language: str, source: Source, busy: Callable[[], bool]) -> None:
         self.channels[language] = (source, busy)
 
-    def listen(self, hearing: Hearing) -> MixTrack:
-        return MixTrack(self, hearing)
+    def listen(self, participant: str) -> MixTrack:
+        return MixTrack(self, self.people[participant])
 
     # ------------------------------------------------------------------ the frame clock
     def frame(self, index: int) -> tuple[int, MixFrame]:
@@ -173,7 +173,8 @@ class RoomMix:
         for name, voice in frame.voices.items():
             if name == hearing.participant:
                 continue
-            same = lang is None or self.languages.get(name, lang) == lang
+            speaks = self.people[name].language if name in self.people else None
+            same = lang is None or speaks is None or speaks == lang
             if same:
                 out += voice  # a speaker of the listener's own language needs no interpreter
             elif hearing.original:

@@ -24,11 +24,12 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from presence.bot.backends.languages import LANGUAGES
 from presence.config import Settings
 from presence.signaling import dial_api, provider_ws, rooms_api, tokens
 from presence.signaling.contract import CallHost, CallRejected
 from presence.signaling.errors import HTTP_ERROR_CODES, ApiError, error_response
-from presence.signaling.join_options import LANGUAGES, pick_join_options
+from presence.signaling.join_options import pick_join_options
 from presence.signaling.limits import RateLimiter
 from presence.signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from presence.signaling.metrics import Metrics

@@ -72,6 +72,7 @@ class Channel:
         self.events = events
         self.track = SpeechTrack(self._emit)
         self.segments: dict[int, dict[str, object]] = {}  # utterance id -> its event data
+        self.track.on_utterance_end(lambda utt: self.segments.pop(utt.id, None))
 
     def _emit(self, name: str, t: float | None = None, **data: object) -> None:
         # The channel's own speech events would read as the bot speaking: only captions go out.
@@ -117,6 +118,7 @@ class Interpreter:
         self.tracks: dict[str, dict[str, _Track]] = {}
         self.channels: dict[str, Channel] = {}
         self._queues: dict[tuple[str, str], asyncio.Queue[Segment]] = {}
+        self._workers: dict[tuple[str, str], asyncio.Task[None]] = {}  # one per queue
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ participants
@@ -135,7 +137,8 @@ class Interpreter:
         self.streams.pop(participant, None)
         self.tracks.pop(participant, None)
         for key in [k for k in self._queues if k[0] == participant]:
-            self._queues.pop(key)  # its worker ends on the sentinel below
+            self._queues.pop(key)
+            self._workers.pop(key).cancel()
         # channels stay: a listener of that language may still be in the room
 
     def targets(self, speaker: str) -> set[str]:
@@ -149,6 +152,7 @@ class Interpreter:
             self.active = False
             for channel in self.channels.values():
                 channel.track.flush()
+                channel.segments.clear()
             return "Okay, I stopped interpreting."
         if _START.search(text):
             self.active = True
@@ -225,7 +229,7 @@ class Interpreter:
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = asyncio.Queue(QUEUE_SEGMENTS)
-                self._spawn(self._work(key, queue))
+                self._workers[key] = self._spawn(self._work(key, queue))
             if queue.full():
                 self._report(queue.get_nowait(), "", dropped="behind")
             queue.put_nowait(segment)
@@ -233,11 +237,8 @@ class Interpreter:
     # ------------------------------------------------------------------ speaking
     async def _work(self, key: tuple[str, str], queue: asyncio.Queue[Segment]) -> None:
         speaker, target = key
-        while self._queues.get(key) is queue:
-            try:
-                segment = await asyncio.wait_for(queue.get(), timeout=5.0)
-            except TimeoutError:
-                continue
+        while True:  # until its speaker leaves (cancelled) or the call ends
+            segment = await queue.get()
             try:
                 await self._speak(segment)
             except asyncio.CancelledError:
@@ -292,13 +293,15 @@ class Interpreter:
         return data
 
     # ------------------------------------------------------------------ lifecycle
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         self._queues.clear()
+        self._workers.clear()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+
+import numpy as np
 
 from presence.bot.backends.asr import WhisperTranscriber
 from presence.bot.backends.languages import asr_for, tts_for
@@ -31,7 +32,7 @@ class LanguageKit:
         self._tts: dict[str, TTS] = {}
         self._translators: dict[tuple[str, str], Translator] = {}
         self._lock = threading.RLock()
-        self.prepared: set[tuple[str, ...]] = set()
+        self._prepared: set[str] = set()  # what prepare() has run once: "asr:es", "es>en"...
 
     def check(self, languages: list[str]) -> None:
         """Raise BackendMissing (with the package or setting to fix it) for a pair that has no
@@ -41,7 +42,8 @@ class LanguageKit:
     def asr(self, language: str) -> WhisperTranscriber:
         with self._lock:
             if language not in self._asr:
-                if language == "en" and self._english_asr is not None and not self.settings.whisper_model:
+                # the bot's own transcriber is whisper_model (or tiny.en): one load, not two
+                if language == "en" and self._english_asr is not None:
                     self._asr[language] = self._english_asr
                 else:
                     self._asr[language] = asr_for(self.settings, language)
@@ -71,29 +73,28 @@ class LanguageKit:
                 self._translators[key] = build_translator(self.settings, source, target)
             return self._translators[key]
 
-    def prepare(self, languages: list[str], speech_to_english: bool) -> dict[str, Any]:
-        """Blocking: load what a room of these languages needs, one tiny run each (once)."""
-        import numpy as np
-
-        loaded: dict[str, Any] = {}
-        key = tuple(sorted(set(languages)))
-        if key in self.prepared:
-            return loaded
-        self.prepared.add(key)
+    def prepare(self, languages: list[str], speech_to_english: bool) -> None:
+        """Blocking: load what a room of these languages needs, one tiny run each, each once."""
         silence = np.zeros(8000, dtype=np.float32)
         for language in sorted(set(languages)):
-            self.asr(language).transcribe(silence, streaming=True)
-            loaded[f"asr:{language}"] = True
-            tts = self.tts(language)
-            load = getattr(tts, "load", None)
-            if load is not None:
-                load()
+            if self._first(f"asr:{language}"):
+                self.asr(language).transcribe(silence, streaming=True)
+                load = getattr(self.tts(language), "load", None)
+                if load is not None:
+                    load()
             for other in sorted(set(languages) - {language}):
+                if not self._first(f"{language}>{other}"):
+                    continue
                 if speech_to_english and other == "en":
                     self.asr(language).transcribe(silence, task="translate", streaming=True)
                 else:
                     self.translator(language, other).translate("ok")
-        return loaded
+
+    def _first(self, item: str) -> bool:
+        with self._lock:
+            first = item not in self._prepared
+            self._prepared.add(item)
+            return first
 
     def close(self) -> None:
         with self._lock:
