@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -383,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="bench/results", help="writes OUT/interpret.txt and .json")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("sacrebleu") is None:
+        # scored only at the end: say so before a half-hour run, not after it
+        parser.error(
+            "ASR-BLEU needs sacrebleu: pip install sacrebleu (or the dev extra: pip install -e '.[dev]')"
+        )
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
