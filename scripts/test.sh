@@ -57,4 +57,4 @@ fi
 echo "== ruff"
 $PY -m ruff check presence tests bench
 echo "== pytest"
-exec $PY -m pytest -q -p no:cacheprovider "$@"
+exec $PY -m pytest -q -p no:cacheprovider --durations=25 "$@"
