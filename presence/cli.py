@@ -44,6 +44,7 @@ Presence: a real-time, full-duplex call bot.
   presence bench loss                  caller audio under packet loss: share reaching the model, WER
   presence bench jobs                  background jobs on Redis: overhead, throughput, recovery
   presence bench soak                  10 calls + a video call for 30 min: memory, drops, CPU
+  presence bench batching              calls served per forward of the model: one grid vs own phases
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -369,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench_sub.add_parser(
+        "batching",
+        help="calls served per forward of the interaction model, one shared grid against own phases",
+        add_help=False,
+    )
+    bench_sub.add_parser(
         "interpret",
         help="the live interpreter: StartOffset, EndOffset, LAAL, ASR-BLEU per policy (see --help)",
         add_help=False,
@@ -388,6 +394,7 @@ OWN_PARSER = {
     "narrowband": "presence.bench.narrowband",
     "meeting": "presence.bench.meeting",
     "interpret": "presence.bench.interpret",
+    "batching": "presence.bench.batching",
 }
 
 

@@ -114,6 +114,11 @@ class Settings:
     )
     # --- media and micro-turns
     micro_turn_ms: int = _opt(200, "length of one micro-turn, the decision clock")
+    microturn_grid: bool = _opt(
+        True,
+        "every call's micro-turns end on one shared grid of the process clock, so a learned floor "
+        "policy steps all calls in one batched forward (off: each call ticks from its own start)",
+    )
     video_fps: float = _opt(2.0, "video frames sampled per second per participant (0 = none)")
     video_max_width: int = _opt(320, "sampled video frames are scaled down to at most this width")
     max_playout_ms: int = _opt(200, "largest playout delay inbound audio may get to ride out network jitter")
@@ -125,6 +130,10 @@ class Settings:
         "floor policy: fused (silence + words + the audio and text end-of-turn detectors), rules (silence "
         "and words only, the old baseline), or model (the trained interaction model)",
         choices=("fused", "rules", "model"),
+    )
+    interaction_model: str = _opt(
+        "",
+        "policy=model: a checkpoint folder of the interaction model (empty: the one shipped in presence/model)",
     )
     # endpointing of policy=fused (see EndpointingOptions in presence/bot/policy.py)
     eot_min_delay_ms: int = _opt(

@@ -6,9 +6,11 @@ import asyncio
 import difflib
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aioice.ice
@@ -139,3 +141,18 @@ def heard_as(transcript: str, said: str, at_least: float = 0.75) -> bool:
 def bot_heard(session: CallSession) -> list[tuple[str, object]]:
     """What the bot made of the callers (captions and turns it set aside), for failure messages."""
     return [(e.name, e.data) for e in session.events.history if e.name in ("caption", "not_addressed")]
+
+
+def check_joined_once(join: Callable[[], object], model: Path, joined_s: float) -> None:
+    """A model joined from package parts (``join`` writes ``model``): a second call compares
+    sizes and copies nothing; a copy cut short (a killed joiner, a full disk) is made again."""
+    size, mtime = model.stat().st_size, model.stat().st_mtime_ns
+    assert not list(model.parent.glob(".*.tmp"))
+    started = time.perf_counter()
+    join()
+    assert time.perf_counter() - started < min(0.05, joined_s)  # sizes compared, nothing copied
+    assert model.stat().st_mtime_ns == mtime
+    with model.open("r+b") as handle:
+        handle.truncate(size // 2)
+    join()
+    assert model.stat().st_size == size

@@ -17,13 +17,8 @@ from transformers import AutoConfig, AutoModel
 from presence.bot.policy import RuleBasedPolicy, RuleParams
 from presence.model import CHECKPOINT_DIR, PresenceInteractionConfig, PresenceInteractionModel
 from presence.model.inputs import encode_turn, stack_turns
-from presence.model.streaming import (
-    BatchedScheduler,
-    DecodeParams,
-    InteractionStreamer,
-    ModelFloorPolicy,
-    decide_action,
-)
+from presence.model.scheduler import BatchedScheduler, ModelFloorPolicy
+from presence.model.streaming import DecodeParams, InteractionStreamer, decide_action
 from presence.seams import Floor, FloorPolicy, FloorState, MicroTurn, VideoFrame
 from tests.conftest import need
 
@@ -300,6 +295,59 @@ async def test_policy_protocol_and_batched_decide() -> None:
     assert streamer.active_slots == []
 
 
+async def test_a_slot_freed_and_taken_again_never_runs_the_ended_calls_turn() -> None:
+    """A call ends while its micro-turn waits (pending, or already in a batch in the executor)
+    and its slot goes to a new call: that turn fails alone and the new call's cache stays
+    clean (the scheduler used to check only that the slot was allocated to someone)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    streamer = InteractionStreamer(tiny_model(), max_slots=3)
+    executor = ThreadPoolExecutor(1)
+    scheduler = BatchedScheduler(streamer, max_wait_s=0.05, executor=executor)
+    a, b = (ModelFloorPolicy(streamer, call_id=c, scheduler=scheduler) for c in "ab")
+    try:
+        # 1. Pending: b has not ticked, so a's request waits for the batch window.
+        waiting = asyncio.ensure_future(a.decide(make_turn(0), FloorState()))
+        await asyncio.sleep(0)
+        a.close()
+        c = ModelFloorPolicy(streamer, call_id="c", scheduler=scheduler)
+        assert c.slot == a.slot
+        with pytest.raises(KeyError, match="freed"):
+            await waiting
+        assert streamer.turns_seen(c.slot) == 0
+
+        # 2. In flight: the batch is taken and queued behind a busy executor when c ends and
+        # its slot goes to d.
+        gate = threading.Event()
+        executor.submit(gate.wait)
+        flights = [asyncio.ensure_future(p.decide(make_turn(1), FloorState())) for p in (b, c)]
+        await asyncio.sleep(0.01)  # both pending: one flush, the batch waits on the executor
+        assert scheduler._running is not None
+        c.close()
+        d = ModelFloorPolicy(streamer, call_id="d", scheduler=scheduler)
+        assert d.slot == c.slot
+        gate.set()
+        done = await asyncio.gather(*flights, return_exceptions=True)
+        assert not isinstance(done[0], BaseException) and isinstance(done[1], KeyError), done
+        assert streamer.turns_seen(d.slot) == 0 and streamer.turns_seen(b.slot) == 1
+
+        # 3. The raw step refuses a stale lease outright.
+        lease = streamer.lease(d.slot)
+        d.close()
+        e = ModelFloorPolicy(streamer, call_id="e", scheduler=scheduler)
+        inputs = stack_turns([encode_turn(make_turn(2), FloorState(), streamer.config)])
+        with pytest.raises(KeyError, match="another call"):
+            streamer.forward_arrays([e.slot], inputs, [lease])
+        assert streamer.turns_seen(e.slot) == 0
+        for p in (b, e):
+            p.close()
+    finally:
+        scheduler.close()
+        executor.shutdown()
+    assert streamer.active_slots == []
+
+
 # ---------------------------------------------------------------------- the trained checkpoint
 def test_checkpoint_loads_offline_and_beats_the_rule_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -331,3 +379,27 @@ def test_checkpoint_loads_offline_and_beats_the_rule_policy(
     )
     assert ours["balanced_accuracy"] > rules["balanced_accuracy"]
     assert ours["macro_f1"] > rules["macro_f1"]
+
+
+def test_the_teacher_answers_where_the_engine_would() -> None:
+    """smart-turn's answer as the engine holds it: asked at the first silent frame after speech,
+    known 100 ms later, dropped when the caller speaks again; the distillation target covers the
+    whole silence from its first micro-turn."""
+    from presence.model.teacher import NONE, eot_tracks
+
+    asked: list[int] = []
+
+    class Detector:
+        def probability(self, audio: np.ndarray) -> float:
+            asked.append(audio.size)
+            return 0.25 * len(asked)
+
+    vad = np.zeros(60, np.float32)  # 20 ms frames: 1.2 s, six micro-turns
+    vad[2:12] = 0.9  # speech 40-240 ms, silence from frame 12 (240 ms) ...
+    vad[35:37] = 0.9  # ... a 40 ms blip at 700 ms: drops the answer, too short to ask about ...
+    vad[40:50] = 0.9  # ... speech again 800-1000 ms, silence after
+    served, target = eot_tracks(np.zeros(60 * 320, np.float32), vad, 6, Detector())
+    assert asked == [13 * 320, 51 * 320]  # up to the first silent frame, included
+    # Silence 1 (240-700 ms) holds micro-turns 1 and 2 whole; its answer is known at 360 ms.
+    assert target.tolist() == [NONE, 0.25, 0.25, NONE, NONE, 0.5]
+    assert served.tolist() == [NONE, 0.25, 0.25, NONE, NONE, 0.5]  # known at 1.02 + 0.1 <= 1.2 s

@@ -35,6 +35,10 @@ class CallManager:
         self.backends = backends
         self.jobs = jobs
         self.metrics = metrics if metrics is not None else Metrics.create(lambda: self.active_calls)
+        if settings.policy == "model":
+            from presence.model.scheduler import BatchSizeCollector
+
+            self.metrics.registry.register(BatchSizeCollector())  # type: ignore[arg-type]
         self.sessions: dict[str, CallSession] = {}  # call id -> session
         self._rooms: dict[str, CallSession] = {}
         self._peers: dict[str, CallSession] = {}  # peer id -> session

@@ -35,7 +35,7 @@ from presence.bot.reply import ReplyTask, final_pass, plain_words
 from presence.bot.results import CallResults
 from presence.bot.turn_latency import report_voice_to_voice
 from presence.bot.turn_probe import TurnProbe
-from presence.clock import now, sleep_until
+from presence.clock import now, on_grid, sleep_until
 from presence.config import Settings
 from presence.events import Ev, EventLog
 from presence.media.audio import speech_level_dbfs
@@ -178,7 +178,8 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         step = self.assembler.duration
         if self.settings.bot_backchannels:
             self._spawn(self._load_backchannel(), "backchannel-clip")
-        next_tick = now() + step
+        grid = self.settings.microturn_grid
+        next_tick = on_grid(now() + step, step) if grid else now() + step
         while True:
             await sleep_until(next_tick)
             turn = self.assembler.assemble(next_tick - step)
@@ -186,7 +187,7 @@ class Engine(FloorActions, BetweenTicks, Keypad):
             late = now() - next_tick
             if late > step:  # the process stalled: skip ahead instead of ticking in a burst
                 log.warning("call %s: micro-turn clock %.0f ms late", self.call_id, late * 1000)
-                next_tick = now() + step
+                next_tick = on_grid(now() + step, step) if grid else now() + step
             started = now()
             try:
                 await self._process(turn)

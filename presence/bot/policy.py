@@ -260,7 +260,7 @@ def build_policy(settings: Settings, call_id: str | None = None) -> FloorPolicy:
         return RuleBasedPolicy(RuleParams.from_settings(settings))
     if settings.policy == "model":
         # torch is imported only when the learned policy is asked for.
-        from presence.model.streaming import build_model_policy
+        from presence.model.scheduler import build_model_policy
 
         return build_model_policy(settings, call_id)
     raise ValueError(f"unknown policy {settings.policy!r} (setting: policy)")

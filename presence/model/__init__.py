@@ -40,8 +40,17 @@ _register()
 
 
 def load_pretrained(path: str | Path | None = None, device: str | None = None) -> PresenceInteractionModel:
-    """The trained checkpoint (default: the bundled one), in eval mode, offline."""
-    model = PresenceInteractionModel.from_pretrained(str(path or CHECKPOINT_DIR), local_files_only=True)
+    """The trained checkpoint (default: the bundled one), in eval mode, offline, through the
+    Auto classes (the architecture is registered above, no remote code)."""
+    where = Path(path or CHECKPOINT_DIR).expanduser()
+    if not (where / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no interaction model checkpoint in {where} (config.json and model.safetensors, as "
+            "presence train-interaction --out writes them; setting interaction_model)"
+        )
+    model = AutoModel.from_pretrained(str(where), local_files_only=True)
+    if not isinstance(model, PresenceInteractionModel):
+        raise ValueError(f"{where} holds a {type(model).__name__}, not a Presence interaction model")
     if device is not None:
         model = model.to(device)
     return model.eval()

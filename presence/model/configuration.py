@@ -14,10 +14,20 @@ from transformers import PretrainedConfig
 # The floor actions the model predicts, in logit order. Each is a ``seams.Floor`` value; HOLD
 # and RESUME stay with the per-frame reflex of the rule policy (see streaming.ModelFloorPolicy).
 FLOOR_ACTIONS: tuple[str, ...] = ("listen", "backchannel", "speak", "continue", "yield", "interrupt")
-# Event tokens, one per micro-turn each, learned "on" and "off" embeddings: a background
-# result is waiting (FloorState.result_waiting, or a result event in the micro-turn), it is
-# urgent, a reply is ready, the bot is speaking, the bot is held.
-EVENT_NAMES: tuple[str, ...] = ("result", "result_urgent", "reply_ready", "bot_speaking", "bot_held")
+# Event tokens, one per micro-turn each, learned "on" and "off" embeddings mixed by the value:
+# a background result is waiting (FloorState.result_waiting, or a result event in the
+# micro-turn), it is urgent, a reply is ready, the bot is speaking, the bot is held, the audio
+# end-of-turn detector has answered for this silence, and its P(turn complete) (the teacher).
+# A checkpoint reads the first ``num_events`` of them: older ones were trained on five.
+EVENT_NAMES: tuple[str, ...] = (
+    "result",
+    "result_urgent",
+    "reply_ready",
+    "bot_speaking",
+    "bot_held",
+    "eot_asked",
+    "eot_complete",
+)
 
 
 class PresenceInteractionConfig(PretrainedConfig):
@@ -47,6 +57,7 @@ class PresenceInteractionConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         action_class_weights: list[float] | None = None,
+        teacher_head: bool = False,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -72,6 +83,8 @@ class PresenceInteractionConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.action_class_weights = list(action_class_weights) if action_class_weights else None
+        # A head distilled from the end-of-turn detector (training only; see model.teacher).
+        self.teacher_head = bool(teacher_head)
         super().__init__(**kwargs)
         self._check()
 

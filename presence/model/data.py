@@ -43,7 +43,7 @@ FRAME = 320  # 20 ms
 ACT = 160  # 10 ms activity resolution
 VAP_BINS = 10
 IMAGE_SIZE = 64
-GENERATOR_VERSION = "v6"  # bump when a change alters generated dialogues
+GENERATOR_VERSION = "v7"  # bump when a change alters generated dialogues
 YIELD_AFTER_S = 0.6  # an interruption is labelled "yield" from this much overlap on
 
 ACTION = {name: i for i, name in enumerate(FLOOR_ACTIONS)}
@@ -56,7 +56,7 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------- voices and clips
 @dataclass(frozen=True, slots=True)
 class Voice:
-    engine: str  # "piper" (bundled joe voice) or "espeak"
+    engine: str  # "piper" (bundled joe voice), "kokoro" (natural prosody) or "espeak"
     name: str = ""
     speed: int = 175
 
@@ -79,6 +79,19 @@ ESPEAK_NAMES = (
     "en-gb+m2",
 )
 SPEEDS = (150, 170, 190)
+# Held-out callers speak in voices never trained on (and say sentences never trained on).
+HELDOUT_ESPEAK = ("en-gb-scotland", "en-us+f2", "en-gb+m2")
+# Kokoro-82M: natural prosody, the cue smart-turn reads (flite and espeak-ng fool it); slow to
+# synthesise (0.7x real time on one core), so one voice per split; the packages hold Japanese
+# voices only, which speak English lightly accented (jm_kumo and jf_tebukuro fool smart-turn: not used).
+KOKORO = {"train": Voice("kokoro", "jf_alpha"), "heldout": Voice("kokoro", "jf_gongitsune")}
+KOKORO_SHARE = 0.35
+
+
+def caller_voices(split: str) -> list[Voice]:
+    """The espeak-ng caller voices of a split."""
+    names = [n for n in ESPEAK_NAMES if (n in HELDOUT_ESPEAK) == (split == "heldout")]
+    return [Voice("espeak", n) for n in names]
 
 
 def activity(audio: np.ndarray, floor_db: float = -35.0) -> np.ndarray:
@@ -122,6 +135,10 @@ class ClipBank:
         if key not in self._engines:
             if voice.engine == "piper":
                 self._engines[key] = PiperTTS()
+            elif voice.engine == "kokoro":
+                from presence.bot.backends.kokoro import KokoroTTS
+
+                self._engines[key] = KokoroTTS(voice.name)
             else:
                 self._engines[key] = EspeakTTS(voice.name, speed=voice.speed, max_chars=400)
         return self._engines[key]
@@ -146,7 +163,9 @@ class ClipBank:
             audio = np.load(path)
         else:
             audio = self._synth(voice, text)
-            np.save(path, audio.astype(np.float32))
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # data is made by several processes
+            np.save(tmp, audio.astype(np.float32))
+            tmp.replace(path)
         self._memo[key] = audio
         return audio
 
@@ -195,6 +214,9 @@ class Dialogue:
     vap: np.ndarray  # (N, bins, 2) float32, -1 = unknown
     alert: np.ndarray  # (N,) float32, -1 = no video
     meta: dict[str, Any] = field(default_factory=dict)
+    # The end-of-turn teacher (model.teacher.eot_tracks): the answer as served, and as a target.
+    eot: np.ndarray | None = None  # (N,) float32, -1 = none
+    eot_target: np.ndarray | None = None  # (N,) float32, -1 = none
 
     @property
     def turns(self) -> int:
@@ -222,8 +244,21 @@ class Dialogue:
             "caller_lost": self.lost[: n * 10].reshape(n, 10).astype(np.float32),
             "video": self.video,
             "video_mask": self.video_mask,
-            "events": self.events,
+            "events": self.all_events(),
         }
+
+    def all_events(self) -> np.ndarray:
+        """(N, len(EVENT_NAMES)): the scripted events and the teacher's, as ``event_flags``
+        makes them from the ``FloorState`` that ``StateTracker`` fills."""
+        eot = self.eot if self.eot is not None else np.full(self.turns, -1.0, np.float32)
+        return np.concatenate(
+            [
+                self.events[:, : EVENT_NAMES.index("eot_asked")],
+                (eot >= 0)[:, None].astype(np.float32),
+                np.maximum(eot, 0.0)[:, None],
+            ],
+            axis=1,
+        ).astype(np.float32)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +276,7 @@ class Dialogue:
             vap=self.vap.astype(np.float16),
             alert=self.alert.astype(np.int8),
             meta=np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8),
+            **({} if self.eot is None else {"eot": self.eot, "eot_target": self.eot_target}),
         )
         tmp.replace(path)
 
@@ -259,6 +295,8 @@ class Dialogue:
                 vap=z["vap"].astype(np.float32),
                 alert=z["alert"].astype(np.float32),
                 meta=json.loads(bytes(z["meta"]).decode()),
+                eot=z["eot"].astype(np.float32) if "eot" in z else None,
+                eot_target=z["eot_target"].astype(np.float32) if "eot_target" in z else None,
             )
 
 
@@ -287,9 +325,13 @@ class _Builder:
         self.other_act = np.zeros(n_act, bool)
         r = rng.random
         pool = [Voice("espeak", n, int(rng.choice(SPEEDS))) for n in ESPEAK_NAMES]
-        self.caller_voice = pool[int(rng.integers(len(pool)))]
-        if not espeak_only and r() < 0.3:
+        callers = [Voice("espeak", v.name, int(rng.choice(SPEEDS))) for v in caller_voices(split)]
+        self.caller_voice = callers[int(rng.integers(len(callers)))]
+        roll = r()
+        if not espeak_only and roll < 0.3:
             self.caller_voice = PIPER
+        elif not espeak_only and roll < 0.3 + KOKORO_SHARE:
+            self.caller_voice = KOKORO[split]
         self.bot_voice = Voice("espeak", "en-us", 175) if espeak_only or r() < 0.3 else PIPER
         others = [v for v in pool if v.name != self.caller_voice.name]
         self.other_voice = others[int(rng.integers(len(others)))]
@@ -792,17 +834,24 @@ def iter_dialogues(
     spec: DataSpec, bank: ClipBank | None = None, progress: Callable[[int, int], None] | None = None
 ) -> Iterator[Dialogue]:
     """Generate (or read from the cache) the dialogues of a spec."""
+    from presence.model.teacher import with_teacher
+
     root = cache_dir()
     bank = bank or ClipBank(root)
     for i in range(spec.dialogues):
         path = spec.path(i, root)
         if path.exists():
             try:
-                yield Dialogue.load(path)
+                d = Dialogue.load(path)
+                if d.eot is None:  # cached before the teacher track existed
+                    with_teacher(d).save(path)
+                yield d
                 continue
             except (OSError, ValueError, KeyError):
                 log.warning("cached dialogue %s unreadable: regenerating", path)
-        d = generate_dialogue(bank, spec.dialogue_seed(i), spec.seconds, spec.split, spec.espeak_only)
+        d = with_teacher(
+            generate_dialogue(bank, spec.dialogue_seed(i), spec.seconds, spec.split, spec.espeak_only)
+        )
         d.save(path)
         if progress is not None:
             progress(i + 1, spec.dialogues)
@@ -876,6 +925,7 @@ class StateTracker:
             s.partial_text = " ".join(w for t, w in self._words if utt_start - 0.1 <= t <= heard)
         else:
             s.partial_text = ""
+        s.eot_probability = None if d.eot is None or d.eot[k] < 0 else float(d.eot[k])
         s.reply_ready = bool(d.reply_ready[k])
         s.result_waiting = bool(d.events[k, EVENT_NAMES.index("result")])
         s.result_urgent = bool(d.events[k, EVENT_NAMES.index("result_urgent")])

@@ -92,7 +92,9 @@ def event_flags(turn_events: tuple[str, ...], state: FloorState | None) -> np.nd
         "bot_speaking": bool(state is not None and state.bot_speaking),
         "bot_held": bool(state is not None and state.bot_held),
     }
-    return np.array([float(flags[name]) for name in EVENT_NAMES], dtype=np.float32)
+    eot = state.eot_probability if state is not None else None
+    values = {**flags, "eot_asked": eot is not None, "eot_complete": eot or 0.0}
+    return np.array([float(values[name]) for name in EVENT_NAMES], dtype=np.float32)
 
 
 def encode_turn(turn: MicroTurn, state: FloorState | None, config: PresenceInteractionConfig) -> TurnArrays:
@@ -138,7 +140,7 @@ def encode_turn(turn: MicroTurn, state: FloorState | None, config: PresenceInter
         caller_lost=lost.astype(np.float32),
         video=video,
         video_mask=has_video,
-        events=event_flags(turn.events, state),
+        events=event_flags(turn.events, state)[: config.num_events],
     )
 
 

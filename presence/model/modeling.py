@@ -210,6 +210,8 @@ class PresenceInteractionOutput(ModelOutput):
     action_loss: torch.Tensor | None = None
     vap_loss: torch.Tensor | None = None
     alert_loss: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None  # (B, N), with config.teacher_head
+    teacher_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -285,6 +287,8 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         self.action_head = nn.Linear(config.hidden_size, config.num_actions)
         self.vap_head = nn.Linear(config.hidden_size, config.vap_bins * 2)
         self.alert_head = nn.Linear(config.hidden_size, 1)
+        # Distillation from the end-of-turn detector: its answer for the silence in progress.
+        self.teacher_head = nn.Linear(config.hidden_size, 1) if config.teacher_head else None
         self.post_init()
 
     # ------------------------------------------------------------------ helpers
@@ -328,6 +332,7 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         action_labels: torch.Tensor | None = None,
         vap_labels: torch.Tensor | None = None,
         alert_labels: torch.Tensor | None = None,
+        teacher_labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
     ) -> PresenceInteractionOutput | tuple[torch.Tensor, ...]:
@@ -338,7 +343,8 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         image_size, image_size) uint8 or [0, 1] float with ``video_mask`` (B, N) where a frame
         exists; ``events`` (B, N, num_events) 0/1. Missing optional inputs mean "none".
         Labels: ``action_labels`` (B, N) long, -100 ignored; ``vap_labels`` (B, N, bins, 2) in
-        [0, 1], negative ignored; ``alert_labels`` (B, N), negative ignored.
+        [0, 1], negative ignored; ``alert_labels`` (B, N), negative ignored; ``teacher_labels``
+        (B, N) the end-of-turn detector's probability, negative ignored (``teacher_head`` only).
         """
         c = self.config
         b, n = caller_audio.shape[:2]
@@ -401,7 +407,8 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
 
         summary = x.view(b, n, t_per, -1)[:, :, -1]
         action_logits, vap_logits, alert_logits, hidden = self._heads(summary)
-        loss = action_loss = vap_loss = alert_loss = None
+        loss = action_loss = vap_loss = alert_loss = teacher_loss = None
+        teacher_logits = None if self.teacher_head is None else self.teacher_head(hidden).squeeze(-1)
         if action_labels is not None or vap_labels is not None or alert_labels is not None:
             loss = torch.zeros((), device=dev)
             if action_labels is not None:
@@ -421,6 +428,9 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
             if alert_labels is not None:
                 alert_loss = _masked_bce(alert_logits, alert_labels)
                 loss = loss + 0.25 * alert_loss
+            if teacher_labels is not None and teacher_logits is not None:
+                teacher_loss = _masked_bce(teacher_logits, teacher_labels)
+                loss = loss + 0.5 * teacher_loss
         output = PresenceInteractionOutput(
             loss=loss,
             action_logits=action_logits,
@@ -430,6 +440,8 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
             action_loss=action_loss,
             vap_loss=vap_loss,
             alert_loss=alert_loss,
+            teacher_logits=teacher_logits,
+            teacher_loss=teacher_loss,
         )
         if return_dict is False:
             return output.to_tuple()

@@ -10,35 +10,20 @@ over static buffers: a replay is a handful of host-to-device copies, one graph l
 device-to-host copy of the results, no host syncs inside. On CPU the very same
 ``forward_step`` runs eagerly.
 
-``ModelFloorPolicy`` is a ``seams.FloorPolicy`` that owns one slot. ``step(turn, state)`` runs a
-forward of its own (batch of one) synchronously; ``await decide(turn, state)`` goes through a
-``BatchedScheduler``, which gathers the requests of every call that arrive within a short
-window and runs ONE batched forward in an executor, so the event loop never waits on the model.
-
-The engine awaits ``policy.decide(turn, state)`` every micro-turn (the one ``FloorPolicy``
-protocol); ``on_frame`` stays synchronous (the hold reflex of ``RuleBasedPolicy``). Create one
-``InteractionStreamer`` and one ``BatchedScheduler`` per process (``shared_scheduler``), one
-``ModelFloorPolicy`` per call (``build_model_policy``); the engine calls ``policy.close()`` when
-the call ends so that its slot is freed.
+Batching across calls and the floor policy over a slot: ``presence.model.scheduler``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import heapq
 import threading
-from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from presence.bot.policy import RuleBasedPolicy, RuleParams
-from presence.config import Settings
 from presence.model.configuration import EVENT_NAMES, FLOOR_ACTIONS
 from presence.model.inputs import TurnArrays, encode_turn, stack_turns
 from presence.model.modeling import PresenceInteractionModel
@@ -130,7 +115,7 @@ class InteractionStreamer:
     ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be at least 1")
-        if model.config.num_events != len(EVENT_NAMES):
+        if model.config.num_events > len(EVENT_NAMES):
             raise ValueError(
                 f"the model reads {model.config.num_events} event tokens, this code makes "
                 f"{len(EVENT_NAMES)} ({', '.join(EVENT_NAMES)}): retrain or use a matching checkpoint"
@@ -146,7 +131,11 @@ class InteractionStreamer:
         self._free = list(range(max_slots))
         heapq.heapify(self._free)
         self._owners: dict[int, str | None] = {}
-        self._lock = threading.RLock()
+        # Each allocation gets a new lease number: a request made for a slot's earlier call
+        # (freed, handed to another call meanwhile) must not step the new call's cache.
+        self._leases: dict[int, int] = {}
+        self._allocations = 0
+        self.lock = threading.RLock()
         use_graphs = dev.type == "cuda" and torch.cuda.is_available()
         self.cuda_graphs = use_graphs if cuda_graphs is None else (cuda_graphs and use_graphs)
         self._graphs: dict[int, _Graph] = {}
@@ -162,35 +151,49 @@ class InteractionStreamer:
     # ------------------------------------------------------------------ slots
     def allocate(self, call_id: str | None = None) -> int:
         """Take a free slot (lowest first), reset, for a new call."""
-        with self._lock:
+        with self.lock:
             if not self._free:
                 raise RuntimeError(
                     f"all {self.max_slots} model slots are in use; raise max_slots or max_calls"
                 )
             slot = heapq.heappop(self._free)
             self._owners[slot] = call_id
+            self._allocations += 1
+            self._leases[slot] = self._allocations
             self._reset(slot)
             return slot
 
+    def holds(self, slot: int, lease: int) -> bool:
+        """The slot is still allocated to the call that took ``lease``."""
+        with self.lock:
+            return self._leases.get(slot) == lease
+
+    def lease(self, slot: int) -> int:
+        """The slot's current allocation number (see ``forward_arrays``)."""
+        with self.lock:
+            self._check_slot(slot)
+            return self._leases[slot]
+
     def reset(self, slot: int) -> None:
         """Forget everything a slot heard (the same call starts over)."""
-        with self._lock:
+        with self.lock:
             self._check_slot(slot)
             self._reset(slot)
 
     def free(self, slot: int) -> None:
-        with self._lock:
+        with self.lock:
             self._check_slot(slot)
             del self._owners[slot]
+            del self._leases[slot]
             heapq.heappush(self._free, slot)
 
     @property
     def active_slots(self) -> list[int]:
-        with self._lock:
+        with self.lock:
             return sorted(self._owners)
 
     def turns_seen(self, slot: int) -> int:
-        with self._lock:
+        with self.lock:
             self._check_slot(slot)
             return int(self.cache.count[slot].item())
 
@@ -224,8 +227,9 @@ class InteractionStreamer:
         arrays: Sequence[TurnArrays],
         states: Sequence[FloorState],
         starts: Sequence[float],
+        leases: Sequence[int] | None = None,
     ) -> list[ModelOutput]:
-        probs, vap, alert = self.forward_arrays(slots, stack_turns(list(arrays)))
+        probs, vap, alert = self.forward_arrays(slots, stack_turns(list(arrays)), leases)
         return [
             ModelOutput(
                 action=decide_action(probs[i], states[i], starts[i], self.decode),
@@ -237,20 +241,25 @@ class InteractionStreamer:
         ]
 
     def forward_arrays(
-        self, slots: Sequence[int], inputs: dict[str, np.ndarray]
+        self, slots: Sequence[int], inputs: dict[str, np.ndarray], leases: Sequence[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The raw step: probabilities (B, A), VAP (B, bins, 2), alert (B,) as numpy."""
-        with self._lock:
+        """The raw step: probabilities (B, A), VAP (B, bins, 2), alert (B,) as numpy. With
+        ``leases`` (from ``lease``), a slot freed and allocated again since is refused."""
+        with self.lock:
             if len(set(slots)) != len(slots):
                 raise ValueError("a batch may hold each slot once (one micro-turn per call per step)")
-            for slot in slots:
+            for i, slot in enumerate(slots):
                 self._check_slot(slot)
+                if leases is not None and self._leases[slot] != leases[i]:
+                    raise KeyError(f"model slot {slot} was freed and now serves another call")
             if self.cuda_graphs:
                 packed = self._run_graph(list(slots), inputs)
             else:
                 packed = self._run_eager(list(slots), inputs)
             self.steps += 1
-        out = packed.float().cpu().numpy()  # the step's one device-to-host copy
+            # The one device-to-host copy, under the lock: a CUDA graph's output is a static
+            # buffer that the next replay (another thread's step) overwrites.
+            out = packed.float().cpu().numpy()
         a, bins = self.config.num_actions, self.config.vap_bins
         return out[:, :a], out[:, a : a + 2 * bins].reshape(-1, bins, 2), out[:, -1]
 
@@ -339,220 +348,3 @@ class InteractionStreamer:
         while not sizes and size <= self.max_slots:
             self._capture(size)
             size *= 2
-
-
-# ---------------------------------------------------------------------- batching across calls
-@dataclass
-class _Request:
-    slot: int
-    turn: MicroTurn
-    state: FloorState
-    future: asyncio.Future[ModelOutput]
-
-
-@dataclass
-class SchedulerStats:
-    batches: int = 0
-    requests: int = 0
-    sizes: Counter[int] = field(default_factory=Counter)
-
-
-class BatchedScheduler:
-    """Gathers the step requests of all calls and runs one batched forward per flush.
-
-    A flush happens as soon as every registered slot has a request pending, or ``max_wait_s``
-    after the first pending request (calls tick on their own clocks, so a late call must not
-    hold the others). The forward runs in a single-thread executor: the event loop never
-    blocks on it, and requests arriving meanwhile form the next batch. Each request is
-    encoded separately, so one call's bad micro-turn fails only that call's future.
-    """
-
-    def __init__(
-        self,
-        streamer: InteractionStreamer,
-        max_wait_s: float = 0.02,
-        executor: Executor | None = None,
-    ) -> None:
-        self.streamer = streamer
-        self.max_wait_s = max_wait_s
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="presence-model")
-        self._registered: set[int] = set()
-        self._pending: list[_Request] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._running: asyncio.Task[None] | None = None
-        self.stats = SchedulerStats()
-
-    def register(self, slot: int) -> None:
-        self._registered.add(slot)
-
-    def unregister(self, slot: int) -> None:
-        self._registered.discard(slot)
-
-    async def submit(self, slot: int, turn: MicroTurn, state: FloorState) -> ModelOutput:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[ModelOutput] = loop.create_future()
-        # The engine mutates its FloorState between ticks: keep this tick's values.
-        self._pending.append(_Request(slot, turn, copy.copy(state), future))
-        self._kick(loop)
-        return await future
-
-    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._running is not None or not self._pending:
-            return  # the batch in flight kicks again when it finishes
-        pending = {r.slot for r in self._pending}
-        if (self._registered and self._registered <= pending) or len(pending) >= self.streamer.max_slots:
-            self._flush(loop)
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush, loop)
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._running is not None or not self._pending:
-            return
-        batch: list[_Request] = []
-        rest: list[_Request] = []
-        seen: set[int] = set()
-        for request in self._pending:
-            if request.future.done():
-                continue  # its caller was cancelled
-            # One micro-turn per slot per forward; a second (a tick overran) waits its turn.
-            (rest if request.slot in seen else batch).append(request)
-            seen.add(request.slot)
-        self._pending = rest
-        if batch:
-            self._running = loop.create_task(self._run(batch, loop))
-
-    async def _run(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            results = await loop.run_in_executor(self._executor, self._work, batch)
-            for request, result in zip(batch, results, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    request.future.set_exception(result)
-                else:
-                    request.future.set_result(result)
-        except Exception as exc:  # the forward itself failed: every request learns why
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
-        finally:
-            self.stats.batches += 1
-            self.stats.requests += len(batch)
-            self.stats.sizes[len(batch)] += 1
-            self._running = None
-            self._kick(loop)
-
-    def _work(self, batch: list[_Request]) -> list[ModelOutput | BaseException]:
-        results: list[ModelOutput | BaseException] = [ValueError("not run")] * len(batch)
-        good: list[int] = []
-        arrays: list[TurnArrays] = []
-        active = set(self.streamer.active_slots)
-        for i, request in enumerate(batch):
-            try:
-                if request.slot not in active:
-                    raise KeyError(f"model slot {request.slot} is not allocated")
-                arrays.append(encode_turn(request.turn, request.state, self.streamer.config))
-                good.append(i)
-            except (ValueError, TypeError, KeyError) as exc:
-                results[i] = exc
-        if good:
-            outputs = self.streamer.step_encoded(
-                [batch[i].slot for i in good],
-                arrays,
-                [batch[i].state for i in good],
-                [batch[i].turn.start for i in good],
-            )
-            for i, output in zip(good, outputs, strict=True):
-                results[i] = output
-        return results
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._own_executor and isinstance(self._executor, ThreadPoolExecutor):
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-# ---------------------------------------------------------------------- the floor policy
-class ModelFloorPolicy:
-    """``seams.FloorPolicy`` backed by the interaction model; one per call, one slot each."""
-
-    name = "model"
-
-    def __init__(
-        self,
-        streamer: InteractionStreamer,
-        *,
-        call_id: str | None = None,
-        rules: RuleParams | None = None,
-        scheduler: BatchedScheduler | None = None,
-    ) -> None:
-        self.streamer = streamer
-        self.scheduler = scheduler
-        self.slot = streamer.allocate(call_id)
-        # The per-frame hold reflex stays a rule: it must act within one 20 ms frame.
-        self._reflex = RuleBasedPolicy(rules or RuleParams())
-        self.last: ModelOutput | None = None
-        if scheduler is not None:
-            scheduler.register(self.slot)
-
-    def step(self, turn: MicroTurn, state: FloorState) -> Action:
-        """Synchronous single-call step (tests, offline evaluation, a one-call process)."""
-        self.last = self.streamer.step([(self.slot, turn, state)])[0]
-        return self.last.action
-
-    async def decide(self, turn: MicroTurn, state: FloorState) -> Action:
-        """The batched step: awaits this call's share of one forward over all calls."""
-        if self.scheduler is None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, self.step, turn, copy.copy(state))
-        self.last = await self.scheduler.submit(self.slot, turn, state)
-        return self.last.action
-
-    def on_frame(self, vad_prob: float, state: FloorState) -> Action | None:
-        return self._reflex.on_frame(vad_prob, state)
-
-    def on_evidence(self, state: FloorState) -> Action | None:
-        return None  # the model decides on its own clock
-
-    def needed_silence_ms(self, state: FloorState) -> float | None:
-        return None
-
-    def reset(self) -> None:
-        self.streamer.reset(self.slot)
-
-    def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.unregister(self.slot)
-        self.streamer.free(self.slot)
-
-
-_SHARED: dict[str, object] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_scheduler(
-    path: str | Path | None = None, max_slots: int = 64, device: str | None = None
-) -> BatchedScheduler:
-    """One streamer + scheduler per process (loaded lazily, offline, from the checkpoint)."""
-    with _SHARED_LOCK:
-        scheduler = _SHARED.get("scheduler")
-        if scheduler is None:
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            streamer = InteractionStreamer.from_pretrained(path, max_slots=max_slots, device=dev)
-            scheduler = _SHARED["scheduler"] = BatchedScheduler(streamer)
-        return scheduler  # type: ignore[return-value]
-
-
-def build_model_policy(
-    settings: Settings, call_id: str | None = None, scheduler: BatchedScheduler | None = None
-) -> ModelFloorPolicy:
-    """A ``ModelFloorPolicy`` for one call of a server configured by ``settings``."""
-    scheduler = scheduler or shared_scheduler(max_slots=settings.max_calls)
-    return ModelFloorPolicy(
-        scheduler.streamer, call_id=call_id, rules=RuleParams.from_settings(settings), scheduler=scheduler
-    )

@@ -109,6 +109,8 @@ class Batcher:
             x["action_labels"] = torch.from_numpy(d.actions)
             x["vap_labels"] = torch.from_numpy(d.vap)
             x["alert_labels"] = torch.from_numpy(d.alert)
+            if d.eot_target is not None:
+                x["teacher_labels"] = torch.from_numpy(d.eot_target)
             self.items.append(x)
             for cls in RARE:
                 for k in np.flatnonzero(d.actions == FLOOR_ACTIONS.index(cls)):
@@ -188,6 +190,9 @@ def train(
                 "action": round(float(out.action_loss.detach()), 4),
                 "vap": round(float(out.vap_loss.detach()), 4),
                 "alert": round(float(out.alert_loss.detach()), 4),
+                "teacher": round(float(out.teacher_loss.detach()), 4)
+                if out.teacher_loss is not None
+                else None,
                 "lr": round(lr * scale, 6),
             }
             history.append(row)
@@ -208,8 +213,8 @@ def evaluate(
     preds, _ = run_model(streamer, dialogues)
     return {
         "model": score(dialogues, preds),
-        "rules (RuleParams())": score(dialogues, run_policy(rule_policy, dialogues)),
-        "rules (Settings defaults)": score(dialogues, run_policy(lambda: rule_policy(True), dialogues)),
+        "rules (silence only)": score(dialogues, run_policy(rule_policy, dialogues)),
+        "fused (the default)": score(dialogues, run_policy(lambda: rule_policy(True), dialogues)),
     }
 
 
@@ -361,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A few training-split calls stay out of training: the decoding thresholds are set on them.
     n_val = min(args.val_dialogues, len(train_set) // 5)
     train_set, val_set = train_set[: len(train_set) - n_val], train_set[len(train_set) - n_val :]
-    config = make_config(args.size, action_class_weights=class_weights(train_set))
+    config = make_config(args.size, action_class_weights=class_weights(train_set), teacher_head=True)
     model = PresenceInteractionModel(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(

@@ -1,0 +1,122 @@
+"""The interaction model in a live process: what it is trained on is what it is served, a
+checkpoint trained here loads through transformers' Auto classes and decides a real call, and
+every call's micro-turns fall on one grid so one forward serves them all."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from conftest import SR_OUT, BotServer, need
+from transformers import AutoConfig, AutoModel
+
+from presence.caller import Caller
+from presence.clock import on_grid
+from presence.model import PresenceInteractionModel, load_pretrained
+from presence.model.configuration import EVENT_NAMES
+from presence.model.data import DataSpec, StateTracker, load_dialogues, microturns
+from presence.model.inputs import event_flags
+from presence.model.scheduler import shared_scheduler
+from presence.model.train import make_config, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dialogues() -> list:  # type: ignore[type-arg]
+    need(shutil.which("espeak-ng") is not None, "espeak-ng is not installed (apt-get install espeak-ng)")
+    # Cached under ~/.cache/presence/train after the first run (espeak voices: fast to make).
+    return load_dialogues(DataSpec("heldout", dialogues=2, seconds=30.0, seed=7, espeak_only=True))
+
+
+def test_training_and_serving_see_the_same_features(dialogues) -> None:  # type: ignore[no-untyped-def]
+    """The events a model is trained on (the dialogue's arrays, teacher included) are the ones
+    the engine's FloorState gives it, micro-turn by micro-turn, on the same caller-state trace."""
+    asked = 0
+    for d in dialogues:
+        assert d.eot is not None and d.eot_target is not None
+        trained = d.inputs()["events"]
+        assert trained.shape == (d.turns, len(EVENT_NAMES))
+        tracker = StateTracker(d)
+        for k, turn in enumerate(microturns(d)):
+            state = tracker.update(k, turn)
+            np.testing.assert_allclose(event_flags(turn.events, state), trained[k], err_msg=f"micro-turn {k}")
+            asked += state.eot_probability is not None
+        # The teacher answers inside silences only, and the target covers at least what was served.
+        served, target = d.eot >= 0, d.eot_target >= 0
+        assert served.any() and np.all(target[served]) and np.all(d.eot[served] == d.eot_target[served])
+    assert asked > 10
+
+
+def test_micro_turns_fall_on_one_grid() -> None:
+    step = 0.2
+    starts = [12.0137, 12.1999, 12.2, 12.3873]  # calls that began at any phase
+    ticks = [on_grid(t + step, step) for t in starts]
+    assert all(abs(t / step - round(t / step)) < 1e-9 for t in ticks)
+    assert all(step <= tick - t < 2 * step + 1e-9 for tick, t in zip(ticks, starts, strict=True))
+
+
+async def test_a_checkpoint_trained_here_drives_a_live_call(
+    tmp_path: Path,
+    dialogues,
+    bot_factory,
+    speech,  # type: ignore[no-untyped-def]
+) -> None:
+    torch.manual_seed(0)
+    config = make_config("tiny", teacher_head=True)
+    model = PresenceInteractionModel(config)
+    info = train(
+        model,
+        dialogues,
+        device=torch.device("cpu"),
+        minutes=1.0,
+        max_steps=15,
+        batch=4,
+        seq=16,
+        lr=3e-3,
+        seed=0,
+    )
+    assert info["steps"] == 15 and all(np.isfinite(row["loss"]) for row in info["history"])
+    assert info["history"][-1]["teacher"] is not None  # the distillation head was trained
+    out = tmp_path / "tiny-checkpoint"
+    model.save_pretrained(str(out))
+    # transformers' own Auto classes, offline: the architecture is registered, no remote code.
+    assert AutoConfig.from_pretrained(str(out), local_files_only=True).model_type == "presence_interaction"
+    assert isinstance(AutoModel.from_pretrained(str(out), local_files_only=True), PresenceInteractionModel)
+    assert isinstance(load_pretrained(out), PresenceInteractionModel)
+    with pytest.raises(FileNotFoundError, match="interaction_model"):
+        load_pretrained(tmp_path / "nothing-here")
+
+    server: BotServer = await bot_factory(policy="model", interaction_model=str(out))
+    scheduler = shared_scheduler(str(out))
+    before = scheduler.stats.requests
+    callers = [Caller(url=server.url, name=f"c{i}") for i in range(2)]
+    try:
+        for caller in callers:
+            await caller.connect()
+        await callers[0].say(speech("Please tell me what the weather is like today."), SR_OUT)
+        sessions = list(server.manager.sessions.values())
+        assert len(sessions) == 2
+        for _ in range(100):  # every micro-turn of each call goes through the model's forward
+            if all(sum(s.engine.actions.values()) >= 15 for s in sessions):
+                break
+            await asyncio.sleep(0.1)
+        assert all(sum(s.engine.actions.values()) >= 15 for s in sessions), [
+            s.engine.actions for s in sessions
+        ]
+        assert scheduler.stats.requests - before >= 20
+        # Two calls on one grid: most forwards served both at once.
+        assert scheduler.stats.sizes[2] >= scheduler.stats.batches // 2, scheduler.stats
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as resp:
+            text = await resp.text()
+        assert 'presence_model_batch_size_bucket{le="2"}' in text, text[-2000:]
+    finally:
+        for caller in callers:
+            await caller.hangup()
+    await asyncio.sleep(0.3)
+    assert scheduler.streamer.active_slots == []
