@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.gpu:
         if not torch.cuda.is_available():
-            print("no CUDA device", file=sys.stderr)
+            print(
+                "--gpu needs a CUDA device and none is visible; the CPU figures: without --gpu",
+                file=sys.stderr,
+            )
             return 2
         out = Path(args.out or "bench/results/model_gpu.txt")
         gpu_check(print_)

@@ -45,6 +45,7 @@ Presence: a real-time, full-duplex call bot.
   presence bench jobs                  background jobs on Redis: overhead, throughput, recovery
   presence bench soak                  10 calls + a video call for 30 min: memory, drops, CPU
   presence bench batching              calls served per forward of the model: one grid vs own phases
+  presence bench heldout               fused rule, silence rule and model on held-out dialogues
   presence train-interaction --help    train the interaction model (synthetic dialogues)
 
 Every setting is also read from the environment as PRESENCE_<NAME> (e.g. PRESENCE_PORT=9000).
@@ -370,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench_sub.add_parser(
+        "heldout",
+        help="floor policies side by side on held-out synthetic dialogues (fused, rules, model)",
+        add_help=False,
+    )
+    bench_sub.add_parser(
         "batching",
         help="calls served per forward of the interaction model, one shared grid against own phases",
         add_help=False,
@@ -395,6 +401,7 @@ OWN_PARSER = {
     "meeting": "presence.bench.meeting",
     "interpret": "presence.bench.interpret",
     "batching": "presence.bench.batching",
+    "heldout": "presence.bench.heldout",
 }
 
 

@@ -20,9 +20,9 @@ from presence.clock import on_grid
 from presence.model import PresenceInteractionModel, load_pretrained
 from presence.model.configuration import EVENT_NAMES
 from presence.model.data import DataSpec, StateTracker, load_dialogues, microturns
-from presence.model.inputs import event_flags
+from presence.model.inputs import encode_turn
 from presence.model.scheduler import shared_scheduler
-from presence.model.train import make_config, train
+from presence.model.train import Batcher, make_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +35,28 @@ def dialogues() -> list:  # type: ignore[type-arg]
 
 
 def test_training_and_serving_see_the_same_features(dialogues) -> None:  # type: ignore[no-untyped-def]
-    """The events a model is trained on (the dialogue's arrays, teacher included) are the ones
-    the engine's FloorState gives it, micro-turn by micro-turn, on the same caller-state trace."""
+    """What a training batch holds for a micro-turn is what ``encode_turn`` makes of the same
+    micro-turn and the FloorState the caller-state trace gives (the serving path), and the
+    teacher's tokens are its answers as the engine would hold them (``eot_tracks``)."""
+    config = make_config("tiny")
+    batcher = Batcher(dialogues, seq=16, seed=0)
     asked = 0
-    for d in dialogues:
+    for d, item in zip(dialogues, batcher.items, strict=True):
         assert d.eot is not None and d.eot_target is not None
-        trained = d.inputs()["events"]
-        assert trained.shape == (d.turns, len(EVENT_NAMES))
+        trained = item["events"].numpy()
+        assert trained.shape == (d.turns, len(EVENT_NAMES)) == (d.turns, config.num_events)
         tracker = StateTracker(d)
         for k, turn in enumerate(microturns(d)):
-            state = tracker.update(k, turn)
-            np.testing.assert_allclose(event_flags(turn.events, state), trained[k], err_msg=f"micro-turn {k}")
-            asked += state.eot_probability is not None
-        # The teacher answers inside silences only, and the target covers at least what was served.
-        served, target = d.eot >= 0, d.eot_target >= 0
-        assert served.any() and np.all(target[served]) and np.all(d.eot[served] == d.eot_target[served])
+            served = encode_turn(turn, tracker.update(k, turn), config).events
+            np.testing.assert_allclose(served, trained[k], err_msg=f"micro-turn {k}")
+        eot = np.where(d.eot >= 0, d.eot, 0.0)
+        np.testing.assert_allclose(trained[:, EVENT_NAMES.index("eot_asked")], d.eot >= 0)
+        np.testing.assert_allclose(trained[:, EVENT_NAMES.index("eot_complete")], eot, atol=1e-6)
+        asked += int((d.eot >= 0).sum())
+        # The teacher answers inside silences only; the target covers at least what was served.
+        served_at, target_at = d.eot >= 0, d.eot_target >= 0
+        assert np.all(target_at[served_at]) and np.all(d.eot[served_at] == d.eot_target[served_at])
+        assert trained[:, EVENT_NAMES.index("content_words")].max() > 0  # the words reach the model
     assert asked > 10
 
 

@@ -17,7 +17,9 @@ FLOOR_ACTIONS: tuple[str, ...] = ("listen", "backchannel", "speak", "continue", 
 # Event tokens, one per micro-turn each, learned "on" and "off" embeddings mixed by the value:
 # a background result is waiting (FloorState.result_waiting, or a result event in the
 # micro-turn), it is urgent, a reply is ready, the bot is speaking, the bot is held, the audio
-# end-of-turn detector has answered for this silence, and its P(turn complete) (the teacher).
+# end-of-turn detector has answered for this silence, and its P(turn complete) (the teacher), and
+# two cues of the streaming ASR's words that the fused rule reads: the words so far end on a word
+# a sentence goes on from ("and", "the"), and how many content words (up to 4, scaled to [0, 1]).
 # A checkpoint reads the first ``num_events`` of them: older ones were trained on five.
 EVENT_NAMES: tuple[str, ...] = (
     "result",
@@ -27,6 +29,8 @@ EVENT_NAMES: tuple[str, ...] = (
     "bot_held",
     "eot_asked",
     "eot_complete",
+    "words_unfinished",
+    "content_words",
 )
 
 

@@ -234,8 +234,8 @@ class Dialogue:
     def reply_ready(self) -> np.ndarray:
         return self.events[:, EVENT_NAMES.index("reply_ready")] > 0
 
-    def inputs(self) -> dict[str, np.ndarray]:
-        """Arrays for ``PresenceInteractionModel.forward`` (no batch axis)."""
+    def signals(self) -> dict[str, np.ndarray]:
+        """The audio, VAD, loss and video arrays of ``inputs`` (no events)."""
         n = self.turns
         return {
             "caller_audio": self.caller[: n * MT_SAMPLES].reshape(n, MT_SAMPLES),
@@ -244,20 +244,21 @@ class Dialogue:
             "caller_lost": self.lost[: n * 10].reshape(n, 10).astype(np.float32),
             "video": self.video,
             "video_mask": self.video_mask,
-            "events": self.all_events(),
         }
 
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Arrays for ``PresenceInteractionModel.forward`` (no batch axis)."""
+        return {**self.signals(), "events": self.all_events()}
+
     def all_events(self) -> np.ndarray:
-        """(N, len(EVENT_NAMES)): the scripted events and the teacher's, as ``event_flags``
-        makes them from the ``FloorState`` that ``StateTracker`` fills."""
-        eot = self.eot if self.eot is not None else np.full(self.turns, -1.0, np.float32)
-        return np.concatenate(
-            [
-                self.events[:, : EVENT_NAMES.index("eot_asked")],
-                (eot >= 0)[:, None].astype(np.float32),
-                np.maximum(eot, 0.0)[:, None],
-            ],
-            axis=1,
+        """(N, len(EVENT_NAMES)) event tokens as served: ``event_flags`` of the ``FloorState``
+        that ``StateTracker`` steps (the engine's caller tracking, the teacher's answers, the
+        words), so training reads exactly what a call gives the model."""
+        from presence.model.inputs import event_flags
+
+        tracker = StateTracker(self)
+        return np.stack(
+            [event_flags(turn.events, tracker.update(k, turn)) for k, turn in enumerate(microturns(self))]
         ).astype(np.float32)
 
     def save(self, path: Path) -> None:
@@ -865,7 +866,7 @@ def load_dialogues(spec: DataSpec, progress: Callable[[int, int], None] | None =
 # ---------------------------------------------------------------------- micro-turns for policies
 def microturns(d: Dialogue, call_id: str = "synthetic") -> list[MicroTurn]:
     """The dialogue as the engine's micro-turns (what a FloorPolicy receives)."""
-    arrays = d.inputs()
+    arrays = d.signals()
     out = []
     for k in range(d.turns):
         video: tuple[VideoFrame, ...] = ()

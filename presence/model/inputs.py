@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from presence.bot.policy import content_words, sounds_unfinished
 from presence.model.configuration import EVENT_NAMES, PresenceInteractionConfig
 from presence.seams import FloorState, MicroTurn, VideoFrame
 
@@ -93,7 +94,14 @@ def event_flags(turn_events: tuple[str, ...], state: FloorState | None) -> np.nd
         "bot_held": bool(state is not None and state.bot_held),
     }
     eot = state.eot_probability if state is not None else None
-    values = {**flags, "eot_asked": eot is not None, "eot_complete": eot or 0.0}
+    words = state.partial_text if state is not None else ""
+    values = {
+        **flags,
+        "eot_asked": eot is not None,
+        "eot_complete": eot or 0.0,
+        "words_unfinished": sounds_unfinished(words),
+        "content_words": min(content_words(words, frozenset()), 4) / 4,
+    }
     return np.array([float(values[name]) for name in EVENT_NAMES], dtype=np.float32)
 
 

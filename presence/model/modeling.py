@@ -333,6 +333,7 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         vap_labels: torch.Tensor | None = None,
         alert_labels: torch.Tensor | None = None,
         teacher_labels: torch.Tensor | None = None,
+        action_weights: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
     ) -> PresenceInteractionOutput | tuple[torch.Tensor, ...]:
@@ -344,7 +345,8 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
         exists; ``events`` (B, N, num_events) 0/1. Missing optional inputs mean "none".
         Labels: ``action_labels`` (B, N) long, -100 ignored; ``vap_labels`` (B, N, bins, 2) in
         [0, 1], negative ignored; ``alert_labels`` (B, N), negative ignored; ``teacher_labels``
-        (B, N) the end-of-turn detector's probability, negative ignored (``teacher_head`` only).
+        (B, N) the end-of-turn detector's probability, negative ignored (``teacher_head`` only);
+        ``action_weights`` (B, N) weighs each micro-turn's action loss (hard negatives count more).
         """
         c = self.config
         b, n = caller_audio.shape[:2]
@@ -415,12 +417,21 @@ class PresenceInteractionModel(PresenceInteractionPreTrainedModel):
                 weight = None
                 if c.action_class_weights:
                     weight = torch.tensor(c.action_class_weights, device=dev, dtype=torch.float32)
-                action_loss = F.cross_entropy(
+                flat = action_labels.reshape(-1)
+                per_turn = F.cross_entropy(
                     action_logits.float().reshape(-1, c.num_actions),
-                    action_labels.reshape(-1),
+                    flat,
                     weight=weight,
                     ignore_index=-100,
+                    reduction="none",
                 )
+                # The mean F.cross_entropy takes (weighted by class), times each micro-turn's weight.
+                valid = (flat != -100).float()
+                norm = valid if weight is None else weight[flat.clamp(min=0)] * valid
+                if action_weights is not None:
+                    per_turn = per_turn * action_weights.reshape(-1).float()
+                    norm = norm * action_weights.reshape(-1).float()
+                action_loss = per_turn.sum() / norm.sum().clamp(min=1e-9)
                 loss = loss + action_loss
             if vap_labels is not None:
                 vap_loss = _masked_bce(vap_logits, vap_labels)

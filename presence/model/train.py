@@ -31,7 +31,7 @@ import torch
 from presence.bot.policy import RuleBasedPolicy, RuleParams
 from presence.config import Settings
 from presence.model.configuration import FLOOR_ACTIONS, PresenceInteractionConfig
-from presence.model.data import ESPEAK_NAMES, DataSpec, Dialogue, load_dialogues
+from presence.model.data import ESPEAK_NAMES, HELDOUT_ESPEAK, DataSpec, Dialogue, load_dialogues
 from presence.model.evaluate import Report, calibrate, format_report, run_model, run_policy, score
 from presence.model.modeling import PresenceInteractionModel
 from presence.model.streaming import InteractionStreamer
@@ -92,6 +92,24 @@ def class_weights(dialogues: Sequence[Dialogue], cap: float = 25.0) -> list[floa
 
 
 RARE = ("backchannel", "speak", "yield", "interrupt")  # the decisions crops are centred on
+HARD_NEGATIVE_WEIGHT = 4.0
+
+
+def hard_negative_weights(d: Dialogue, weight: float = HARD_NEGATIVE_WEIGHT) -> np.ndarray:
+    """(N,) loss weight per micro-turn: the moments where a wrong 'speak' or 'yield' costs a
+    caller most count ``weight`` times: a mid-sentence pause (from 200 ms in), side talk and the
+    second after it, and backchannels or side talk over the bot (and 600 ms after)."""
+    t_end = (np.arange(d.turns) + 1) * 0.2
+    w = np.ones(d.turns, np.float32)
+    speaking = d.bot_speaking
+    for start, end in d.meta["pauses"]:
+        w[(t_end > start + 0.2) & (t_end <= end)] = weight
+    for start, end, during_bot in d.meta["side_talk"]:
+        window = (t_end > start) & (t_end <= end + 1.0)
+        w[window & speaking if during_bot else window] = weight
+    for start, end in d.meta["caller_backchannels"]:
+        w[(t_end > start) & (t_end <= end + 0.6) & speaking] = weight
+    return w
 
 
 class Batcher:
@@ -111,6 +129,7 @@ class Batcher:
             x["alert_labels"] = torch.from_numpy(d.alert)
             if d.eot_target is not None:
                 x["teacher_labels"] = torch.from_numpy(d.eot_target)
+            x["action_weights"] = torch.from_numpy(hard_negative_weights(d))
             self.items.append(x)
             for cls in RARE:
                 for k in np.flatnonzero(d.actions == FLOOR_ACTIONS.index(cls)):
@@ -273,13 +292,17 @@ Load offline: `PresenceInteractionModel.from_pretrained("presence/model/checkpoi
 
 ## Data
 Synthetic two-party calls generated offline (`presence.model.data`): {train_spec.dialogues} training
-and {heldout_spec.dialogues} held-out dialogues of about {train_spec.seconds:g} s. Voices: piper (bundled
-joe) and espeak-ng ({len(ESPEAK_NAMES)} voices, 3 speeds). Caller turns with
+and {heldout_spec.dialogues} held-out dialogues of about {train_spec.seconds:g} s. Caller voices: piper (bundled
+joe), Kokoro-82M (natural prosody; jf_alpha in training, jf_gongitsune held out) and espeak-ng
+({len(ESPEAK_NAMES) - len(HELDOUT_ESPEAK)} voices in training, {len(HELDOUT_ESPEAK)} others held out; 3 speeds). Caller turns with
 mid-utterance pauses of 0.7-2.5 s cut at a comma (non-final prosody), completed turns followed by
 silence, caller backchannels and interruptions over the bot, side talk with a second person at a
 lower level, urgent background results (the bot interrupts), background speech or noise at
 0/10/20 dB SNR, bursty packet loss, a synthetic camera with occasional alert objects. The bot's
-output is rendered with the rule policy's hold reflex. VAD is Silero over the caller's mix.
+output is rendered with the rule policy's hold reflex. VAD is Silero over the caller's mix. The
+teacher, smart-turn v3.2, answers at the first silent frame after speech as in a call: its
+probability is an input from 100 ms later (event tokens `eot_asked`, `eot_complete`) and, from the
+silence's first micro-turn, the target of a distillation head (`teacher_head`).
 Held-out dialogues use sentences that never occur in training (every fifth line). Labels come
 from the script: per micro-turn floor action, future voice activity, alert.
 Data preparation in this run: {data_seconds:.0f} s (dialogues are cached under
@@ -287,7 +310,7 @@ Data preparation in this run: {data_seconds:.0f} s (dialogues are cached under
 
 ## Training
 {train_info["steps"]} steps of {train_info.get("batch", "?")} crops x {train_info.get("seq", "?")} micro-turns,
-AdamW, cosine schedule over a time budget, class-weighted cross-entropy + VAP/alert BCE, crops
+AdamW, cosine schedule over a time budget, class-weighted cross-entropy + VAP/alert/teacher BCE, crops
 class-balanced around rare decisions, on {device}: {train_info["seconds"]:.0f} s of training.
 Command: `{train_info.get("command", "presence train-interaction")}`.
 Decoding thresholds (stored in config.json as `decode_params`, chosen for macro-F1 on
@@ -310,8 +333,9 @@ Per class precision/recall/F1 ({" | ".join(FLOOR_ACTIONS)}):
 {chr(10).join(per_class)}
 
 ## Limits
-Trained on synthetic speech only (robotic espeak voices and one piper voice) for minutes on a
-CPU; real voices, accents and rooms will differ. Read the event columns next to the frame
+Trained on synthetic speech only (espeak-ng, one piper voice, one Kokoro voice with a light
+Japanese accent: the shipped Kokoro voices are Japanese) for minutes on a CPU; real voices,
+accents and rooms will differ. Read the event columns next to the frame
 scores: mid-sentence pauses are still often taken for turn ends (prosody is the only cue and
 the model is small), and the rule policy, which reads the ASR's words, is better at not
 yielding to backchannels and side talk. Bot backchannels are too rare in the data to be
