@@ -88,10 +88,9 @@ KOKORO = {"train": Voice("kokoro", "jf_alpha"), "heldout": Voice("kokoro", "jf_g
 KOKORO_SHARE = 0.35
 
 
-def caller_voices(split: str) -> list[Voice]:
-    """The espeak-ng caller voices of a split."""
-    names = [n for n in ESPEAK_NAMES if (n in HELDOUT_ESPEAK) == (split == "heldout")]
-    return [Voice("espeak", n) for n in names]
+def caller_voices(split: str) -> list[str]:
+    """The espeak-ng caller voice names of a split."""
+    return [n for n in ESPEAK_NAMES if (n in HELDOUT_ESPEAK) == (split == "heldout")]
 
 
 def activity(audio: np.ndarray, floor_db: float = -35.0) -> np.ndarray:
@@ -326,7 +325,7 @@ class _Builder:
         self.other_act = np.zeros(n_act, bool)
         r = rng.random
         pool = [Voice("espeak", n, int(rng.choice(SPEEDS))) for n in ESPEAK_NAMES]
-        callers = [Voice("espeak", v.name, int(rng.choice(SPEEDS))) for v in caller_voices(split)]
+        callers = [Voice("espeak", n, int(rng.choice(SPEEDS))) for n in caller_voices(split)]
         self.caller_voice = callers[int(rng.integers(len(callers)))]
         roll = r()
         if not espeak_only and roll < 0.3:
