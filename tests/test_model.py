@@ -262,6 +262,15 @@ def test_decode_respects_the_state() -> None:
     assert decide_action(speak, FloorState(caller_spoke=True), 1.0, p).floor is Floor.SPEAK
     assert decide_action(speak, FloorState(caller_spoke=False), 1.0, p).floor is Floor.LISTEN
     assert decide_action(speak, FloorState(bot_speaking=True), 1.0, p).floor is Floor.CONTINUE
+    # The overlap guard: a "yield" needs that much caller speech over the bot, held or not.
+    guarded = DecodeParams(min_overlap_ms=500)
+    short = FloorState(bot_speaking=True, bot_held=True, overlap_speech_ms=200, hold_speech_ms=300)
+    assert decide_action(barge, short, 10.0, guarded).floor is Floor.HOLD
+    short.hold_speech_ms = 520
+    assert decide_action(barge, short, 10.0, guarded).floor is Floor.YIELD
+    assert decide_action(barge, FloorState(bot_speaking=True), 10.0, guarded).floor is Floor.CONTINUE
+    short.side_talk = True  # the addressee says it is for someone else: held, never a yield
+    assert decide_action(barge, short, 10.0, guarded).floor is Floor.HOLD
 
 
 async def test_policy_protocol_and_batched_decide() -> None:

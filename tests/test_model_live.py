@@ -19,9 +19,11 @@ from presence.caller import Caller
 from presence.clock import on_grid
 from presence.model import PresenceInteractionModel, load_pretrained
 from presence.model.configuration import EVENT_NAMES
-from presence.model.data import DataSpec, StateTracker, load_dialogues, microturns
+from presence.model.data import DataSpec, load_dialogues
+from presence.model.dialogue import StateTracker, microturns
 from presence.model.inputs import encode_turn
 from presence.model.scheduler import shared_scheduler
+from presence.model.streaming import DecodeParams
 from presence.model.train import Batcher, make_config, train
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,68 @@ def test_training_and_serving_see_the_same_features(dialogues) -> None:  # type:
         assert np.all(target_at[served_at]) and np.all(d.eot[served_at] == d.eot_target[served_at])
         assert trained[:, EVENT_NAMES.index("content_words")].max() > 0  # the words reach the model
     assert asked > 10
+
+
+def test_thresholds_are_chosen_to_beat_the_fused_rule(dialogues) -> None:  # type: ignore[no-untyped-def]
+    """A model that says "yield" whenever the caller makes a sound over the bot (and is right
+    elsewhere) yields to every backchannel. Calibrated against the fused rule on the same calls,
+    its thresholds must give no more caller-facing errors than the rule, which here only the
+    overlap guard can do; without the baseline, nothing forces that."""
+    import copy
+
+    from presence.bot.policy import RuleBasedPolicy, RuleParams
+    from presence.config import Settings
+    from presence.model.configuration import FLOOR_ACTIONS
+    from presence.model.evaluate import calibrate, caller_errors, decode_offline, run_policy, score
+
+    probs, states = [], []
+    for d in dialogues:
+        p = np.eye(len(FLOOR_ACTIONS), dtype=np.float32)[d.actions]
+        talking = d.bot_speaking & (d.vad.reshape(-1, 10)[: d.turns] > 0.5).any(axis=1)
+        p[talking] = np.eye(len(FLOOR_ACTIONS))[FLOOR_ACTIONS.index("yield")]
+        probs.append(p)
+        tracker = StateTracker(d)
+        states.append([copy.copy(tracker.update(k, t)) for k, t in enumerate(microturns(d))])
+    fused_params = RuleParams.from_settings(Settings(policy="fused"))
+    fused = score(dialogues, run_policy(lambda: RuleBasedPolicy(fused_params), dialogues))
+    naive = score(dialogues, decode_offline(dialogues, probs, states, DecodeParams()))
+    assert caller_errors(naive)["false_yield_rate"] > caller_errors(fused)["false_yield_rate"]
+
+    params, _, met = calibrate(dialogues, probs, states, baseline=fused)
+    chosen = caller_errors(score(dialogues, decode_offline(dialogues, probs, states, params)))
+    assert met and params.min_overlap_ms > 0
+    bound = caller_errors(fused)
+    assert all(chosen[k] <= bound[k] + 1e-9 for k in bound), (chosen, bound)
+
+
+def test_train_then_set_thresholds_again_from_the_checkpoint(
+    tmp_path: Path,
+    dialogues,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``presence train-interaction`` end to end on a tiny model, then ``--from`` on its
+    checkpoint: no training, the thresholds chosen again on the same validation call, the
+    checkpoint and its metrics written where asked."""
+    import json
+
+    from presence.model.train import main
+
+    # The held-out split is the fixture's (cached); five short training calls, one kept back.
+    data = ["--size", "tiny", "--seconds", "30", "--seed", "7", "--espeak-only"]
+    data += ["--train-dialogues", "5", "--heldout-dialogues", "2", "--val-dialogues", "1"]
+    assert main([*data, "--steps", "3", "--batch", "2", "--seq", "8", "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first["train"]["steps"] == 3 and set(first["heldout"]) >= {"model", "fused (the default)"}
+    capsys.readouterr()
+    assert main([*data, "--from", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "decoding thresholds from 1 validation calls" in out and '{"step"' not in out
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert again["train"]["steps"] == 3  # the checkpoint's own training, not a new one
+    assert again["decode_params"] == first["decode_params"]  # same model, same calls, same choice
+    assert isinstance(again["decode_no_worse_than_fused_on_validation"], bool)
+    reloaded = load_pretrained(str(tmp_path / "b"))
+    assert reloaded.config.decode_params == again["decode_params"]
 
 
 def test_micro_turns_fall_on_one_grid() -> None:

@@ -1,12 +1,14 @@
 """How many calls one forward of the interaction model serves: ``presence bench batching``.
 
-A real server (``policy=model``) takes ``--calls`` aiortc callers, joined at random moments
+A real server (``policy=model``) takes ``--calls`` callers, joined at random moments
 (as calls arrive), once with every call's micro-turns on one shared 200 ms grid
 (``microturn_grid``, the default) and once with each call ticking from its own start. The
 server's ``presence_model_batch_size`` histogram over ``--seconds`` (read from ``/metrics``)
 gives the calls served per forward, and the micro-turn step time. The callers stay silent: the
 model steps every micro-turn of every call, speech or not, so silence measures the clock
-alone and leaves the two cores to the server.
+alone. ``--transport twilio`` (the default) calls through Twilio media websockets, whose
+callers cost this process little (8 kHz mu-law, no DTLS, SRTP or Opus), so most of the cores
+go to the server; ``webrtc`` uses aiortc peers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from presence import aio
 from presence.bench.latency import start_bot
 from presence.caller import Caller
 from presence.config import Settings
+from presence.provider_caller import TwilioCaller
 
 
 @dataclass
@@ -101,7 +104,10 @@ async def measure(grid: bool, args: argparse.Namespace) -> Run:
         offer_burst=args.calls + 5,
         responder="rules",
     )
-    callers = [Caller(url=bot.url, name=f"batch-{i}") for i in range(args.calls)]
+    callers: list[Caller | TwilioCaller] = [
+        Caller(url=bot.url, name=f"batch-{i}") if args.transport == "webrtc" else TwilioCaller(url=bot.url)
+        for i in range(args.calls)
+    ]
     rng = random.Random(args.seed)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
@@ -127,7 +133,7 @@ async def measure(grid: bool, args: argparse.Namespace) -> Run:
 
 async def run_all(args: argparse.Namespace) -> int:
     print(
-        f"presence bench batching: {args.calls} silent aiortc calls, {args.seconds:g} s each way, "
+        f"presence bench batching: {args.calls} silent {args.transport} calls, {args.seconds:g} s each way, "
         f"policy=model, {os.cpu_count()} cores",
         file=sys.stderr,
     )
@@ -151,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20, help="concurrent calls [20]")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured time per clock mode [30]")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--transport",
+        choices=("twilio", "webrtc"),
+        default="twilio",
+        help="how the callers call: Twilio media websockets (light) or aiortc peers [twilio]",
+    )
     args = parser.parse_args(argv)
     if args.calls < 1 or args.seconds <= 0:
         parser.error("--calls must be at least 1 and --seconds positive")

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from presence.model.data import DataSpec, Dialogue, load_dialogues
+from presence.model.data import DataSpec, load_dialogues
+from presence.model.dialogue import Dialogue
 from presence.model.evaluate import Report, run_model, run_policy, score
 
 COLUMNS = (

@@ -2,7 +2,7 @@
 
 ``CallerState.step(turn, state)`` is the only place where the engine's ``FloorState`` learns
 about the caller's speech (the utterance's speech and silence, overlap with the bot, speech
-since a hold began), and ``presence.model.data.StateTracker`` steps the same object over its
+since a hold began), and ``presence.model.dialogue.StateTracker`` steps the same object over its
 training dialogues, so the features a policy is trained on are the features it is served.
 Between micro-turns, ``voice()`` keeps per-participant voiced runs for the hold reflex, which
 must act within one VAD chunk rather than wait for the next tick.

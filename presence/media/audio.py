@@ -118,3 +118,9 @@ class AudioTail:
     def clear(self) -> None:
         self._chunks.clear()
         self._samples = 0
+
+
+def silent_runs(voiced: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of unvoiced frames in a voiced/unvoiced mask, as [start, end) frame indices."""
+    edges = np.diff(np.concatenate([[1], voiced.astype(np.int8), [1]]))
+    return list(zip(np.flatnonzero(edges == -1).tolist(), np.flatnonzero(edges == 1).tolist(), strict=True))

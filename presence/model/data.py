@@ -16,288 +16,46 @@ Synthesised clips and finished dialogues are cached under ``~/.cache/presence/tr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from presence.bot.caller_state import CallerState
 from presence.model import texts
 from presence.model.configuration import EVENT_NAMES, FLOOR_ACTIONS
+from presence.model.dialogue import MT_S, MT_SAMPLES, Dialogue
 from presence.model.inputs import preprocess_frame
-from presence.seams import FloorState, MicroTurn, VideoFrame
+from presence.model.sources import (
+    ACT,
+    ESPEAK_NAMES,
+    FRAME,
+    KOKORO,
+    KOKORO_SHARE,
+    PIPER,
+    SPEEDS,
+    SR,
+    ClipBank,
+    Scene,
+    Voice,
+    activity,
+    background_speech,
+    cache_dir,
+    caller_voices,
+    loss_mask,
+    noise,
+    silero_frames,
+)
 
 log = logging.getLogger(__name__)
 
-SR = 16_000
-MT_S = 0.2  # micro-turn
-MT_SAMPLES = 3200
-FRAME = 320  # 20 ms
-ACT = 160  # 10 ms activity resolution
 VAP_BINS = 10
 IMAGE_SIZE = 64
 GENERATOR_VERSION = "v7"  # bump when a change alters generated dialogues
 YIELD_AFTER_S = 0.6  # an interruption is labelled "yield" from this much overlap on
 
 ACTION = {name: i for i, name in enumerate(FLOOR_ACTIONS)}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRESENCE_TRAIN_CACHE", "~/.cache/presence/train")).expanduser()
-
-
-# ---------------------------------------------------------------------- voices and clips
-@dataclass(frozen=True, slots=True)
-class Voice:
-    engine: str  # "piper" (bundled joe voice), "kokoro" (natural prosody) or "espeak"
-    name: str = ""
-    speed: int = 175
-
-    def key(self) -> str:
-        return f"{self.engine}:{self.name}:{self.speed}"
-
-
-PIPER = Voice("piper")
-ESPEAK_NAMES = (
-    "en-us",
-    "en-gb",
-    "en-gb-scotland",
-    "en-029",
-    "en-us-nyc",
-    "en-gb-x-rp",
-    "en-us+f3",
-    "en-gb+f4",
-    "en-us+m3",
-    "en-us+f2",
-    "en-gb+m2",
-)
-SPEEDS = (150, 170, 190)
-# Held-out callers speak in voices never trained on (and say sentences never trained on).
-HELDOUT_ESPEAK = ("en-gb-scotland", "en-us+f2", "en-gb+m2")
-# Kokoro-82M: natural prosody, the cue smart-turn reads (flite and espeak-ng fool it); slow to
-# synthesise (0.7x real time on one core), so one voice per split; the packages hold Japanese
-# voices only, which speak English lightly accented (jm_kumo and jf_tebukuro fool smart-turn: not used).
-KOKORO = {"train": Voice("kokoro", "jf_alpha"), "heldout": Voice("kokoro", "jf_gongitsune")}
-KOKORO_SHARE = 0.35
-
-
-def caller_voices(split: str) -> list[str]:
-    """The espeak-ng caller voice names of a split."""
-    return [n for n in ESPEAK_NAMES if (n in HELDOUT_ESPEAK) == (split == "heldout")]
-
-
-def activity(audio: np.ndarray, floor_db: float = -35.0) -> np.ndarray:
-    """Voiced 10 ms frames of a clean clip: energy within ``floor_db`` of its loudest frame."""
-    n = audio.size // ACT
-    if n == 0:
-        return np.zeros(0, dtype=bool)
-    frames = audio[: n * ACT].reshape(n, ACT).astype(np.float64)
-    energy = 10 * np.log10((frames**2).mean(axis=1) + 1e-12)
-    return energy > energy.max() + floor_db
-
-
-def _trim(audio: np.ndarray) -> np.ndarray:
-    act = activity(audio, -40.0)
-    if not act.any():
-        return audio
-    idx = np.flatnonzero(act)
-    start = max(0, idx[0] * ACT - 480)
-    end = min(audio.size, (idx[-1] + 1) * ACT + 480)
-    return audio[start:end].astype(np.float32)
-
-
-class ClipBank:
-    """Synthesises lines with piper / espeak-ng at 16 kHz and caches them on disk."""
-
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or cache_dir()) / "clips"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._engines: dict[str, Any] = {}
-        self._memo: dict[str, np.ndarray] = {}
-        self.synthesised = 0
-
-    def _path(self, voice: Voice, text: str, suffix: str = "") -> Path:
-        digest = hashlib.sha1(f"{voice.key()}|{text}".encode()).hexdigest()[:20]
-        return self.root / f"{digest}{suffix}.npy"
-
-    def _engine(self, voice: Voice) -> Any:
-        from presence.bot.backends.tts import EspeakTTS, PiperTTS
-
-        key = voice.key()
-        if key not in self._engines:
-            if voice.engine == "piper":
-                self._engines[key] = PiperTTS()
-            elif voice.engine == "kokoro":
-                from presence.bot.backends.kokoro import KokoroTTS
-
-                self._engines[key] = KokoroTTS(voice.name)
-            else:
-                self._engines[key] = EspeakTTS(voice.name, speed=voice.speed, max_chars=400)
-        return self._engines[key]
-
-    def _synth(self, voice: Voice, text: str) -> np.ndarray:
-        from presence.media.audio import resample
-
-        tts = self._engine(voice)
-        chunks = list(tts.synthesize(text))
-        if not chunks:
-            raise RuntimeError(f"{voice.key()} produced no audio for {text!r}")
-        audio = resample(np.concatenate(chunks), tts.sample_rate, SR)
-        self.synthesised += 1
-        return _trim(audio)
-
-    def clip(self, voice: Voice, text: str) -> np.ndarray:
-        path = self._path(voice, text)
-        key = str(path)
-        if key in self._memo:
-            return self._memo[key]
-        if path.exists():
-            audio = np.load(path)
-        else:
-            audio = self._synth(voice, text)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # data is made by several processes
-            np.save(tmp, audio.astype(np.float32))
-            tmp.replace(path)
-        self._memo[key] = audio
-        return audio
-
-    def split_at_comma(self, voice: Voice, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """The sentence cut at its first comma, from one synthesis: the first part keeps the
-        continuing intonation a speaker has before a mid-sentence pause."""
-        comma = text.index(",")
-        audio = self.clip(voice, text)
-        act = activity(audio, -30.0)
-        n = act.size
-        expected = n * (comma + 1) / len(text)
-        best: tuple[float, int] | None = None
-        i = 0
-        while i < n:  # silent runs of >= 40 ms inside the sentence: candidate comma gaps
-            if act[i]:
-                i += 1
-                continue
-            j = i
-            while j < n and not act[j]:
-                j += 1
-            if j - i >= 4 and 0.12 * n < i and j < 0.92 * n:
-                score = abs((i + j) / 2 - expected) - 2.0 * (j - i)
-                if best is None or score < best[0]:
-                    best = (score, (i + j) // 2)
-            i = j
-        if best is not None:
-            cut = best[1] * ACT
-            return audio[:cut].copy(), audio[cut:].copy()
-        # No visible gap: synthesise the halves (the first one ends on the comma).
-        return self.clip(voice, text[: comma + 1]), self.clip(voice, text[comma + 1 :].strip())
-
-
-# ---------------------------------------------------------------------- dialogues
-@dataclass
-class Dialogue:
-    """One generated call; per-micro-turn arrays have N = len(caller) // 3200 rows."""
-
-    caller: np.ndarray  # (S,) float32 microphone mix
-    bot: np.ndarray  # (S,) float32 the bot's output
-    vad: np.ndarray  # (F,) float32 Silero probability per 20 ms frame
-    lost: np.ndarray  # (F,) bool
-    video: np.ndarray  # (N, 3, 64, 64) uint8 (zeros where no frame)
-    video_mask: np.ndarray  # (N,) bool
-    events: np.ndarray  # (N, E) float32
-    actions: np.ndarray  # (N,) int64 index into FLOOR_ACTIONS
-    vap: np.ndarray  # (N, bins, 2) float32, -1 = unknown
-    alert: np.ndarray  # (N,) float32, -1 = no video
-    meta: dict[str, Any] = field(default_factory=dict)
-    # The end-of-turn teacher (model.teacher.eot_tracks): the answer as served, and as a target.
-    eot: np.ndarray | None = None  # (N,) float32, -1 = none
-    eot_target: np.ndarray | None = None  # (N,) float32, -1 = none
-
-    @property
-    def turns(self) -> int:
-        return int(self.actions.shape[0])
-
-    @property
-    def bot_speaking(self) -> np.ndarray:
-        return self.events[:, EVENT_NAMES.index("bot_speaking")] > 0
-
-    @property
-    def bot_held(self) -> np.ndarray:
-        return self.events[:, EVENT_NAMES.index("bot_held")] > 0
-
-    @property
-    def reply_ready(self) -> np.ndarray:
-        return self.events[:, EVENT_NAMES.index("reply_ready")] > 0
-
-    def signals(self) -> dict[str, np.ndarray]:
-        """The audio, VAD, loss and video arrays of ``inputs`` (no events)."""
-        n = self.turns
-        return {
-            "caller_audio": self.caller[: n * MT_SAMPLES].reshape(n, MT_SAMPLES),
-            "bot_audio": self.bot[: n * MT_SAMPLES].reshape(n, MT_SAMPLES),
-            "caller_vad": self.vad[: n * 10].reshape(n, 10),
-            "caller_lost": self.lost[: n * 10].reshape(n, 10).astype(np.float32),
-            "video": self.video,
-            "video_mask": self.video_mask,
-        }
-
-    def inputs(self) -> dict[str, np.ndarray]:
-        """Arrays for ``PresenceInteractionModel.forward`` (no batch axis)."""
-        return {**self.signals(), "events": self.all_events()}
-
-    def all_events(self) -> np.ndarray:
-        """(N, len(EVENT_NAMES)) event tokens as served: ``event_flags`` of the ``FloorState``
-        that ``StateTracker`` steps (the engine's caller tracking, the teacher's answers, the
-        words), so training reads exactly what a call gives the model."""
-        from presence.model.inputs import event_flags
-
-        tracker = StateTracker(self)
-        return np.stack(
-            [event_flags(turn.events, tracker.update(k, turn)) for k, turn in enumerate(microturns(self))]
-        ).astype(np.float32)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(
-            tmp,
-            caller=np.round(np.clip(self.caller, -1, 1) * 32767).astype(np.int16),
-            bot=np.round(np.clip(self.bot, -1, 1) * 32767).astype(np.int16),
-            vad=self.vad.astype(np.float16),
-            lost=self.lost,
-            video=self.video,
-            video_mask=self.video_mask,
-            events=self.events.astype(np.uint8),
-            actions=self.actions.astype(np.int8),
-            vap=self.vap.astype(np.float16),
-            alert=self.alert.astype(np.int8),
-            meta=np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8),
-            **({} if self.eot is None else {"eot": self.eot, "eot_target": self.eot_target}),
-        )
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Dialogue:
-        with np.load(path) as z:
-            return cls(
-                caller=z["caller"].astype(np.float32) / 32767.0,
-                bot=z["bot"].astype(np.float32) / 32767.0,
-                vad=z["vad"].astype(np.float32),
-                lost=z["lost"].astype(bool),
-                video=z["video"],
-                video_mask=z["video_mask"].astype(bool),
-                events=z["events"].astype(np.float32),
-                actions=z["actions"].astype(np.int64),
-                vap=z["vap"].astype(np.float32),
-                alert=z["alert"].astype(np.float32),
-                meta=json.loads(bytes(z["meta"]).decode()),
-                eot=z["eot"].astype(np.float32) if "eot" in z else None,
-                eot_target=z["eot_target"].astype(np.float32) if "eot_target" in z else None,
-            )
 
 
 def _split_lines(lines: tuple[str, ...], split: str) -> list[str]:
@@ -568,120 +326,6 @@ class _Builder:
         return t + 0.4
 
 
-# ---------------------------------------------------------------------- background, loss, video
-def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    white = rng.standard_normal(n)
-    if kind == "white":
-        out = white
-    elif kind in ("pink", "brown"):
-        spec = np.fft.rfft(white)
-        f = np.maximum(np.fft.rfftfreq(n, 1 / SR), 20.0)
-        spec /= np.sqrt(f) if kind == "pink" else f
-        out = np.fft.irfft(spec, n)
-    else:  # mains hum with harmonics and a little hiss
-        t = np.arange(n) / SR
-        base = 50.0 if rng.random() < 0.5 else 60.0
-        out = sum(np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.28)) / k for k in (1, 2, 3, 5))
-        out = out + 0.05 * white
-    out = out - out.mean()
-    return (out / (np.sqrt(np.mean(out**2)) + 1e-12)).astype(np.float32)
-
-
-def _background_speech(bank: ClipBank, n: int, rng: np.random.Generator, espeak_only: bool) -> np.ndarray:
-    track = np.zeros(n, np.float32)
-    lines = texts.BOT_LINES + texts.CALLER_PLAIN + texts.INTERRUPTIONS
-    t = int(rng.uniform(0, 1.0) * SR)
-    while t < n:
-        name = ESPEAK_NAMES[int(rng.integers(len(ESPEAK_NAMES)))]
-        voice = (
-            PIPER
-            if not espeak_only and rng.random() < 0.2
-            else Voice("espeak", name, int(rng.choice(SPEEDS)))
-        )
-        clip = bank.clip(voice, str(lines[int(rng.integers(len(lines)))]))
-        end = min(n, t + clip.size)
-        track[t:end] += clip[: end - t] / (np.sqrt(np.mean(clip**2)) + 1e-9)
-        t = end + int(rng.uniform(0.2, 1.2) * SR)
-    return track
-
-
-def _loss_mask(frames: int, rng: np.random.Generator) -> np.ndarray:
-    """Gilbert-style bursty packet loss over 20 ms frames."""
-    lost = np.zeros(frames, bool)
-    p_start = rng.uniform(0.005, 0.03)
-    mean_burst = rng.uniform(1.0, 4.0)
-    i = 0
-    while i < frames:
-        if rng.random() < p_start:
-            length = 1 + int(rng.exponential(mean_burst))
-            lost[i : i + length] = True
-            i += length
-        i += 1
-    return lost
-
-
-class _Scene:
-    """A synthetic camera: a face on a gradient; an alert is a big flashing red-orange shape."""
-
-    def __init__(self, rng: np.random.Generator, seconds: float) -> None:
-        self.rng = rng
-        sizes = ((160, 120), (120, 160), (176, 144), (96, 96), (320, 240))
-        self.w, self.h = sizes[int(rng.integers(len(sizes)))]
-        self.c0 = rng.uniform(30, 200, 3)
-        self.c1 = rng.uniform(30, 200, 3)
-        self.skin = np.array([rng.uniform(150, 240), rng.uniform(100, 180), rng.uniform(70, 150)])
-        self.alerts: list[tuple[float, float]] = []
-        for _ in range(int(rng.integers(0, 3))):
-            s = rng.uniform(1.0, max(1.5, seconds - 3.0))
-            self.alerts.append((s, s + rng.uniform(1.5, 3.0)))
-        yy, xx = np.mgrid[0 : self.h, 0 : self.w]
-        self.yy, self.xx = yy / self.h, xx / self.w
-
-    def alert_at(self, t: float) -> bool:
-        return any(s <= t < e for s, e in self.alerts)
-
-    def frame(self, t: float) -> np.ndarray:
-        rng = self.rng
-        img = self.c0 + (self.c1 - self.c0) * self.yy[..., None]
-        cx, cy = 0.5 + 0.08 * math.sin(0.7 * t), 0.45 + 0.03 * math.sin(1.3 * t)
-        face = ((self.xx - cx) / 0.18) ** 2 + ((self.yy - cy) / 0.26) ** 2 < 1.0
-        img[face] = self.skin
-        if rng.random() < 0.3:  # a harmless small object (never red)
-            ox, oy, s = rng.uniform(0, 0.85), rng.uniform(0, 0.85), 0.1
-            box = (self.xx > ox) & (self.xx < ox + s) & (self.yy > oy) & (self.yy < oy + s)
-            img[box] = [rng.uniform(0, 120), rng.uniform(80, 255), rng.uniform(80, 255)]
-        if self.alert_at(t):
-            s = rng.uniform(0.35, 0.55)
-            ox, oy = rng.uniform(0, 1 - s), rng.uniform(0, 1 - s)
-            tri = (
-                (self.yy > oy)
-                & (self.yy < oy + s)
-                & (np.abs(self.xx - ox - s / 2) < (self.yy - oy) / 2 + 0.02)
-            )
-            flash = 255 if int(t * 4) % 2 == 0 else 200
-            img[tri] = [flash, rng.uniform(40, 140), 0]
-        img += rng.normal(0, 6, img.shape)
-        return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _silero_frames(audio: np.ndarray) -> np.ndarray:
-    """Silero probability per 20 ms frame, as the inbound reader assigns it: every frame
-    carries the probability of the 512-sample chunk that completed it."""
-    from presence.bot.backends.vad import SileroVAD
-
-    vad = SileroVAD()
-    chunk = vad.chunk_samples
-    n_chunks = int(math.ceil(audio.size / chunk))
-    padded = np.zeros(n_chunks * chunk, np.float32)
-    padded[: audio.size] = audio
-    probs = np.array(
-        [vad.probability(padded[i * chunk : (i + 1) * chunk]) for i in range(n_chunks)], np.float32
-    )
-    frames = audio.size // FRAME
-    ends = (np.arange(frames) + 1) * FRAME - 1
-    return probs[np.minimum(ends // chunk, n_chunks - 1)]
-
-
 # ---------------------------------------------------------------------- assembling a dialogue
 def generate_dialogue(
     bank: ClipBank, seed: int, seconds: float = 40.0, split: str = "train", espeak_only: bool = False
@@ -698,18 +342,18 @@ def generate_dialogue(
     mic = fg + other
     if background != "none":
         if background == "speech":
-            bg = _background_speech(bank, samples, rng, espeak_only)
+            bg = background_speech(bank, samples, rng, espeak_only)
             if rng.random() < 0.3:  # babble
-                bg += _background_speech(bank, samples, rng, espeak_only)
+                bg += background_speech(bank, samples, rng, espeak_only)
         else:
-            bg = _noise(str(rng.choice(["white", "pink", "brown", "hum"])), samples, rng)
+            bg = noise(str(rng.choice(["white", "pink", "brown", "hum"])), samples, rng)
         mic = mic + bg * (b.level / 10 ** (snr / 20))
     frames = samples // FRAME
-    lost = _loss_mask(frames, rng) if rng.random() < 0.2 else np.zeros(frames, bool)
+    lost = loss_mask(frames, rng) if rng.random() < 0.2 else np.zeros(frames, bool)
     mic = mic.reshape(frames, FRAME)
     mic[lost] = 0.0
     mic = np.clip(mic.reshape(-1), -1.0, 1.0).astype(np.float32)
-    vad = _silero_frames(mic)
+    vad = silero_frames(mic)
     vad[lost] = 0.0  # the frame buffer hands a lost frame out with no probability
     bot = np.clip(bot, -1.0, 1.0).astype(np.float32)
 
@@ -718,7 +362,7 @@ def generate_dialogue(
     video_mask = np.zeros(n, bool)
     alert = np.full(n, -1.0, np.float32)
     if rng.random() < 0.5:
-        scene = _Scene(rng, total)
+        scene = Scene(rng, total)
         times = np.arange(rng.uniform(0, 0.5), n * MT_S, 0.5)
         last_alert = 0.0
         ti = 0
@@ -860,74 +504,3 @@ def iter_dialogues(
 
 def load_dialogues(spec: DataSpec, progress: Callable[[int, int], None] | None = None) -> list[Dialogue]:
     return list(iter_dialogues(spec, progress=progress))
-
-
-# ---------------------------------------------------------------------- micro-turns for policies
-def microturns(d: Dialogue, call_id: str = "synthetic") -> list[MicroTurn]:
-    """The dialogue as the engine's micro-turns (what a FloorPolicy receives)."""
-    arrays = d.signals()
-    out = []
-    for k in range(d.turns):
-        video: tuple[VideoFrame, ...] = ()
-        if d.video_mask[k]:
-            video = (VideoFrame(k * MT_S, "caller", np.ascontiguousarray(d.video[k].transpose(1, 2, 0))),)
-        arrived = any(k * MT_S <= r < (k + 1) * MT_S for r, _ in d.meta["urgent"])
-        events = ("job_result_injected",) if arrived else ()
-        out.append(
-            MicroTurn(
-                call_id=call_id,
-                index=k,
-                start=k * MT_S,
-                duration=MT_S,
-                caller_audio=arrays["caller_audio"][k],
-                bot_audio=arrays["bot_audio"][k],
-                lost=d.lost[k * 10 : (k + 1) * 10],
-                vad=arrays["caller_vad"][k],
-                video=video,
-                speaking=("caller",) if (arrays["caller_vad"][k] >= 0.5).any() else (),
-                events=events,
-            )
-        )
-    return out
-
-
-class StateTracker:
-    """The engine's ``FloorState`` over a scripted dialogue: the caller fields come from the
-    very ``CallerState`` the engine steps (``presence.bot.caller_state``), bot speaking/held/
-    reply-ready from the script. The utterance ends when the bot takes the turn, or when a
-    held bot resumes (the backchannel path), as in the engine. ``partial_text`` gets the
-    script's words 0.6 s late, like a streaming ASR's partials."""
-
-    def __init__(self, d: Dialogue, threshold: float = 0.5, asr_delay_s: float = 0.6) -> None:
-        self.d = d
-        self.asr_delay = asr_delay_s
-        self.state = FloorState()
-        self.caller = CallerState(threshold)
-        self._prev_bot = False
-        self._prev_held = False
-        self._words: list[tuple[float, str]] = []
-        for s, e, text in d.meta["utterances"]:
-            words = text.split()
-            for i, w in enumerate(words):
-                self._words.append((s + (e - s) * (i + 1) / len(words), w))
-        self._words.sort()
-
-    def update(self, k: int, turn: MicroTurn) -> FloorState:
-        s, d = self.state, self.d
-        bot, held = bool(d.bot_speaking[k]), bool(d.bot_held[k])
-        if (bot and not self._prev_bot) or (self._prev_held and not held and bot):
-            self.caller.end_utterance()
-        s.bot_speaking, s.bot_held = bot, held
-        self.caller.step(turn, s)
-        utt_start = self.caller.utt_start
-        if utt_start is not None:
-            heard = turn.end - self.asr_delay
-            s.partial_text = " ".join(w for t, w in self._words if utt_start - 0.1 <= t <= heard)
-        else:
-            s.partial_text = ""
-        s.eot_probability = None if d.eot is None or d.eot[k] < 0 else float(d.eot[k])
-        s.reply_ready = bool(d.reply_ready[k])
-        s.result_waiting = bool(d.events[k, EVENT_NAMES.index("result")])
-        s.result_urgent = bool(d.events[k, EVENT_NAMES.index("result_urgent")])
-        self._prev_bot, self._prev_held = bot, held
-        return s

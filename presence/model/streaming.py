@@ -50,6 +50,9 @@ class DecodeParams:
     yield_threshold: float = 0.5  # share of YIELD among continue/yield
     interrupt_threshold: float = 0.5
     backchannel_threshold: float = 0.5
+    # A yield needs this much caller speech over the bot (LiveKit's min_interruption_duration):
+    # a backchannel is shorter than a barge-in, whatever the probabilities say.
+    min_overlap_ms: float = 0.0
     resume_silence_ms: float = 200.0  # a held bot resumes once the caller is this quiet
     backchannel_gap_s: float = 4.0
     backchannel_text: str = "mm-hm"
@@ -68,7 +71,14 @@ def decide_action(probs: np.ndarray, state: FloorState, turn_start: float, p: De
     backchannel/interrupt otherwise."""
     if state.bot_speaking or state.bot_held:
         cont, yld = float(probs[_IDX["continue"]]), float(probs[_IDX["yield"]])
-        if yld / max(cont + yld, 1e-9) > p.yield_threshold:
+        overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
+        # Side talk (the addressee's judgement, which the model does not see) never takes the
+        # floor from the bot, whatever the policy: the rules keep it held too.
+        if (
+            yld / max(cont + yld, 1e-9) > p.yield_threshold
+            and overlap >= p.min_overlap_ms
+            and not state.side_talk
+        ):
             return Action(Floor.YIELD, reason="model: barge-in")
         if state.bot_held:
             # The model says "not a real barge-in": resume once the caller is quiet again.

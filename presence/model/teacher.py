@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from presence.model.data import Dialogue
+    from presence.model.dialogue import Dialogue
 
 FRAME_S = 0.02
 MT_FRAMES = 10  # 20 ms frames per 200 ms micro-turn

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from presence.media.audio import read_wav, resample, write_wav
+from presence.media.audio import read_wav, resample, silent_runs, write_wav
 
 RATE = 16_000
 STIMULI_VERSION = 1  # bump when generation changes: cached samples are regenerated
@@ -364,17 +364,16 @@ def find_comma_pause(audio: np.ndarray, lo: float = 0.15, hi: float = 0.85) -> t
     voiced = _voiced(audio)
     n = voiced.size
     best: tuple[int, int] | None = None
-    i = int(n * lo)
-    while i < int(n * hi):
-        if voiced[i]:
-            i += 1
-            continue
-        j = i
-        while j < n and not voiced[j]:
-            j += 1
-        if j < int(n * hi) + 1 and j - i >= 4 and (best is None or j - i > best[1] - best[0]):
+    first = int(n * lo)
+    for i, j in silent_runs(voiced[first:]):
+        i, j = i + first, j + first
+        if (
+            i < int(n * hi)
+            and j < int(n * hi) + 1
+            and j - i >= 4
+            and (best is None or j - i > best[1] - best[0])
+        ):
             best = (i, j)
-        i = j
     if best is None:
         return None
     frame = RATE // 100
