@@ -181,7 +181,10 @@ class RoomDispatcher:
 
     async def _take_loop(self) -> None:
         next_claim, delay, stream, group = 0.0, 0.25, self.stream, self.group
-        while True:
+        # Ends on _closing too: on Python 3.11 asyncio.wait_for can swallow a cancellation that
+        # lands as its wait completes (a slot freed while the node closes), and a loop that
+        # lived on made close() wait for it forever.
+        while not self._closing:
             try:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + min(1.0, self.lease_s / 3)
@@ -331,7 +334,7 @@ class RoomDispatcher:
         return 0
 
     async def _beat_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             await asyncio.sleep(self.lease_s / 3)
             for held in list(self._held.values()):  # away: tried once each; the rooms stay
                 code = await self._write(held, "", "claim")
