@@ -115,6 +115,12 @@ class FloorState:
     result_waiting: bool = False  # a background job's result is ready to be woven in
     result_urgent: bool = False  # ...and it may interrupt the caller
 
+    @property
+    def speech_over_bot_ms(self) -> float:
+        """How long the caller has spoken over the bot: the current overlap run, or all speech
+        since the hold began when longer (a hold spans the caller's pauses)."""
+        return max(self.overlap_speech_ms, self.hold_speech_ms)
+
 
 @runtime_checkable
 class FloorPolicy(Protocol):

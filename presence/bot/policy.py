@@ -223,7 +223,7 @@ class RuleBasedPolicy:
         if state.bot_speaking:
             # The hold already silenced the bot, so confirming can wait for the ASR's words:
             # "mm-hm" and "okay" resume, a real word or long speech takes the floor.
-            overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
+            overlap = state.speech_over_bot_ms
             words = state.partial_text.strip()
             # Two content words at least: a partial's first word is often misheard ("my" for
             # "Mike,"), and a backchannel often comes out as function words ("and i'm").

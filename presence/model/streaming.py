@@ -71,7 +71,7 @@ def decide_action(probs: np.ndarray, state: FloorState, turn_start: float, p: De
     backchannel/interrupt otherwise."""
     if state.bot_speaking or state.bot_held:
         cont, yld = float(probs[_IDX["continue"]]), float(probs[_IDX["yield"]])
-        overlap = max(state.overlap_speech_ms, state.hold_speech_ms)
+        overlap = state.speech_over_bot_ms
         # Side talk (the addressee's judgement, which the model does not see) never takes the
         # floor from the bot, whatever the policy: the rules keep it held too.
         if (

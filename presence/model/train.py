@@ -316,9 +316,9 @@ AdamW, cosine schedule over a time budget, class-weighted cross-entropy + VAP/al
 class-balanced around rare decisions, on {device}: {train_info["seconds"]:.0f} s of training.
 Command: `{train_info.get("command", "presence train-interaction")}`.
 Decoding thresholds (stored in config.json as `decode_params`, chosen on
-{train_info.get("validation", "?")} training-split calls kept out of training: macro-F1 less the
-caller-facing errors, among the thresholds no worse than the fused rule on any of those errors
-when some are; `min_overlap_ms` is the caller speech over the bot a yield needs): {decode}.
+{train_info.get("validation", "?")} training-split calls kept out of training: first as little
+worse than the fused rule on the five caller-facing errors as the model gets, then macro-F1 less
+those errors; `min_overlap_ms` is the caller speech over the bot a yield needs): {decode}.
 
 ## Held-out scores
 Both policies are stepped through the same held-out micro-turns with the same FloorState (engine
