@@ -12,6 +12,7 @@ all weights once (plus each call's KV window), so weights_bytes / HBM bandwidth 
 
     python bench/model_bench.py                 # CPU, writes bench/results/model_cpu.txt
     python bench/model_bench.py --gpu --out bench/results/model_gpu.txt
+    python bench/model_bench.py --no-1b --call-hours 2   # also one two-hour call, step by step
 """
 
 from __future__ import annotations
@@ -116,6 +117,46 @@ def cpu_default(print_: Callable[[str], None], calls: list[int], steps: int) -> 
             fits = p95 < TICK_MS
     if fits is not None:
         print_(f"  20 calls within a {TICK_MS:.0f} ms micro-turn at p95: {'yes' if fits else 'NO'}")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def long_call(print_: Callable[[str], None], hours: float) -> None:
+    """One call of ``hours`` through the default model, step by step: the cache keeps its storage,
+    the process does not grow, the step time stays flat (tests/test_model.py runs a shortcut)."""
+    model = PresenceInteractionModel.from_pretrained(str(CHECKPOINT_DIR), local_files_only=True).eval()
+    streamer = InteractionStreamer(model, max_slots=1)
+    slot = streamer.allocate("long")
+    layout = [(t.data_ptr(), tuple(t.shape)) for t in streamer.cache.tensors()]
+    state = FloorState()
+    steps = int(hours * 3600 / (TICK_MS / 1000))
+    window = min(3000, steps // 4)  # 10 minutes of micro-turns at each end
+    times: list[float] = []
+    rss0 = rss_bytes()
+    started = time.perf_counter()
+    for i in range(steps):
+        t = time.perf_counter()
+        out = streamer.step([(slot, turn(i, 0), state)])[0]
+        times.append(time.perf_counter() - t)
+        if i == window:
+            rss0 = rss_bytes()
+        if i and i % 6000 == 0:
+            print_(f"  {i * TICK_MS / 60_000:5.0f} min: rss {rss_bytes() / 2**20:.1f} MiB")
+    same = layout == [(t.data_ptr(), tuple(t.shape)) for t in streamer.cache.tensors()]
+    first, last = percentiles(times[:window]), percentiles(times[-window:])
+    print_(
+        f"{hours:g} h = {steps} micro-turns in {time.perf_counter() - started:.0f} s; turns seen "
+        f"{streamer.turns_seen(slot)}; cache {streamer.cache.nbytes} bytes, same storage: {same}; "
+        f"outputs finite: {all(np.isfinite(v) for v in out.probs.values())}"
+    )
+    print_(
+        f"  step p50/p95 first {window} {first[0]:.2f}/{first[1]:.2f} ms, last {window} "
+        f"{last[0]:.2f}/{last[1]:.2f} ms; rss growth after the first {window}: "
+        f"{(rss_bytes() - rss0) / 2**20:+.1f} MiB"
+    )
 
 
 def cpu_1b(print_: Callable[[str], None], batches: list[int], steps: int) -> None:
@@ -237,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-1b", action="store_true", help="skip the ~1B configuration")
+    parser.add_argument(
+        "--call-hours", type=float, default=0.0, help="also step one call this long (CPU; 2 h: ~36,000 steps)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines: list[str] = []
@@ -274,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_1b:
             print_("## CPU, ~1B configuration, forward only, small batch")
             cpu_1b(print_, [1, 2], max(2, args.steps // 10))
+        if args.call_hours > 0:
+            print_(f"## CPU, default model, one call of {args.call_hours:g} h, one step per micro-turn")
+            long_call(print_, args.call_hours)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +157,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_memory_constant_over_a_two_hour_call() -> None:
-    """36,000 micro-turns (2 h) with video through one slot: every cache tensor keeps its
-    storage and size, the process does not grow, and step times stay flat (reported only)."""
+def test_memory_constant_over_a_long_call_up_to_two_hours() -> None:
+    """A call with video through one slot: every cache tensor keeps its storage and size, the
+    process does not grow, and the outputs stay finite out to two hours of positions.
+
+    3,000 micro-turns from the start (the 4-turn ring wraps 750 times), then the turn counter
+    jumps to 33,000 and 3,000 more run, up to 36,000 (2 h). Each step's work is the same at
+    every count, so the steps in between add time, not coverage; the whole two hours, step by
+    step: ``python bench/model_bench.py --call-hours 2``."""
     model = tiny_model(hidden_size=16, num_hidden_layers=1, intermediate_size=32, image_patch=32)
     streamer = InteractionStreamer(model, max_slots=1)
     slot = streamer.allocate("long")
@@ -169,13 +173,12 @@ def test_memory_constant_over_a_two_hour_call() -> None:
     tensors = streamer.cache.tensors()
     before = [(t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors]
     nbytes = streamer.cache.nbytes
-    times: list[float] = []
     rss0 = 0
-    for i in range(36_000):
-        started = time.perf_counter()
+    for i in range(6_000):
+        if i == 3_000:
+            streamer.cache.count[slot] = 33_000
         probs, vap, alert = streamer.forward_arrays([slot], batches[i % len(batches)])
-        times.append(time.perf_counter() - started)
-        if i == 1000:
+        if i == 1_000:
             rss0 = _rss_bytes()
     assert streamer.turns_seen(slot) == 36_000
     assert [(t.data_ptr(), tuple(t.shape), t.dtype) for t in streamer.cache.tensors()] == before
@@ -183,9 +186,8 @@ def test_memory_constant_over_a_two_hour_call() -> None:
     assert np.isfinite(probs).all() and np.isfinite(vap).all() and np.isfinite(alert).all()
     assert abs(float(probs.sum()) - 1.0) < 1e-4
     assert torch.isfinite(streamer.cache.num_k).all() and torch.isfinite(streamer.cache.k).all()
-    assert _rss_bytes() - rss0 < 64 * 2**20
-    first, last = np.median(times[1000:2000]), np.median(times[-1000:])
-    print(f"step p50 first {first * 1e3:.2f} ms, last {last * 1e3:.2f} ms; cache {nbytes} bytes")
+    # 5,000 steps after warm-up: a leak of 4 KiB a step would show as 20 MiB
+    assert _rss_bytes() - rss0 < 16 * 2**20, (_rss_bytes() - rss0) / 2**20
 
 
 def test_memory_state_matches_full_forward_after_many_evictions() -> None:

@@ -6,7 +6,8 @@ loopback transport adds a fixed cost (encode, jitter buffers, decode); a base ru
 small known delay measures it, and the harness is calibrated when every other run measures D + that cost within
 10 ms. Each transport (aiortc, chromium) has a cost of its own and is calibrated with its own calls.
 A call whose two measures disagree was disturbed (a jitter buffer stretched the audio under CPU
-pressure) and is made again, up to twice; the report counts these retries.
+pressure) and is made again, up to twice; the report counts these retries. Throw-away calls
+come first, until one is undisturbed (at most three); the report counts them too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .stimuli import RATE, SampleMeta, Synthesizer, Voice, write_sample
 
 TOLERANCE_S = 0.010
 RETRIES = 2  # a disturbed calibration call is made again this many times at most
+WARMUPS = 3  # throw-away calls at most, until one is undisturbed
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class Calibration:
     xcorr_s: float
     onset_s: float | None
 
+    @property
+    def disturbed(self) -> bool:
+        """Onset and correlation peak disagree: a jitter buffer stretched the audio mid-call."""
+        return self.onset_s is None or abs(self.onset_s - self.xcorr_s) > TOLERANCE_S
+
 
 @dataclass
 class CalibrationReport:
@@ -66,6 +73,7 @@ class CalibrationReport:
     runs: list[Calibration]
     transport: str = "aiortc"  # which caller made the calls (runner.TRANSPORTS)
     retries: int = 0  # calls made again because their two measures disagreed
+    warmups: int = 1  # throw-away calls before the base run
 
     def errors(self) -> list[float]:
         """Measured D minus true D for each run, the transport cost taken off."""
@@ -84,6 +92,7 @@ class CalibrationReport:
             "max_error_s": self.max_error_s,
             "tolerance_s": TOLERANCE_S,
             "retries": self.retries,
+            "warmups": self.warmups,
         }
 
 
@@ -143,8 +152,13 @@ async def calibrate(
         with tempfile.TemporaryDirectory() as tmp:
             sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
             # The first call of a process pays one-time costs (codec and thread start-up) that
-            # shift its timing by ~10 ms: make it a throw-away.
-            await measure_echo(base_delay_s, sample_dir, transport, browser)
+            # shift its timing by ~10 ms, and a new browser keeps busy for a while after its
+            # start on a loaded machine: throw calls away until one is undisturbed.
+            warmups = 0
+            while warmups < WARMUPS:
+                warmups += 1
+                if not (await measure_echo(base_delay_s, sample_dir, transport, browser)).disturbed:
+                    break
             retries = 0
 
             async def measured(delay: float) -> Calibration:
@@ -153,7 +167,7 @@ async def calibrate(
                 nonlocal retries
                 for attempt in range(RETRIES + 1):
                     run = await measure_echo(delay, sample_dir, transport, browser)
-                    if run.onset_s is not None and abs(run.onset_s - run.xcorr_s) <= TOLERANCE_S:
+                    if not run.disturbed:
                         break
                     if attempt < RETRIES:
                         retries += 1
@@ -167,7 +181,7 @@ async def calibrate(
     finally:
         if browser is not None:
             await browser.close()
-    report = CalibrationReport(base.xcorr_s - base_delay_s, runs, transport, retries)
+    report = CalibrationReport(base.xcorr_s - base_delay_s, runs, transport, retries, warmups)
     if out is not None:
         (Path(out) / "calibration.json").write_text(json.dumps(report.to_json(), indent=2))
     return report
