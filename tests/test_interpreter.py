@@ -58,12 +58,23 @@ def _window(caller: Caller, start: float, end: float) -> np.ndarray:
 
 def _delivered(caller: Caller, voice: np.ndarray, after: float) -> tuple[float, float]:
     """Where ``voice`` (16 kHz) begins in what ``caller`` received, in seconds after ``after``
-    (up to 2 s), and how alike the two are there (normalised correlation, 1.0: the same)."""
-    heard = _window(caller, after, after + 2.0 + voice.size / SAMPLE_RATE)
+    (up to 2 s), and how alike the two are there: the median over its voiced 0.4 s pieces of
+    each piece's normalised correlation (1.0: the same waveform), each piece free to sit up to
+    0.1 s off the whole (a late packet shifts the rest of a segment)."""
+    piece, slack = SAMPLE_RATE * 2 // 5, SAMPLE_RATE // 10
+    heard = _window(caller, after, after + 2.0 + voice.size / SAMPLE_RATE + 0.2)
     lag = xcorr_delay(voice, heard, SAMPLE_RATE, max_lag_s=2.0)
-    got = heard[round(lag * SAMPLE_RATE) :][: voice.size]
-    ref = voice[: got.size]
-    return lag, float(np.dot(ref, got) / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-9))
+    start = round(lag * SAMPLE_RATE)
+    scores = []
+    for i in range(0, voice.size - piece + 1, piece):
+        ref = voice[i : i + piece]
+        got = heard[max(0, start + i - slack) : start + i + piece + slack]
+        if rms(ref) < 0.01 or got.size < piece:  # between words, or past what was received
+            continue
+        energy = np.sqrt(np.convolve(got**2, np.ones(piece), "valid"))
+        corr = np.correlate(got, ref, "valid") / (np.linalg.norm(ref) * np.maximum(energy, 1e-6))
+        scores.append(float(corr.max()))
+    return lag, float(np.median(scores)) if scores else 0.0
 
 
 def _frames(audio: np.ndarray) -> np.ndarray:
@@ -203,8 +214,9 @@ async def test_two_languages_hear_each_other_interpreted_while_the_speaker_still
             chunks = await asyncio.to_thread(lambda e=event: list(tts.synthesize(str(e.data["text"]))))
             voice = resample(np.concatenate(chunks), tts.sample_rate, SAMPLE_RATE)
             lag, alike = _delivered(ana, voice, after=event.t)
-            # the same waveform after Opus and the mix: ~0.96; ben's English original: < 0.1
-            assert alike > 0.8 and lag < 2.0, (event.data["text"], lag, alike)
+            # the same waveform after Opus and the mix: ~0.97 here; ben's English original
+            # 0.08-0.10, another Spanish sentence in the same voice with the same first words 0.26
+            assert alike > 0.7 and lag < 2.0, (event.data["text"], lag, alike)
     finally:
         for caller in callers:
             await caller.hangup()
