@@ -151,33 +151,30 @@ async def calibrate(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             sample_dir = _calibration_sample(Path(out or tmp) / "calibration")
-            # The first call of a process pays one-time costs (codec and thread start-up) that
-            # shift its timing by ~10 ms, and a new browser keeps busy for a while after its
-            # start on a loaded machine: throw calls away until one is undisturbed.
-            warmups = 0
-            while warmups < WARMUPS:
-                warmups += 1
-                if not (await measure_echo(base_delay_s, sample_dir, transport, browser)).disturbed:
-                    break
-            retries = 0
 
-            async def measured(delay: float) -> Calibration:
-                # Onset and correlation peak agree on an undisturbed call; when they don't, a
-                # jitter buffer stretched the audio mid-call (CPU pressure): call again.
-                nonlocal retries
-                for attempt in range(RETRIES + 1):
+            async def undisturbed(delay: float, calls: int) -> tuple[Calibration, int]:
+                """Call until one is undisturbed, ``calls`` at most: the last call, and how many
+                were made. Onset and correlation peak agree on an undisturbed call; when they
+                don't, a jitter buffer stretched the audio mid-call (CPU pressure)."""
+                for made in range(1, calls + 1):
                     run = await measure_echo(delay, sample_dir, transport, browser)
                     if not run.disturbed:
                         break
-                    if attempt < RETRIES:
-                        retries += 1
+                    if made < calls:
                         log.warning("calibration call at D=%.2f s was disturbed (%s): again", delay, run)
-                return run
+                return run, made
 
-            base = await measured(base_delay_s)
-            runs = [base]
-            for delay in delays:
-                runs.append(await measured(delay))
+            # The first call of a process pays one-time costs (codec and thread start-up) that
+            # shift its timing by ~10 ms, and a new browser keeps busy for a while after its
+            # start on a loaded machine: throw calls away until one is undisturbed.
+            _, warmups = await undisturbed(base_delay_s, WARMUPS)
+            runs: list[Calibration] = []
+            retries = 0
+            for delay in (base_delay_s, *delays):
+                run, made = await undisturbed(delay, RETRIES + 1)
+                runs.append(run)
+                retries += made - 1
+            base = runs[0]
     finally:
         if browser is not None:
             await browser.close()
