@@ -78,6 +78,8 @@ _REQUEST_PAIRS = frozenset("can you|could you|would you|will you|i'd like|i want
 # Common words near "Presence" that are never taken for it, or (aliases) only where a name is called.
 _COMMON = _words("present presented presenter preened pretence presents presets")  # difflib >= 0.8 or aliases
 _SPELLINGS = [p.split(">") for p in "ence>ents ence>ense ence>ance ce>se se>sce s>z ph>f ck>k".split()]
+# "precipice" 0.59, "residents" 0.59, "pressure" 0.62 for "presence": words worth whisper's look
+LOOKALIKE_RATIO = 0.55
 _KNOWN = {"presence": ("presets",)}
 _FILLER = re.compile(r"[hmuaoe]{1,6}")  # hmm, uhm, ahh, ooh, mmhmm
 _NOT_SUBJ_NOUN = _words("are were for from of to in on")
@@ -274,6 +276,19 @@ class AddresseeTracker:
         if first and first[0] not in self._weak and nxt not in QUESTION_WORDS | _REQUEST_VERBS:
             first = []
         return any(self._sounds_like_name(w) for w in first + (low[-1:] if len(low) >= 2 and brk[-2] else []))
+
+    def may_name_bot(self, text: str) -> bool:
+        """One of the first words could be the name misheard ("present precipice it's what time
+        is it", "residents to what is your name"): worth a second look by a better ASR when the
+        words did not name the bot. Cheap to over-ask: only text judged unaddressed comes here."""
+        low = _lower(text)
+        i = _lead(low, _LEAD)
+        n = self._name[0]
+        return any(
+            self._sounds_like_name(w)
+            or (w not in _NOT_NAME and SequenceMatcher(None, w, n).ratio() >= LOOKALIKE_RATIO)
+            for w in low[i : i + 2]
+        )
 
     def step(self, u: AddresseeInput) -> Verdict:
         verdict = self._decide(u)

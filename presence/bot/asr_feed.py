@@ -43,10 +43,14 @@ def merge_overlap(prefix: str, text: str, window: int = 6) -> str:
     for k in range(min(len(low_head), len(low_tail)), 0, -1):
         if low_head[-k:] == low_tail[:k]:
             return " ".join(head + tail[k:])
-    match = SequenceMatcher(None, low_head, low_tail, autojunk=False).find_longest_match()
-    if match.size:  # the repeat was heard a little differently: cut at the last shared word
-        drop = len(low_head) - (match.a + match.size)
-        return " ".join(head[: len(head) - drop] + tail[match.b + match.size :])
+    # The repeat was heard a little differently: cut at the last shared word, so the words
+    # already final stay as they were ("book a table" + "like to book it table for two" keeps
+    # "a table"; cutting after the longest shared run, "like to book", would rewrite them).
+    blocks = SequenceMatcher(None, low_head, low_tail, autojunk=False).get_matching_blocks()[:-1]
+    if blocks:
+        last = blocks[-1]
+        drop = len(low_head) - (last.a + last.size)
+        return " ".join(head[: len(head) - drop] + tail[last.b + last.size :])
     return " ".join(head + tail)
 
 

@@ -31,8 +31,9 @@ from presence.bot.floor_actions import FloorActions
 from presence.bot.jobs.types import JobResult
 from presence.bot.keypad import Keypad
 from presence.bot.policy import InterruptionOptions, is_backchannel, is_filler
-from presence.bot.reply import ReplyTask, final_pass, plain_words
+from presence.bot.reply import ReplyTask, plain_words
 from presence.bot.results import CallResults
+from presence.bot.second_pass import SecondPass
 from presence.bot.turn_latency import report_voice_to_voice
 from presence.bot.turn_probe import TurnProbe
 from presence.clock import now, on_grid, sleep_until
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 MAX_TURN_AUDIO_S = 30.0  # the turn audio kept for the final pass and the fallback transcription
 
 
-class Engine(FloorActions, BetweenTicks, Keypad):
+class Engine(FloorActions, BetweenTicks, Keypad, SecondPass):
     def __init__(
         self,
         call_id: str,
@@ -364,19 +365,18 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         began_with_name = self._began_with_name
         self._end_caller_utterance()
         verdict = None
+        judged = AddresseeInput(
+            text=text,
+            participant=speakers[0] if len(speakers) == 1 else "",
+            level_dbfs=level,
+            now=now(),
+            bot_last_spoke_at=self._bot_last_spoke_at,
+            bot_last_answered=self._bot_last_answered,
+            participants=len(self.assembler.participants),
+            began_with_name=began_with_name,
+        )
         if text and not is_backchannel(text, self._bc_words) and not is_filler(text):
-            verdict = self.addressee.step(
-                AddresseeInput(
-                    text=text,
-                    participant=speakers[0] if len(speakers) == 1 else "",
-                    level_dbfs=level,
-                    now=now(),
-                    bot_last_spoke_at=self._bot_last_spoke_at,
-                    bot_last_answered=self._bot_last_answered,
-                    participants=len(self.assembler.participants),
-                    began_with_name=began_with_name,
-                )
-            )
+            verdict = self.addressee.step(judged)
             if not verdict.addressed:
                 self.events.emit(
                     Ev.NOT_ADDRESSED, text=text, reason=verdict.reason, speaker=", ".join(speakers)
@@ -391,7 +391,18 @@ class Engine(FloorActions, BetweenTicks, Keypad):
                     self.track.play(rest)
                     self.events.emit(Ev.PLAYBACK_RESUMED, reason="false interruption")
             self._drop_pending()
+            if (
+                verdict is not None
+                and verdict.reason == "not addressed"
+                and self.addressee.may_name_bot(text)
+            ):
+                self._look_again(judged, speakers, audio)
             return
+        self._answer(text, speakers, audio)
+
+    def _answer(self, text: str, speakers: list[str], audio: np.ndarray) -> None:
+        """Reply to an addressed turn: background work's acknowledgement, an answer from the
+        call itself, or the prepared (or a new) reply; then the final pass."""
         self._bot_last_answered = speakers[0] if len(speakers) == 1 else None
         self._cut = None
         self._user_id = self.conversation.append(ChatMessage("user", text))
@@ -465,33 +476,6 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self._live = reply
         self.track.play(reply.utterance)
 
-    async def _final_pass(
-        self,
-        reply: ReplyTask,
-        audio: np.ndarray,
-        user_id: int | None,
-        turn: int,
-        asked: tuple[frozenset[str], str, bool],
-    ) -> None:
-        """``asked``: the job kinds the streaming text routed, its speaker, and whether the call
-        itself answered it."""
-        assert self.backends.transcriber is not None
-        routed, speaker, answered = asked
-        text = await final_pass(self.backends.transcriber, reply, audio)
-        if text and user_id is not None and self.conversation.replace(user_id, ChatMessage("user", text)):
-            self.events.emit(
-                Ev.CAPTION, who="caller", text=text, final=True, turn=turn, pass_="final", speaker=speaker
-            )
-        # pocketsphinx garbles a request now and then ("sky scout to leave" for "please calculate"):
-        # work whisper's text asks for is dispatched late, its acknowledgement cutting that reply
-        # (and work of another kind than the streaming text's: "look up X and calculate Y")
-        if text and turn == self.turns - 1 and self.caller.utt_start is None:
-            spoken = self.results.route(text, skip=routed)
-            if spoken is None and not answered and self.answer_from_call is not None:
-                spoken = self.answer_from_call(speaker, text)  # "what did I miss" heard as "mess"
-            if spoken is not None:
-                self._commit(self._fixed_reply(spoken))
-
     def _on_utterance_end(self, utt: Utterance) -> None:
         if utt.started_at is not None:
             self._bot_last_spoke_at = now()
@@ -520,13 +504,3 @@ class Engine(FloorActions, BetweenTicks, Keypad):
         self.state.partial_text = text
         self.state.name_only = self.addressee.is_summons(text)
         self._began_with_name |= self.state.name_only
-
-    async def _transcribe_turn(self) -> str:
-        if self.backends.transcriber is None or not self._turn_audio:
-            return ""
-        audio = np.concatenate(self._turn_audio)
-        try:
-            return (await run_blocking(self.backends.transcriber.transcribe, audio)).text.strip()
-        except Exception:
-            log.exception("call %s: transcriber failed", self.call_id)
-            return ""

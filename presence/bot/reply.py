@@ -173,5 +173,10 @@ async def final_pass(transcriber: Transcriber, reply: ReplyTask, audio: np.ndarr
         if reply.first_audio_at is not None or reply.done:
             break
         await asyncio.sleep(0.05)
+    return await transcribe(transcriber, audio)
+
+
+async def transcribe(transcriber: Transcriber, audio: np.ndarray) -> str:
+    """Whisper's text of ``audio``, off the loop ("" when it only made up one of its subtitles)."""
     text = (await run_blocking(transcriber.transcribe, audio)).text.strip()
     return "" if plain_words(text) in WHISPER_HALLUCINATIONS else text
