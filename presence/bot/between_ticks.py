@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class BetweenTicks:
     _thr: float
     _commit_when_ready: bool
     _evidence_timer: asyncio.TimerHandle | None
+    # second_pass.py's; an annotation, not a stub: a stub here would shadow it in Engine's MRO
+    _transcribe_turn: Callable[[], Awaitable[str]]
 
     def _apply(self, action: Action, turn: MicroTurn | None) -> None:
         raise NotImplementedError
@@ -53,9 +55,6 @@ class BetweenTicks:
         raise NotImplementedError
 
     def _context(self, *extra: ChatMessage) -> list[ChatMessage]:
-        raise NotImplementedError
-
-    async def _transcribe_turn(self) -> str:
         raise NotImplementedError
 
     def _update_state_name(self) -> None:
