@@ -91,13 +91,17 @@ async def test_talk_between_two_people_gets_no_reply_but_the_bots_name_does(bot:
         await asyncio.sleep(0.5)
         t0 = await ann.say(chat, SR_OUT)
         await asyncio.sleep(chat.size / SR_OUT + 0.8)
-        await bob.say(answer, SR_OUT)
-        await asyncio.sleep(answer.size / SR_OUT + 3.0)
-        assert not _bot_starts(ann, t0), "the bot answered talk between two people"
-        skipped = [e for e in ann.events if e.get("name") == Ev.NOT_ADDRESSED]
-        assert skipped, "no caller turn was seen at all"
-        asked = await ann.say(question, SR_OUT)
+        said = await bob.say(answer, SR_OUT)
         session = next(iter(bot.manager.sessions.values()))
+        # The verdict on bob's turn (or on one turn of both), however long a loaded machine
+        # takes to reach it: "not addressed", with no reply.
+        try:
+            await ann.wait_event(Ev.NOT_ADDRESSED, after=said + answer.size / SR_OUT, timeout=30)
+        except TimeoutError:
+            pytest.fail(f"bob's turn was not judged unaddressed; the bot heard {bot_heard(session)}")
+        await asyncio.sleep(1.0)  # the first audio of a reply to ann, had there been one
+        assert not _bot_starts(ann, t0), "the bot answered talk between two people"
+        asked = await ann.say(question, SR_OUT)
         try:
             await ann.wait_event(Ev.BOT_SPEECH_START, after=asked, timeout=30)
         except TimeoutError:

@@ -113,6 +113,7 @@ class RoomMix:
         self.people: dict[str, Hearing] = {}  # each participant speaks and listens
         self.voices: dict[str, VoiceQueue] = {}
         self.channels: dict[str, tuple[Source, Callable[[], bool]]] = {}  # language -> (next, busy)
+        self.listeners: dict[str, MixTrack] = {}  # participant -> their track (the newest)
         self._frames: deque[tuple[int, MixFrame]] = deque(maxlen=HISTORY)
         self._t0: float | None = None
 
@@ -127,12 +128,14 @@ class RoomMix:
     def remove(self, participant: str) -> None:
         self.people.pop(participant, None)
         self.voices.pop(participant, None)
+        self.listeners.pop(participant, None)
 
     def add_channel(self, language: str, source: Source, busy: Callable[[], bool]) -> None:
         self.channels[language] = (source, busy)
 
     def listen(self, participant: str) -> MixTrack:
-        return MixTrack(self, self.people[participant])
+        track = self.listeners[participant] = MixTrack(self, self.people[participant])
+        return track
 
     # ------------------------------------------------------------------ the frame clock
     def frame(self, index: int) -> tuple[int, MixFrame]:
@@ -190,6 +193,10 @@ class MixTrack(PacedAudioTrack):
         self.room = room
         self.hearing = hearing
         self._index: int | None = None
+        # Room frames this listener let go to stay live: a loop that stalls often (a loaded
+        # machine) leaves the paced track behind the room's clock, and each catch-up cuts audio.
+        self.skipped = 0
+        self.cuts: deque[tuple[float, int]] = deque(maxlen=256)  # (bot clock, frames) of the latest
 
     def next_samples(self) -> np.ndarray:
         if self._index is None:
@@ -197,6 +204,10 @@ class MixTrack(PacedAudioTrack):
         else:
             self._index += 1
             # A listener that fell behind the room's clock by more than its history catches up.
-            self._index = max(self._index, self.room.current_index() - HISTORY // 2)
+            behind = self.room.current_index() - HISTORY // 2 - self._index
+            if behind > 0:
+                self.skipped += behind
+                self.cuts.append((now(), behind))
+                self._index += behind
         self._index, frame = self.room.frame(self._index)
         return self.room.mix(frame, self.hearing)
