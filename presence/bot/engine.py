@@ -394,6 +394,7 @@ class Engine(FloorActions, BetweenTicks, Keypad, SecondPass):
             if (
                 verdict is not None
                 and verdict.reason == "not addressed"
+                and not self.name_only  # an interpreter's room: its CPU goes to the interpretation
                 and self.addressee.may_name_bot(text)
             ):
                 self._look_again(judged, speakers, audio)
